@@ -1,0 +1,131 @@
+// GSPN 2D linear propagation: the scan mathematics shared by the CPU (.cpp)
+// and CUDA (.cu) kernels. No ATen here, only plain arithmetic that both
+// compilers inline, so the two backends cannot drift apart.
+//
+// One scan direction visits the lines of an (H, W) plane in order; line t at
+// position p:
+//     h[t, p] = lam[t, p] * x[t, p] + sum_k g_k[t, p] * h[t-1, p-1+k],  k = 0, 1, 2
+// with h = 0 outside the line and before the first line of a chunk.
+// The reverse (adjoint) scan for a = dL/dh, visiting lines backwards:
+//     a[t, q] = grad_h[t, q] + sum_k g_k[t+1, q+1-k] * a[t+1, q+1-k]
+//     dx = lam * a,  dlam = x * a,  dg_k[t, p] = a[t, p] * h[t-1, p-1+k]
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define GSPN_HD __host__ __device__ __forceinline__
+#else
+#define GSPN_HD inline
+#endif
+
+namespace gspn {
+
+// Same constant as gspn_diffusers.ops.reference.GATE_EPS: the floor of the
+// gate-normaliser so that three underflowed sigmoids cannot divide by zero.
+constexpr double kGateEps = 1e-12;
+
+enum Direction : int { kTopBottom = 0, kBottomTop = 1, kLeftRight = 2, kRightLeft = 3 };
+
+// Where line t, position p of one contiguous (H, W) plane lives:
+//     offset = first + t * line_stride + p * pos_stride.
+// Reverse directions walk with a negative line stride instead of a flipped copy,
+// and "lr"/"rl" walk columns with pos_stride = W instead of a transposed copy.
+struct LineGeometry {
+  int64_t lines;        // T: sequential steps
+  int64_t length;       // L: positions per line
+  int64_t first;
+  int64_t line_stride;
+  int64_t pos_stride;
+};
+
+GSPN_HD LineGeometry line_geometry(int dir, int64_t H, int64_t W) {
+  LineGeometry g;
+  if (dir == kTopBottom) {
+    g.lines = H; g.length = W; g.first = 0; g.line_stride = W; g.pos_stride = 1;
+  } else if (dir == kBottomTop) {
+    g.lines = H; g.length = W; g.first = (H - 1) * W; g.line_stride = -W; g.pos_stride = 1;
+  } else if (dir == kLeftRight) {
+    g.lines = W; g.length = H; g.first = 0; g.line_stride = 1; g.pos_stride = W;
+  } else {
+    g.lines = W; g.length = H; g.first = W - 1; g.line_stride = -1; g.pos_stride = W;
+  }
+  return g;
+}
+
+// Lines per chunk for a scan of `lines` lines; chunk 0 (or any chunk of at
+// least `lines`) is one global chunk.
+GSPN_HD int64_t chunk_length(int64_t chunk, int64_t lines) {
+  return (chunk <= 0 || chunk >= lines) ? lines : chunk;
+}
+
+// Sizes of one call. x and lam are either shared by all D directions
+// (dir_stride 0) or given per direction.
+struct ScanProblem {
+  int64_t B, D, C, G, H, W;
+  int64_t chunk;            // lines per chunk; >= lines means one global chunk
+  int64_t x_batch_stride, x_dir_stride;
+  int64_t lam_batch_stride, lam_dir_stride;
+  int dirs[4];
+  bool normalize;           // gates hold logits; normalise on the fly
+
+  GSPN_HD int64_t plane() const { return H * W; }
+  GSPN_HD int64_t channels_per_group() const { return C / G; }
+  // Offsets (in elements) of the start of one (H, W) plane.
+  GSPN_HD int64_t x_plane(int64_t b, int64_t d, int64_t c) const {
+    return b * x_batch_stride + d * x_dir_stride + c * plane();
+  }
+  GSPN_HD int64_t lam_plane(int64_t b, int64_t d, int64_t c) const {
+    return b * lam_batch_stride + d * lam_dir_stride + c * plane();
+  }
+  GSPN_HD int64_t out_plane(int64_t b, int64_t d, int64_t c) const {
+    return ((b * D + d) * C + c) * plane();
+  }
+  // Tap k of gate group g.
+  GSPN_HD int64_t gate_plane(int64_t b, int64_t d, int64_t g, int k) const {
+    return (((b * D + d) * G + g) * 3 + k) * plane();
+  }
+};
+
+// expf/exp exist under these names in both host and device code.
+GSPN_HD float exp_of(float v) { return expf(v); }
+GSPN_HD double exp_of(double v) { return exp(v); }
+
+template <typename acc_t>
+GSPN_HD acc_t sigmoid(acc_t v) {
+  return acc_t(1) / (acc_t(1) + exp_of(-v));
+}
+
+// Stability-context condition for one position: sigmoid of each tap, taps whose
+// neighbour lies outside the line left out, divided by the sum of the rest.
+template <typename acc_t>
+GSPN_HD void normalize_taps(acc_t l0, acc_t l1, acc_t l2, bool has_before, bool has_after,
+                            acc_t& g0, acc_t& g1, acc_t& g2) {
+  const acc_t s0 = has_before ? sigmoid(l0) : acc_t(0);
+  const acc_t s1 = sigmoid(l1);
+  const acc_t s2 = has_after ? sigmoid(l2) : acc_t(0);
+  acc_t sum = s0 + s1 + s2;
+  if (sum < acc_t(kGateEps)) sum = acc_t(kGateEps);
+  g0 = s0 / sum;
+  g1 = s1 / sum;
+  g2 = s2 / sum;
+}
+
+// Forward step. prev points at the previous line's hidden state for position p
+// in a buffer padded by one zero on each side: prev[0], prev[1], prev[2] are
+// positions p-1, p, p+1.
+template <typename acc_t>
+GSPN_HD acc_t propagate(acc_t lam_x, acc_t g0, acc_t g1, acc_t g2, const acc_t* prev) {
+  return lam_x + g0 * prev[0] + g1 * prev[1] + g2 * prev[2];
+}
+
+// Adjoint step. The next line (t+1) stores v_k[q] = g_k[t+1, q] * a[t+1, q] in
+// padded buffers; position q of line t gathers v_0[q+1] + v_1[q] + v_2[q-1].
+// v0, v1, v2 point at position q (padded index q+1).
+template <typename acc_t>
+GSPN_HD acc_t gather_adjoint(const acc_t* v0, const acc_t* v1, const acc_t* v2) {
+  return v0[1] + v1[0] + v2[-1];
+}
+
+}  // namespace gspn

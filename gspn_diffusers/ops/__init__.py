@@ -1,0 +1,172 @@
+"""GSPN 2D linear propagation: the public operator API.
+
+``gspn_scan`` runs one scan direction, ``gspn_scan_4dir`` several (by default
+all four) in one kernel launch, reading the shared input with strided access
+instead of transposed or flipped copies. Both are differentiable in x, gates
+and lam (and in the gate logits with ``normalize=True``), run the compiled
+``gspn::scan`` custom op when it is available and the pure-PyTorch reference
+otherwise, and trace under ``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .build import BackendStatus, GSPNBuildWarning, load_backend, uses_compiled_kernels
+from .reference import DIRECTIONS, normalize_gates, scan_directions_reference, scan_reference
+
+__all__ = [
+    "DIRECTIONS",
+    "BackendStatus",
+    "GSPNBuildWarning",
+    "gspn_scan",
+    "gspn_scan_4dir",
+    "load_backend",
+    "normalize_gates",
+    "scan_reference",
+]
+
+SUPPORTED_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {t.dtype}; the GSPN scan supports float64, float32, bfloat16 and "
+            f"float16. Fix: cast with {name}.float()"
+        )
+
+
+def _check_direction(direction) -> int:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    return DIRECTIONS.index(direction)
+
+
+def _check_chunk(chunk) -> int:
+    """Returns the op's encoding: 0 for a global scan."""
+    if chunk is None:
+        return 0
+    if isinstance(chunk, bool) or not isinstance(chunk, int):
+        raise TypeError(f"chunk must be a positive int or None (global scan), got {chunk!r}")
+    if chunk <= 0:
+        raise ValueError(f"chunk must be a positive number of lines or None (global scan), got {chunk}")
+    return chunk
+
+
+def _check_inputs(x, gates, lam, num_dirs: Optional[int]) -> None:
+    """Shape/dtype/device checks. ``num_dirs`` None: single-direction layout."""
+    for name, t in (("x", x), ("gates", gates), ("lam", lam)):
+        _check_tensor(name, t)
+    if x.dim() != 4 and not (num_dirs is not None and x.dim() == 5):
+        expected = "(B, C, H, W)" if num_dirs is None else "(B, C, H, W) or (B, D, C, H, W)"
+        raise ValueError(f"x must have shape {expected}, got a {x.dim()}-D tensor {tuple(x.shape)}")
+    batch, channels, height, width = x.shape[0], x.shape[-3], x.shape[-2], x.shape[-1]
+    if num_dirs is None:
+        expected_gates = (batch, "G", 3, height, width)
+        gate_dims = 5
+    else:
+        expected_gates = (batch, num_dirs, "G", 3, height, width)
+        gate_dims = 6
+        if x.dim() == 5 and x.shape[1] != num_dirs:
+            raise ValueError(f"x has {x.shape[1]} directions along dim 1, expected {num_dirs}")
+    if gates.dim() != gate_dims or any(
+        e != "G" and s != e for s, e in zip(gates.shape, expected_gates)
+    ):
+        raise ValueError(
+            f"gates must have shape ({', '.join(map(str, expected_gates))}) for x of shape {tuple(x.shape)}, "
+            f"got {tuple(gates.shape)}"
+        )
+    groups = gates.shape[-4]
+    if groups < 1 or channels % groups != 0:
+        raise ValueError(
+            f"gates has G={groups} groups, which does not divide the C={channels} channels of x; "
+            "G must divide C (G=C: per-channel gates, G=1: shared by all channels)"
+        )
+    lam_shapes = [tuple(x.shape)] if num_dirs is None else [
+        (batch, channels, height, width), (batch, num_dirs, channels, height, width)
+    ]
+    if tuple(lam.shape) not in lam_shapes:
+        raise ValueError(f"lam must have shape {' or '.join(map(str, lam_shapes))}, got {tuple(lam.shape)}")
+    if not (x.dtype == gates.dtype == lam.dtype):
+        raise TypeError(
+            f"x, gates and lam must share one dtype, got {x.dtype}, {gates.dtype}, {lam.dtype}"
+        )
+    if not (x.device == gates.device == lam.device):
+        raise ValueError(
+            f"x, gates and lam must be on one device, got {x.device}, {gates.device}, {lam.device}"
+        )
+
+
+def _scan(x, gates, lam, directions: Sequence[str], codes: list, chunk: int, normalize: bool):
+    if uses_compiled_kernels(x.device.type):
+        return torch.ops.gspn.scan(x, gates, lam, codes, chunk, normalize)
+    return scan_directions_reference(x, gates, lam, directions, chunk or None, normalize)
+
+
+def gspn_scan(
+    x: torch.Tensor,
+    gates: torch.Tensor,
+    lam: torch.Tensor,
+    direction: str = "tb",
+    chunk: Optional[int] = None,
+    normalize: bool = False,
+) -> torch.Tensor:
+    """One GSPN scan direction.
+
+    Args:
+        x, lam: ``(B, C, H, W)``.
+        gates: ``(B, G, 3, H, W)``, G dividing C; channel c uses group
+            ``c // (C // G)``. Tap k weighs position ``p - 1 + k`` of the
+            previous line. Used as given unless ``normalize``.
+        direction: ``"tb"``, ``"bt"`` (lines are rows) or ``"lr"``, ``"rl"``
+            (lines are columns).
+        chunk: lines per chunk; the state resets at every line whose scan
+            index is a multiple of ``chunk``. None: one global scan.
+        normalize: ``gates`` are logits; apply :func:`normalize_gates` inside
+            the kernel (same result, one pass fewer over the gates).
+
+    Returns:
+        h ``(B, C, H, W)`` in x's dtype, accumulated in float32 (float64 for
+        float64 inputs).
+    """
+    _check_inputs(x, gates, lam, None)
+    code = _check_direction(direction)
+    h = _scan(x, gates.unsqueeze(1), lam, (direction,), [code], _check_chunk(chunk), bool(normalize))
+    return h.squeeze(1)
+
+
+def gspn_scan_4dir(
+    x: torch.Tensor,
+    gates: torch.Tensor,
+    lam: torch.Tensor,
+    chunk: Optional[int] = None,
+    normalize: bool = False,
+    directions: Sequence[str] = DIRECTIONS,
+) -> torch.Tensor:
+    """All four scan directions (or the given subset) in one kernel launch.
+
+    Args:
+        x, lam: ``(B, C, H, W)`` shared by every direction (read in place with
+            strided access, never transposed or flipped), or ``(B, D, C, H, W)``
+            with one map per direction.
+        gates: ``(B, D, G, 3, H, W)``, one gate set per direction.
+        chunk, normalize: as in :func:`gspn_scan`.
+        directions: the D directions, default ``("tb", "bt", "lr", "rl")``.
+
+    Returns:
+        ``(B, D, C, H, W)``: the hidden states of each direction, unmerged, so
+        the caller decides how to weight them (a GSPN layer multiplies by its
+        output gates and sums over D). Gradients of a shared x or lam are the
+        sum over directions.
+    """
+    directions = tuple(directions)
+    if not 1 <= len(directions) <= 4:
+        raise ValueError(f"directions must name 1 to 4 scan directions, got {directions!r}")
+    codes = [_check_direction(d) for d in directions]
+    _check_inputs(x, gates, lam, len(directions))
+    return _scan(x, gates, lam, directions, codes, _check_chunk(chunk), bool(normalize))

@@ -1,0 +1,213 @@
+"""JIT build and load of the compiled GSPN kernels (csrc/), with a clear
+fallback to the pure-PyTorch reference.
+
+The extension is built with ninja through ``torch.utils.cpp_extension.load``
+the first time a scan runs (or by ``gspn-diffusers build``), into a cache
+folder keyed by the torch version, the CUDA version and a hash of the sources
+and flags, so a rebuild happens only when one of those changes.
+
+Environment variables:
+
+``GSPN_BACKEND``
+    ``auto`` (default): compiled kernels, or the reference with one warning
+    when they cannot be built. ``compiled``: fail loudly instead of falling
+    back. ``reference``: never build; always use the pure-PyTorch scan.
+``GSPN_CACHE_DIR``
+    Where builds are kept (default ``$XDG_CACHE_HOME/gspn_diffusers`` or
+    ``~/.cache/gspn_diffusers``).
+``GSPN_BUILD_VERBOSE``
+    ``1`` prints the compiler commands and output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.resources
+import os
+import shutil
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import library  # noqa: F401  (the op schemas must exist before kernels register)
+
+ENV_BACKEND = "GSPN_BACKEND"
+ENV_CACHE_DIR = "GSPN_CACHE_DIR"
+ENV_VERBOSE = "GSPN_BUILD_VERBOSE"
+BACKEND_MODES = ("auto", "compiled", "reference")
+
+SOURCES_CPU = ("gspn_scan.cpp",)
+SOURCES_CUDA = ("gspn_scan_cuda.cu",)
+HEADERS = ("gspn_scan.h",)
+CFLAGS = ("-O3",)
+CUDA_CFLAGS = ("-O3", "-lineinfo")
+
+
+class GSPNBuildWarning(UserWarning):
+    """The compiled kernels could not be built; the reference scan is used."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendStatus:
+    """Which implementation serves each device type.
+
+    ``cpu`` and ``cuda`` are ``"compiled"`` or ``"reference"`` (``cuda`` is
+    ``"unavailable"`` when torch has no CUDA). ``reason`` says why something
+    fell back; ``build_dir`` is where the compiled library lives.
+    """
+
+    cpu: str
+    cuda: str
+    reason: Optional[str] = None
+    build_dir: Optional[Path] = None
+
+    def for_device(self, device_type: str) -> str:
+        """The implementation used for tensors on ``device_type``."""
+        return {"cpu": self.cpu, "cuda": self.cuda}.get(device_type, "reference")
+
+
+class ExtensionBuildError(RuntimeError):
+    """Raised instead of falling back when ``GSPN_BACKEND=compiled``."""
+
+
+_status: Optional[BackendStatus] = None
+_lock = threading.Lock()
+
+
+def csrc_dir() -> Path:
+    """The kernel sources: ``csrc/`` of a checkout, else the copy in the wheel."""
+    checkout = Path(__file__).resolve().parents[2] / "csrc"
+    if (checkout / HEADERS[0]).is_file():
+        return checkout
+    packaged = Path(str(importlib.resources.files("gspn_diffusers._csrc")))
+    if (packaged / HEADERS[0]).is_file():
+        return packaged
+    raise FileNotFoundError(
+        f"GSPN kernel sources not found (looked in {checkout} and {packaged}); reinstall gspn-diffusers"
+    )
+
+
+def cache_dir() -> Path:
+    """Root folder of the build cache (``GSPN_CACHE_DIR`` overrides it)."""
+    if os.environ.get(ENV_CACHE_DIR):
+        return Path(os.environ[ENV_CACHE_DIR]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "gspn_diffusers"
+
+
+def _cuda_buildable() -> tuple[bool, Optional[str]]:
+    """Whether CUDA kernels can be built here, and why not."""
+    if torch.version.cuda is None:
+        return False, None
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None or not (Path(CUDA_HOME) / "bin" / "nvcc").exists():
+        return False, (
+            "torch has CUDA but the CUDA toolkit (nvcc) was not found; CUDA tensors use the "
+            "slow reference scan. Fix: install the CUDA toolkit matching torch "
+            f"({torch.version.cuda}) and set CUDA_HOME"
+        )
+    return True, None
+
+
+def _build_key(src: Path, with_cuda: bool) -> str:
+    digest = hashlib.sha256()
+    names = HEADERS + SOURCES_CPU + (SOURCES_CUDA if with_cuda else ())
+    for name in names:
+        digest.update(name.encode())
+        digest.update((src / name).read_bytes())
+    digest.update(repr((CFLAGS, CUDA_CFLAGS, with_cuda, os.environ.get("TORCH_CUDA_ARCH_LIST"))).encode())
+    return digest.hexdigest()[:16]
+
+
+def _check_toolchain() -> None:
+    from torch.utils.cpp_extension import is_ninja_available
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise ExtensionBuildError(
+            f"no C++ compiler: '{compiler}' is not on PATH. Fix: install one (e.g. `apt install g++`) "
+            "or point the CXX environment variable at it"
+        )
+    if not is_ninja_available():
+        raise ExtensionBuildError("ninja is not installed. Fix: `pip install ninja`")
+
+
+def _build_and_load(verbose: bool) -> BackendStatus:
+    from torch.utils import cpp_extension
+
+    _check_toolchain()
+    src = csrc_dir()
+    with_cuda, cuda_reason = _cuda_buildable()
+    key = _build_key(src, with_cuda)
+    tag = f"torch{torch.__version__}" + (f"-cuda{torch.version.cuda}" if with_cuda else "")
+    tag = tag.replace("+", "_")
+    build_dir = cache_dir() / tag / key
+    build_dir.mkdir(parents=True, exist_ok=True)
+    sources = [str(src / name) for name in SOURCES_CPU + (SOURCES_CUDA if with_cuda else ())]
+    cflags = list(CFLAGS) + (["-DGSPN_WITH_CUDA"] if with_cuda else [])
+    try:
+        cpp_extension.load(
+            name=f"gspn_kernels_{key}",
+            sources=sources,
+            extra_cflags=cflags,
+            extra_cuda_cflags=list(CUDA_CFLAGS),
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=verbose,
+        )
+    except Exception as exc:  # the compiler's output is in the message
+        raise ExtensionBuildError(f"building the GSPN kernels failed in {build_dir}:\n{exc}") from exc
+    if torch.version.cuda is None:
+        cuda = "unavailable"
+    else:
+        cuda = "compiled" if with_cuda else "reference"
+    return BackendStatus(cpu="compiled", cuda=cuda, reason=cuda_reason, build_dir=build_dir)
+
+
+def load_backend(force: bool = False) -> BackendStatus:
+    """Build (if needed) and load the compiled kernels; return what serves each device.
+
+    Called automatically by the first scan. In ``auto`` mode a failed build
+    warns once (:class:`GSPNBuildWarning`) and the reference is used.
+    """
+    global _status
+    with _lock:
+        if _status is not None and not force:
+            return _status
+        mode = os.environ.get(ENV_BACKEND, "auto").strip().lower()
+        if mode not in BACKEND_MODES:
+            raise ValueError(f"{ENV_BACKEND}={mode!r} is not one of {BACKEND_MODES}")
+        no_cuda = "unavailable" if torch.version.cuda is None else "reference"
+        if mode == "reference":
+            _status = BackendStatus(cpu="reference", cuda=no_cuda, reason=f"{ENV_BACKEND}=reference")
+            return _status
+        try:
+            _status = _build_and_load(verbose=os.environ.get(ENV_VERBOSE, "0") == "1")
+        except (ExtensionBuildError, FileNotFoundError, OSError) as exc:
+            if mode == "compiled":
+                raise ExtensionBuildError(f"{exc}\n({ENV_BACKEND}=compiled forbids the reference fallback)") from exc
+            warnings.warn(
+                f"gspn-diffusers: compiled GSPN kernels unavailable, using the pure-PyTorch reference "
+                f"scan (correct but much slower). Cause: {exc}\nSet {ENV_BACKEND}=reference to silence "
+                "this warning.",
+                GSPNBuildWarning,
+                stacklevel=3,
+            )
+            _status = BackendStatus(cpu="reference", cuda=no_cuda, reason=str(exc))
+        if _status.reason and _status.cuda == "reference" and torch.cuda.is_available():
+            warnings.warn(f"gspn-diffusers: {_status.reason}", GSPNBuildWarning, stacklevel=3)
+        return _status
+
+
+@torch.compiler.assume_constant_result
+def uses_compiled_kernels(device_type: str) -> bool:
+    """True when scans of tensors on ``device_type`` run the compiled kernels.
+
+    A constant for torch.compile, so choosing the backend never breaks a graph.
+    """
+    return load_backend().for_device(device_type) == "compiled"

@@ -1,0 +1,61 @@
+"""The ``gspn::scan`` custom op: schema, fake (meta) kernel and autograd.
+
+Declared once, here. The compiled extension (csrc/) registers the CPU and CUDA
+kernels for these schemas when it loads; see :mod:`gspn_diffusers.ops.build`.
+
+``gspn::scan(x, gates, lam, directions, chunk, normalize) -> h``
+    gates ``(B, D, G, 3, H, W)``; x and lam ``(B, C, H, W)`` (shared by the D
+    directions) or ``(B, D, C, H, W)``; ``directions`` D codes, indices into
+    :data:`~gspn_diffusers.ops.reference.DIRECTIONS`; ``chunk`` 0 = global scan;
+    ``normalize`` = gates are logits. Returns h ``(B, D, C, H, W)``.
+``gspn::scan_backward(grad_h, h, x, gates, lam, directions, chunk, normalize)``
+    -> ``(grad_x, grad_gates, grad_lam)``, shaped like the inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NAMESPACE = "gspn"
+
+torch.library.define(
+    f"{NAMESPACE}::scan",
+    "(Tensor x, Tensor gates, Tensor lam, int[] directions, int chunk, bool normalize) -> Tensor",
+)
+torch.library.define(
+    f"{NAMESPACE}::scan_backward",
+    "(Tensor grad_h, Tensor h, Tensor x, Tensor gates, Tensor lam, int[] directions, int chunk, "
+    "bool normalize) -> (Tensor, Tensor, Tensor)",
+)
+
+
+@torch.library.register_fake(f"{NAMESPACE}::scan")
+def _scan_fake(x, gates, lam, directions, chunk, normalize):
+    batch, dirs, _, _, height, width = gates.shape
+    return x.new_empty((batch, dirs, x.shape[-3], height, width))
+
+
+@torch.library.register_fake(f"{NAMESPACE}::scan_backward")
+def _scan_backward_fake(grad_h, h, x, gates, lam, directions, chunk, normalize):
+    return x.new_empty(x.shape), gates.new_empty(gates.shape), lam.new_empty(lam.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, gates, lam, directions, chunk, normalize = inputs
+    # The backward needs the hidden state of the previous line for the gate
+    # gradients; keeping the output costs nothing a caller does not keep anyway.
+    ctx.save_for_backward(x, gates, lam, output)
+    ctx.directions = directions
+    ctx.chunk = chunk
+    ctx.normalize = normalize
+
+
+def _backward(ctx, grad_h):
+    x, gates, lam, h = ctx.saved_tensors
+    grad_x, grad_gates, grad_lam = torch.ops.gspn.scan_backward(
+        grad_h, h, x, gates, lam, ctx.directions, ctx.chunk, ctx.normalize
+    )
+    return grad_x, grad_gates, grad_lam, None, None, None
+
+
+torch.library.register_autograd(f"{NAMESPACE}::scan", _backward, setup_context=_setup_context)

@@ -1,0 +1,309 @@
+"""Compiled GSPN kernels against the pure-PyTorch reference.
+
+The CPU tests always run (CI builds the extension); the same matrix runs on
+CUDA when a GPU is present. Tolerances, as max error relative to max|ref|:
+float64 1e-10; float32 2e-5; bfloat16 and float16 are compared with the
+float64 scan of the same rounded inputs, within 1.5 units of the output
+dtype's last place (2^-7 for bfloat16, 2^-10 for float16), because both
+backends accumulate in float32 and round once.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from gspn_diffusers.ops import DIRECTIONS, gspn_scan, gspn_scan_4dir, normalize_gates, scan_reference
+from gspn_diffusers.ops.reference import scan_directions_reference, to_lines
+from helpers import assert_close_scaled, generator_for
+
+TOLERANCE = {
+    torch.float64: 1e-10,
+    torch.float32: 2e-5,
+    torch.bfloat16: 1.5 * 2**-7,
+    torch.float16: 1.5 * 2**-10,
+}
+SIDES = (1, 2, 3, 17, 64)
+CHUNKS = (1, 2, 4, None, 1000)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.fixture
+def device(request):
+    if request.param == "cuda":
+        request.getfixturevalue("compiled_cuda")
+    else:
+        request.getfixturevalue("compiled_cpu")
+    return torch.device(request.param)
+
+
+def make_inputs(batch, channels, groups, height, width, dtype, device, *key, dirs=None, shared=True):
+    """Random inputs with stable gates (each position's taps sum to at most 1)."""
+    gen = generator_for(batch, channels, groups, height, width, dtype, dirs, shared, *key)
+    lead = (batch,) if dirs is None else (batch, dirs)
+    xlead = (batch,) if shared or dirs is None else (batch, dirs)
+    x = torch.randn(*xlead, channels, height, width, generator=gen, dtype=torch.float64)
+    lam = torch.rand(*xlead, channels, height, width, generator=gen, dtype=torch.float64) * 2 - 1
+    gates = torch.rand(*lead, groups, 3, height, width, generator=gen, dtype=torch.float64) / 3
+    return [t.to(device=device, dtype=dtype) for t in (x, gates, lam)]
+
+
+def reference_of(x, gates, lam, chunk, normalize=False, directions=DIRECTIONS):
+    """The float64 reference of the given (possibly rounded) inputs."""
+    return scan_directions_reference(
+        x.double().cpu(), gates.double().cpu(), lam.double().cpu(), directions, chunk, normalize
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("height,width", list(itertools.product(SIDES, SIDES)))
+def test_forward_matrix_float64(device, height, width, chunk):
+    """Every direction, B in {1, 3}, G in {1, C/2, C}: float64 to 1e-10 relative."""
+    channels = 4
+    for batch, groups in itertools.product((1, 3), (1, channels // 2, channels)):
+        x, gates, lam = make_inputs(batch, channels, groups, height, width, torch.float64, device, chunk, dirs=4)
+        got = gspn_scan_4dir(x, gates, lam, chunk)
+        assert got.shape == (batch, 4, channels, height, width)
+        assert_close_scaled(got, reference_of(x, gates, lam, chunk), 1e-10, f"B={batch} G={groups}")
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("chunk", [2, None])
+@pytest.mark.parametrize("height,width", [(1, 64), (17, 3), (64, 17), (64, 64)])
+def test_forward_low_precision(device, dtype, height, width, chunk):
+    x, gates, lam = make_inputs(3, 8, 2, height, width, dtype, device, chunk, dirs=4)
+    got = gspn_scan_4dir(x, gates, lam, chunk)
+    assert got.dtype == dtype
+    assert_close_scaled(got, reference_of(x, gates, lam, chunk), TOLERANCE[dtype], str(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_single_direction_matches_reference(device, direction, chunk):
+    x, gates, lam = make_inputs(2, 6, 3, 17, 9, torch.float64, device, direction, chunk)
+    got = gspn_scan(x, gates, lam, direction, chunk)
+    want = scan_reference(x.cpu(), gates.cpu(), lam.cpu(), direction, chunk)
+    assert_close_scaled(got, want, 1e-10, direction)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced"])
+def test_non_contiguous_inputs(device, layout):
+    x, gates, lam = make_inputs(2, 4, 2, 17, 12, torch.float64, device, layout)
+    want = gspn_scan(x, gates, lam, "lr", 4)
+    if layout == "transposed":  # same values, non-contiguous storage
+        x2, lam2 = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (x, lam))
+        gates2 = gates.transpose(-1, -2).contiguous().transpose(-1, -2)
+    elif layout == "channels_last":
+        x2, lam2 = (t.contiguous(memory_format=torch.channels_last) for t in (x, lam))
+        gates2 = gates
+    else:
+        big = torch.zeros(2, 8, 17, 12, dtype=x.dtype, device=device)
+        big[:, ::2] = x
+        x2, lam2, gates2 = big[:, ::2], lam, gates
+    assert not x2.is_contiguous()
+    assert_close_scaled(gspn_scan(x2, gates2, lam2, "lr", 4), want, 1e-12, layout)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_per_direction_inputs(device):
+    """x and lam given once per direction instead of shared."""
+    x, gates, lam = make_inputs(2, 4, 4, 9, 11, torch.float64, device, dirs=4, shared=False)
+    got = gspn_scan_4dir(x, gates, lam, 2)
+    for d, direction in enumerate(DIRECTIONS):
+        want = scan_reference(x[:, d].cpu(), gates[:, d].cpu(), lam[:, d].cpu(), direction, 2)
+        assert_close_scaled(got[:, d], want, 1e-10, direction)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_direction_subset(device):
+    x, gates, lam = make_inputs(1, 4, 2, 6, 5, torch.float64, device, dirs=2)
+    got = gspn_scan_4dir(x, gates, lam, directions=("rl", "tb"))
+    assert_close_scaled(got, reference_of(x, gates, lam, None, directions=("rl", "tb")), 1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_fused_normalisation_matches_unfused(device, dtype, chunk):
+    x, _, lam = make_inputs(2, 4, 2, 13, 10, dtype, device, chunk)
+    logits = torch.randn(2, 4, 2, 3, 13, 10, generator=generator_for("logits", chunk), dtype=torch.float64)
+    logits = (logits * 3).to(device=device, dtype=dtype)
+    fused = gspn_scan_4dir(x, logits, lam, chunk, normalize=True)
+    gates = torch.stack([normalize_gates(logits[:, d], dn) for d, dn in enumerate(DIRECTIONS)], 1)
+    unfused = gspn_scan_4dir(x, gates, lam, chunk)
+    assert_close_scaled(fused, unfused, 1e-12 if dtype == torch.float64 else 1e-5, "fused vs unfused")
+
+
+# ---- gradients --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("chunk", [None, 2])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_gradcheck(device, direction, chunk, normalize):
+    x, gates, lam = make_inputs(2, 4, 2, 5, 6, torch.float64, device, direction, chunk)
+    if normalize:
+        gates = gates * 6 - 1  # logits
+    inputs = [t.requires_grad_() for t in (x, gates, lam)]
+    assert torch.autograd.gradcheck(lambda *a: gspn_scan(*a, direction, chunk, normalize), inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_gradcheck_four_directions(device, shared, normalize):
+    x, gates, lam = make_inputs(1, 4, 2, 4, 5, torch.float64, device, normalize, dirs=4, shared=shared)
+    inputs = [t.requires_grad_() for t in (x, gates, lam)]
+    assert torch.autograd.gradcheck(lambda *a: gspn_scan_4dir(*a, 3, normalize), inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("height,width,groups,chunk", [(1, 17, 1, None), (17, 1, 4, 2), (17, 23, 2, 4), (64, 64, 1, None)])
+def test_backward_matches_reference_autograd(device, dtype, height, width, groups, chunk):
+    """Kernel gradients against autograd through the reference (float64)."""
+    x, gates, lam = make_inputs(3, 4, groups, height, width, dtype, device, "bwd", chunk, dirs=4)
+    grad = torch.randn(3, 4, 4, height, width, generator=generator_for("grad", height), dtype=torch.float64)
+    inputs = [t.detach().requires_grad_() for t in (x, gates, lam)]
+    gspn_scan_4dir(*inputs, chunk).backward(grad.to(device=device, dtype=dtype))
+    ref_inputs = [t.detach().double().cpu().requires_grad_() for t in (x, gates, lam)]
+    scan_directions_reference(*ref_inputs, DIRECTIONS, chunk).backward(grad)
+    # Gradients sum many products, so low precision gets a looser bound than the forward.
+    rtol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
+    for name, got, want in zip(("x", "gates", "lam"), inputs, ref_inputs):
+        assert got.grad.dtype == dtype and got.grad.shape == got.shape
+        assert_close_scaled(got.grad, want.grad, rtol, f"grad {name}")
+
+
+# ---- stability --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_normalised_gates_cannot_blow_up(device, direction):
+    """Row-stochastic gates make each line a convex mix of the previous one, so
+    max|h_t| <= max|h_{t-1}| + max|lam_t * x_t|: growth is at most linear in
+    the number of lines, never exponential. (The bound 'max|h| <= running
+    max|x|' would need lam and the gates to be a convex pair, which the op
+    leaves to the layer: with lam = 1, x = 1, h_t = t + 1.)"""
+    gen = generator_for("stability", direction)
+    x = torch.randn(2, 3, 40, 40, generator=gen, dtype=torch.float64) * 5
+    lam = torch.rand(2, 3, 40, 40, generator=gen, dtype=torch.float64) * 2 - 1
+    logits = torch.randn(2, 3, 3, 40, 40, generator=gen, dtype=torch.float64) * 8
+    h = gspn_scan(x.to(device), logits.to(device), lam.to(device), direction, normalize=True).cpu()
+    h_lines = to_lines(h, direction).abs().amax(dim=(0, 1, 3))
+    drive = to_lines(lam * x, direction).abs().amax(dim=(0, 1, 3))
+    assert (h_lines[1:] <= h_lines[:-1] + drive[1:] + 1e-9).all()
+    assert (h_lines <= drive.cumsum(0) + 1e-9).all()
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_long_scan_low_precision(device, dtype):
+    """4096 sequential lines in half precision: finite and close to float64."""
+    gen = generator_for("long", dtype)
+    x = torch.randn(1, 1, 4, 4096, generator=gen, dtype=torch.float64)
+    lam = torch.rand(1, 1, 4, 4096, generator=gen, dtype=torch.float64)
+    logits = torch.randn(1, 1, 3, 4, 4096, generator=gen, dtype=torch.float64) * 3
+    x, lam, logits = (t.to(device=device, dtype=dtype) for t in (x, lam, logits))
+    for direction in DIRECTIONS:
+        h = gspn_scan(x, logits, lam, direction, normalize=True)
+        assert torch.isfinite(h).all()
+        want = scan_reference(x.double().cpu(), logits.double().cpu(), lam.double().cpu(), direction, normalize=True)
+        # Output rounding plus the gates' own rounding inside the kernel.
+        assert_close_scaled(h, want, 4 * TOLERANCE[dtype], f"{direction} {dtype}")
+
+
+# ---- torch.library integration ---------------------------------------------
+
+
+def test_opcheck(compiled_cpu):
+    for normalize, x_dirs in ((False, None), (True, 4)):
+        x, gates, lam = make_inputs(2, 4, 2, 5, 7, torch.float64, "cpu", "opcheck", dirs=4, shared=x_dirs is None)
+        args = (x.requires_grad_(), gates.requires_grad_(), lam.requires_grad_(), [0, 1, 2, 3], 2, normalize)
+        torch.library.opcheck(torch.ops.gspn.scan.default, args)
+
+
+def test_torch_compile_fullgraph(compiled_cpu):
+    x, gates, lam = make_inputs(1, 4, 2, 9, 7, torch.float32, "cpu", "compile", dirs=4)
+
+    def layer(x, logits, lam):
+        h = gspn_scan_4dir(x, logits, lam, chunk=4, normalize=True)
+        return torch.tanh(h.sum(1)) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    inputs = [t.requires_grad_() for t in (x, gates, lam)]
+    out = compiled(*inputs)
+    out.sum().backward()
+    grads = [t.grad.clone() for t in inputs]
+    for t in inputs:
+        t.grad = None
+    eager = layer(*inputs)
+    eager.sum().backward()
+    torch.testing.assert_close(out, eager)
+    for got, t in zip(grads, inputs):
+        torch.testing.assert_close(got, t.grad)
+
+
+# ---- bad input --------------------------------------------------------------
+
+
+def _good(dtype=torch.float32):
+    return torch.zeros(2, 4, 5, 6, dtype=dtype), torch.zeros(2, 2, 3, 5, 6, dtype=dtype), torch.zeros(2, 4, 5, 6, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "mutate,error,pattern",
+    [
+        (lambda x, g, l: (x[0], g, l), ValueError, r"x must have shape \(B, C, H, W\)"),
+        (lambda x, g, l: (x, g[:, :, :2], l), ValueError, "gates must have shape"),
+        (lambda x, g, l: (x, g[..., :4, :], l), ValueError, "gates must have shape"),
+        (lambda x, g, l: (x, g[:1], l), ValueError, "gates must have shape"),
+        (lambda x, g, l: (x, torch.zeros(2, 3, 3, 5, 6), l), ValueError, "G=3 groups, which does not divide the C=4"),
+        (lambda x, g, l: (x, g, l[..., :5]), ValueError, "lam must have shape"),
+        (lambda x, g, l: (x, g.double(), l), TypeError, "share one dtype"),
+        (lambda x, g, l: (x, g, l.to("meta")), ValueError, "one device"),
+        (lambda x, g, l: (x.int(), g, l), TypeError, r"x has dtype torch.int32"),
+        (lambda x, g, l: (x, g.long(), l), TypeError, r"gates has dtype torch.int64"),
+        (lambda x, g, l: (x.numpy(), g, l), TypeError, "x must be a torch.Tensor"),
+    ],
+)
+def test_bad_tensors(mutate, error, pattern):
+    with pytest.raises(error, match=pattern):
+        gspn_scan(*mutate(*_good()))
+
+
+def test_bad_options():
+    x, g, l = _good()
+    with pytest.raises(ValueError, match="direction must be one of"):
+        gspn_scan(x, g, l, direction="up")
+    with pytest.raises(ValueError, match="chunk must be a positive"):
+        gspn_scan(x, g, l, chunk=0)
+    with pytest.raises(ValueError, match="chunk must be a positive"):
+        gspn_scan(x, g, l, chunk=-2)
+    with pytest.raises(TypeError, match="chunk must be a positive int"):
+        gspn_scan(x, g, l, chunk=2.5)
+    g4 = torch.zeros(2, 4, 2, 3, 5, 6)
+    with pytest.raises(ValueError, match="directions must name 1 to 4"):
+        gspn_scan_4dir(x, g4, l, directions=())
+    with pytest.raises(ValueError, match="gates must have shape"):
+        gspn_scan_4dir(x, g, l)
+    with pytest.raises(ValueError, match="x has 3 directions"):
+        gspn_scan_4dir(torch.zeros(2, 3, 4, 5, 6), g4, l)
+
+
+def test_op_rejects_bad_codes_directly(compiled_cpu):
+    """The op's own checks guard callers that bypass the Python wrapper."""
+    x, g, l = _good()
+    with pytest.raises(RuntimeError, match="direction codes are 0..3"):
+        torch.ops.gspn.scan(x, g.unsqueeze(1), l, [7], 0, False)
+    with pytest.raises(RuntimeError, match="must divide channels"):
+        torch.ops.gspn.scan(x, torch.zeros(2, 1, 3, 3, 5, 6), l, [0], 0, False)
