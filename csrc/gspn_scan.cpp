@@ -6,11 +6,11 @@
 // this file only registers kernels for the CPU (and, when built with CUDA, the
 // CUDA) dispatch key.
 //
-// CPU kernel layout: one task per (batch, direction, channel) plane for the
-// forward scan. A task copies TILE lines at a time into small fp32 (fp64 for
-// double) buffers laid out line-major, so the recurrence runs over contiguous
-// memory in every direction; for "lr"/"rl" that copy reads TILE consecutive
-// columns of each row, one cache line, instead of striding down a column.
+// CPU kernels copy kTile lines at a time into small fp32 (fp64 for double)
+// buffers laid out line-major, so the recurrence runs over contiguous memory in
+// every direction; for "lr"/"rl" that copy reads kTile consecutive columns of
+// each row, one cache line, instead of striding down a column. See "task
+// layout" below for how work is split between threads.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -102,9 +102,25 @@ void gather_lines(const scalar_t* plane, const LineGeometry& geo, int64_t t0, in
   }
 }
 
-// plane[line t0 + s, position p] = src[s * L + p] (or += when Accumulate).
+// dst[s * pitch + p] = lam * x at line t0 + s, position p (one pass, no staging of lam).
+template <typename scalar_t, typename acc_t>
+void gather_product(const scalar_t* x, const scalar_t* lam, const LineGeometry& geo, int64_t t0, int64_t n,
+                    acc_t* dst, int64_t pitch) {
+  const int64_t L = geo.length;
+  const int64_t base = geo.first + t0 * geo.line_stride;
+  for (int64_t p = 0; p < L; ++p) {
+    const int64_t at = base + p * geo.pos_stride;
+    for (int64_t s = 0; s < n; ++s) {
+      const int64_t i = at + s * geo.line_stride;
+      dst[s * pitch + p] = static_cast<acc_t>(lam[i]) * static_cast<acc_t>(x[i]);
+    }
+  }
+}
+
+// plane[line t0 + s, position p] = src[s * pitch + p] (or += when Accumulate).
 template <bool Accumulate, typename out_t, typename acc_t>
-void scatter_lines(const acc_t* src, const LineGeometry& geo, int64_t t0, int64_t n, out_t* plane) {
+void scatter_lines(const acc_t* src, int64_t pitch, const LineGeometry& geo, int64_t t0, int64_t n,
+                   out_t* plane) {
   const int64_t L = geo.length;
   out_t* base = plane + geo.first + t0 * geo.line_stride;
   const auto put = [](out_t& o, acc_t v) {
@@ -114,12 +130,12 @@ void scatter_lines(const acc_t* src, const LineGeometry& geo, int64_t t0, int64_
   if (geo.pos_stride == 1) {
     for (int64_t s = 0; s < n; ++s) {
       out_t* dst = base + s * geo.line_stride;
-      for (int64_t p = 0; p < L; ++p) put(dst[p], src[s * L + p]);
+      for (int64_t p = 0; p < L; ++p) put(dst[p], src[s * pitch + p]);
     }
   } else {
     for (int64_t p = 0; p < L; ++p) {
       out_t* dst = base + p * geo.pos_stride;
-      for (int64_t s = 0; s < n; ++s) put(dst[s * geo.line_stride], src[s * L + p]);
+      for (int64_t s = 0; s < n; ++s) put(dst[s * geo.line_stride], src[s * pitch + p]);
     }
   }
 }
@@ -127,12 +143,12 @@ void scatter_lines(const acc_t* src, const LineGeometry& geo, int64_t t0, int64_
 // Loads the three taps of one gate group for lines [t0, t0+n), normalised when
 // the problem says the gates are logits.
 template <typename scalar_t, typename acc_t>
-void gather_gates(const scalar_t* const taps[3], const LineGeometry& geo, int64_t t0, int64_t n,
+void gather_gates(const scalar_t* tap0, int64_t plane, const LineGeometry& geo, int64_t t0, int64_t n,
                   bool normalize, acc_t* g0, acc_t* g1, acc_t* g2) {
   const int64_t L = geo.length;
-  gather_lines(taps[0], geo, t0, n, g0, L);
-  gather_lines(taps[1], geo, t0, n, g1, L);
-  gather_lines(taps[2], geo, t0, n, g2, L);
+  gather_lines(tap0, geo, t0, n, g0, L);
+  gather_lines(tap0 + plane, geo, t0, n, g1, L);
+  gather_lines(tap0 + 2 * plane, geo, t0, n, g2, L);
   if (!normalize) return;
   for (int64_t s = 0; s < n; ++s) {
     for (int64_t p = 0; p < L; ++p) {
@@ -142,58 +158,102 @@ void gather_gates(const scalar_t* const taps[3], const LineGeometry& geo, int64_
   }
 }
 
+// ---- task layout -----------------------------------------------------------
+
+// A CPU task is (batch, direction, gate group, slice of the group's channels).
+// It stages the group's gates for kTile lines once -- normalising them once
+// when fused -- and runs every channel of its slice over those lines, carrying
+// each channel's last hidden line (backwards: its adjoint products) to the
+// next tile. Slices exist only to give every thread work when B * D * G is
+// small. No two tasks write the same memory, so results are deterministic.
+struct CpuTasks {
+  int64_t slices, per_slice, count;
+};
+
+struct TaskIndex {
+  int64_t b, d, g, slice, c_begin, c_end;
+};
+
+CpuTasks plan_tasks(const ScanProblem& pb) {
+  const int64_t groups = pb.B * pb.D * pb.G;
+  const int64_t Cg = pb.channels_per_group();
+  const int64_t slices =
+      std::max<int64_t>(1, std::min<int64_t>(Cg, (at::get_num_threads() + groups - 1) / groups));
+  return {slices, (Cg + slices - 1) / slices, groups * slices};
+}
+
+TaskIndex task_index(const ScanProblem& pb, const CpuTasks& plan, int64_t task) {
+  TaskIndex ti{};
+  ti.slice = task % plan.slices;
+  ti.g = (task / plan.slices) % pb.G;
+  ti.d = (task / (plan.slices * pb.G)) % pb.D;
+  ti.b = task / (plan.slices * pb.G * pb.D);
+  const int64_t Cg = pb.channels_per_group();
+  ti.c_begin = ti.g * Cg + std::min(Cg, ti.slice * plan.per_slice);
+  ti.c_end = ti.g * Cg + std::min(Cg, (ti.slice + 1) * plan.per_slice);
+  return ti;
+}
+
 // ---- forward ---------------------------------------------------------------
 
 template <typename scalar_t>
 void forward_cpu(const ScanProblem& pb, const scalar_t* x, const scalar_t* gates, const scalar_t* lam,
                  scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t planes = pb.B * pb.D * pb.C;
-  const int64_t Cg = pb.channels_per_group();
-  at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+  const CpuTasks plan = plan_tasks(pb);
+  at::parallel_for(0, plan.count, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t c = task % pb.C, d = (task / pb.C) % pb.D, b = task / (pb.C * pb.D);
-      const LineGeometry geo = line_geometry(pb.dirs[d], pb.H, pb.W);
+      const TaskIndex ti = task_index(pb, plan, task);
+      const int64_t channels = ti.c_end - ti.c_begin;
+      if (channels <= 0) continue;
+      const LineGeometry geo = line_geometry(pb.dirs[ti.d], pb.H, pb.W);
       const int64_t T = geo.lines, L = geo.length, chunk = chunk_length(pb.chunk, T);
-      buf.assign(6 * kTile * L + 2 * (L + 2), acc_t(0));
-      acc_t* hx = buf.data();  // lam * x, overwritten by h
-      acc_t* lm = hx + kTile * L;
-      acc_t* g0 = lm + kTile * L;
-      acc_t* g1 = g0 + kTile * L;
-      acc_t* g2 = g1 + kTile * L;
-      acc_t* state[2] = {g2 + kTile * L + 1, g2 + kTile * L + L + 3};  // padded by one zero each side
-      const scalar_t* taps[3];
-      for (int k = 0; k < 3; ++k) taps[k] = gates + pb.gate_plane(b, d, c / Cg, k);
-      const scalar_t* xp = x + pb.x_plane(b, d, c);
-      const scalar_t* lp = lam + pb.lam_plane(b, d, c);
-      scalar_t* op = out + pb.out_plane(b, d, c);
+      const int64_t TL = kTile * L, pitch = L + 2;  // padded rows: one zero on each side
+      buf.assign(3 * TL + (kTile + channels) * pitch, acc_t(0));
+      acc_t* g0 = buf.data();
+      acc_t* g1 = g0 + TL;
+      acc_t* g2 = g1 + TL;
+      acc_t* hx = g2 + TL + 1;             // padded rows: lam * x, overwritten by h
+      acc_t* last = hx + kTile * pitch;    // padded row per channel: its latest hidden line
+      const scalar_t* tap0 = gates + pb.gate_plane(ti.b, ti.d, ti.g, 0);
 
       for (int64_t t0 = 0; t0 < T; t0 += kTile) {
         const int64_t n = std::min(kTile, T - t0);
-        gather_lines(xp, geo, t0, n, hx, L);
-        gather_lines(lp, geo, t0, n, lm, L);
-        for (int64_t i = 0; i < n * L; ++i) hx[i] *= lm[i];
-        gather_gates(taps, geo, t0, n, pb.normalize, g0, g1, g2);
-        for (int64_t s = 0; s < n; ++s) {
-          const int64_t t = t0 + s;
-          acc_t* __restrict__ cur = state[t & 1];
-          const acc_t* __restrict__ prev = state[(t & 1) ^ 1] - 1;  // prev[p] is position p-1
-          acc_t* __restrict__ row = hx + s * L;
-          if (t % chunk == 0) {
-            for (int64_t p = 0; p < L; ++p) cur[p] = row[p];
-          } else {
-            const acc_t* a0 = g0 + s * L;
-            const acc_t* a1 = g1 + s * L;
-            const acc_t* a2 = g2 + s * L;
-            for (int64_t p = 0; p < L; ++p) {
-              const acc_t v = propagate(row[p], a0[p], a1[p], a2[p], prev + p);
-              cur[p] = v;
-              row[p] = v;
+        gather_gates(tap0, pb.plane(), geo, t0, n, pb.normalize, g0, g1, g2);
+        for (int64_t c = ti.c_begin; c < ti.c_end; ++c) {
+          acc_t* carry = last + (c - ti.c_begin) * pitch;
+          const scalar_t* xp = x + pb.x_plane(ti.b, ti.d, c);
+          const scalar_t* lp = lam + pb.lam_plane(ti.b, ti.d, c);
+          scalar_t* op = out + pb.out_plane(ti.b, ti.d, c);
+          // Row scans read and write their lines in place; column scans stage
+          // lam * x through the tile (a small transpose) and scatter h back.
+          const bool contiguous = geo.pos_stride == 1;
+          if (!contiguous) gather_product(xp, lp, geo, t0, n, hx, pitch);
+          for (int64_t s = 0; s < n; ++s) {
+            const int64_t t = t0 + s;
+            acc_t* __restrict__ row = hx + s * pitch;
+            const int64_t line = geo.first + t * geo.line_stride;
+            if (contiguous) {
+              const scalar_t* __restrict__ xl = xp + line;
+              const scalar_t* __restrict__ ll = lp + line;
+              for (int64_t p = 0; p < L; ++p) row[p] = static_cast<acc_t>(ll[p]) * static_cast<acc_t>(xl[p]);
+            }
+            if (t % chunk != 0) {  // the first line of a chunk is just lam * x
+              const acc_t* __restrict__ prev = (s == 0 ? carry : row - pitch) - 1;  // prev[p + k]: position p-1+k
+              const acc_t* __restrict__ a0 = g0 + s * L;
+              const acc_t* __restrict__ a1 = g1 + s * L;
+              const acc_t* __restrict__ a2 = g2 + s * L;
+              for (int64_t p = 0; p < L; ++p) row[p] = propagate(row[p], a0[p], a1[p], a2[p], prev + p);
+            }
+            if (contiguous) {
+              scalar_t* __restrict__ ol = op + line;
+              for (int64_t p = 0; p < L; ++p) ol[p] = static_cast<scalar_t>(row[p]);
             }
           }
+          std::copy(hx + (n - 1) * pitch, hx + (n - 1) * pitch + L, carry);
+          if (!contiguous) scatter_lines<false>(hx, pitch, geo, t0, n, op);
         }
-        scatter_lines<false>(hx, geo, t0, n, op);
       }
     }
   });
@@ -201,105 +261,99 @@ void forward_cpu(const ScanProblem& pb, const scalar_t* x, const scalar_t* gates
 
 // ---- backward --------------------------------------------------------------
 
-// One task per (batch, direction, gate group, slice of the group's channels):
-// the slice's channels run one after another and add their gate gradients
-// into the task's own fp32 partial buffer, which the host sums over slices.
-// No two tasks write the same memory, so the result is deterministic.
+// Lines are visited in reverse. Per channel, v_k = g_k * a of the line visited
+// last is carried to the next one; gate gradients of all the slice's channels
+// add into a tile, then into the task's own fp32 partial buffer, which the host
+// sums over slices.
 template <typename scalar_t>
-void backward_cpu(const ScanProblem& pb, int64_t slices, const scalar_t* grad_h, const scalar_t* h,
+void backward_cpu(const ScanProblem& pb, const CpuTasks& plan, const scalar_t* grad_h, const scalar_t* h,
                   const scalar_t* x, const scalar_t* gates, const scalar_t* lam, scalar_t* dx,
                   at::opmath_type<scalar_t>* dg_partial, scalar_t* dlam) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t Cg = pb.channels_per_group();
-  const int64_t per_slice = (Cg + slices - 1) / slices;
-  const int64_t tasks = pb.B * pb.D * pb.G * slices;
   const int64_t plane = pb.plane();
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, plan.count, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> buf;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t sl = task % slices;
-      const int64_t g = (task / slices) % pb.G;
-      const int64_t d = (task / (slices * pb.G)) % pb.D;
-      const int64_t b = task / (slices * pb.G * pb.D);
-      const LineGeometry geo = line_geometry(pb.dirs[d], pb.H, pb.W);
+      const TaskIndex ti = task_index(pb, plan, task);
+      const int64_t channels = ti.c_end - ti.c_begin;
+      if (channels <= 0) continue;
+      const LineGeometry geo = line_geometry(pb.dirs[ti.d], pb.H, pb.W);
       const int64_t T = geo.lines, L = geo.length, chunk = chunk_length(pb.chunk, T);
-      const int64_t TL = kTile * L;
-      buf.assign(6 * TL + kTile * (L + 2) + 6 * (L + 2), acc_t(0));
-      acc_t* adj = buf.data();  // grad_h, then the adjoint a
-      acc_t* xs = adj + TL;     // x, then dlam
-      acc_t* ls = xs + TL;      // lam, then dx
-      acc_t* g0 = ls + TL;      // gates, then their gradients
+      const int64_t TL = kTile * L, pitch = L + 2;
+      buf.assign(9 * TL + kTile * pitch + 3 * (2 + channels) * pitch + 2, acc_t(0));
+      acc_t* g0 = buf.data();   // gates
       acc_t* g1 = g0 + TL;
       acc_t* g2 = g1 + TL;
-      acc_t* hp = g2 + TL + 1;  // h of the previous line, rows padded by one zero each side
-      acc_t* vbuf = g2 + TL + kTile * (L + 2) + 1;
-      // v[j][k]: products g_k * a of the line processed last (j alternates).
-      acc_t* v[2][3];
-      for (int j = 0; j < 2; ++j)
-        for (int k = 0; k < 3; ++k) v[j][k] = vbuf + (j * 3 + k) * (L + 2);
-      const scalar_t* taps[3];
-      for (int k = 0; k < 3; ++k) taps[k] = gates + pb.gate_plane(b, d, g, k);
-      acc_t* dgp = dg_partial + (((b * pb.D + d) * pb.G + g) * slices + sl) * 3 * plane;
-      const int64_t c_begin = g * Cg + sl * per_slice;
-      const int64_t c_end = std::min(g * Cg + Cg, c_begin + per_slice);
+      acc_t* d0 = g2 + TL;      // gate gradients, summed over the slice's channels
+      acc_t* d1 = d0 + TL;
+      acc_t* d2 = d1 + TL;
+      acc_t* adj = d2 + TL;     // grad_h, then the adjoint a
+      acc_t* xs = adj + TL;     // x, then grad lam
+      acc_t* ls = xs + TL;      // lam, then grad x
+      acc_t* hp = ls + TL + 1;  // padded rows: row s holds h of line t0 + s - 1
+      // Three padded rows v_0, v_1, v_2 per block: two blocks alternate inside
+      // a tile, one block per channel carries the tile's last line over.
+      acc_t* vloc = hp + kTile * pitch;
+      acc_t* vcarry = vloc + 6 * pitch;
+      const scalar_t* tap0 = gates + pb.gate_plane(ti.b, ti.d, ti.g, 0);
+      acc_t* dgp = dg_partial + (((ti.b * pb.D + ti.d) * pb.G + ti.g) * plan.slices + ti.slice) * 3 * plane;
 
-      for (int64_t c = c_begin; c < c_end; ++c) {
-        const scalar_t* gp = grad_h + pb.out_plane(b, d, c);
-        const scalar_t* hpl = h + pb.out_plane(b, d, c);
-        const scalar_t* xp = x + pb.x_plane(b, d, c);
-        const scalar_t* lp = lam + pb.lam_plane(b, d, c);
-        const int64_t last_tile = ((T - 1) / kTile) * kTile;
-        for (int64_t t0 = last_tile; t0 >= 0; t0 -= kTile) {
-          const int64_t n = std::min(kTile, T - t0);
-          gather_lines(gp, geo, t0, n, adj, L);
-          gather_lines(xp, geo, t0, n, xs, L);
-          gather_lines(lp, geo, t0, n, ls, L);
-          gather_gates(taps, geo, t0, n, pb.normalize, g0, g1, g2);
-          // hp row s holds line t0 + s - 1.
+      for (int64_t t0 = ((T - 1) / kTile) * kTile; t0 >= 0; t0 -= kTile) {
+        const int64_t n = std::min(kTile, T - t0);
+        gather_gates(tap0, plane, geo, t0, n, pb.normalize, g0, g1, g2);
+        std::fill(d0, d0 + 3 * TL, acc_t(0));
+        for (int64_t c = ti.c_begin; c < ti.c_end; ++c) {
+          const int64_t plane_out = pb.out_plane(ti.b, ti.d, c);
+          gather_lines(grad_h + plane_out, geo, t0, n, adj, L);
+          gather_lines(x + pb.x_plane(ti.b, ti.d, c), geo, t0, n, xs, L);
+          gather_lines(lam + pb.lam_plane(ti.b, ti.d, c), geo, t0, n, ls, L);
           if (t0 > 0) {
-            gather_lines(hpl, geo, t0 - 1, n, hp, L + 2);
+            gather_lines(h + plane_out, geo, t0 - 1, n, hp, pitch);
           } else {
             std::fill(hp, hp + L, acc_t(0));
-            gather_lines(hpl, geo, 0, n - 1, hp + (L + 2), L + 2);
+            gather_lines(h + plane_out, geo, 0, n - 1, hp + pitch, pitch);
           }
+          acc_t* carry = vcarry + 3 * (c - ti.c_begin) * pitch;
+          const acc_t* vn = carry;  // v of line t + 1: row k at vn + k * pitch
           for (int64_t s = n - 1; s >= 0; --s) {
             const int64_t t = t0 + s;
             const bool has_next = t + 1 < T && (t + 1) % chunk != 0;
             const bool has_prev = t % chunk != 0;
-            acc_t* const* vn = v[(t & 1) ^ 1];
-            acc_t* const* vc = v[t & 1];
-            acc_t* a = adj + s * L;
-            acc_t* a0 = g0 + s * L;
-            acc_t* a1 = g1 + s * L;
-            acc_t* a2 = g2 + s * L;
-            const acc_t* hrow = hp + s * (L + 2) - 1;  // hrow[p + k] is position p-1+k
+            acc_t* __restrict__ vc = vloc + 3 * (s & 1) * pitch;
+            acc_t* __restrict__ a = adj + s * L;
+            const acc_t* __restrict__ a0 = g0 + s * L;
+            const acc_t* __restrict__ a1 = g1 + s * L;
+            const acc_t* __restrict__ a2 = g2 + s * L;
             for (int64_t p = 0; p < L; ++p) {
-              const acc_t ap = a[p] + (has_next ? gather_adjoint(vn[0] + p, vn[1] + p, vn[2] + p) : acc_t(0));
+              const acc_t ap = a[p] + (has_next ? gather_adjoint(vn + p, vn + pitch + p, vn + 2 * pitch + p) : acc_t(0));
               a[p] = ap;
-              vc[0][p] = a0[p] * ap;
-              vc[1][p] = a1[p] * ap;
-              vc[2][p] = a2[p] * ap;
-              if (has_prev) {
-                a0[p] = ap * hrow[p];
-                a1[p] = ap * hrow[p + 1];
-                a2[p] = ap * hrow[p + 2];
-              } else {
-                a0[p] = a1[p] = a2[p] = acc_t(0);
+              vc[p] = a0[p] * ap;
+              vc[pitch + p] = a1[p] * ap;
+              vc[2 * pitch + p] = a2[p] * ap;
+            }
+            if (has_prev) {
+              const acc_t* __restrict__ hrow = hp + s * pitch - 1;  // hrow[p + k]: position p-1+k
+              acc_t* __restrict__ e0 = d0 + s * L;
+              acc_t* __restrict__ e1 = d1 + s * L;
+              acc_t* __restrict__ e2 = d2 + s * L;
+              for (int64_t p = 0; p < L; ++p) {
+                e0[p] += a[p] * hrow[p];
+                e1[p] += a[p] * hrow[p + 1];
+                e2[p] += a[p] * hrow[p + 2];
               }
             }
+            vn = vc;
           }
+          for (int k = 0; k < 3; ++k) std::copy(vn + k * pitch, vn + k * pitch + L, carry + k * pitch);
           for (int64_t i = 0; i < n * L; ++i) {
             const acc_t ai = adj[i];
-            const acc_t xi = xs[i];
-            xs[i] = ai * xi;     // dlam
-            ls[i] = ai * ls[i];  // dx
+            xs[i] *= ai;  // grad lam = x * a
+            ls[i] *= ai;  // grad x = lam * a
           }
-          scatter_lines<false>(ls, geo, t0, n, dx + pb.out_plane(b, d, c));
-          scatter_lines<false>(xs, geo, t0, n, dlam + pb.out_plane(b, d, c));
-          scatter_lines<true>(g0, geo, t0, n, dgp);
-          scatter_lines<true>(g1, geo, t0, n, dgp + plane);
-          scatter_lines<true>(g2, geo, t0, n, dgp + 2 * plane);
+          scatter_lines<false>(ls, L, geo, t0, n, dx + plane_out);
+          scatter_lines<false>(xs, L, geo, t0, n, dlam + plane_out);
         }
+        for (int k = 0; k < 3; ++k) scatter_lines<true>(d0 + k * TL, L, geo, t0, n, dgp + k * plane);
       }
     }
   });
@@ -384,14 +438,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_backward(
     TORCH_CHECK(false, "gspn::scan_backward: this build has no CUDA kernels");
 #endif
   } else {
-    const int64_t Cg = pb.channels_per_group();
-    const int64_t groups = pb.B * pb.D * pb.G;
-    const int64_t slices =
-        std::max<int64_t>(1, std::min<int64_t>(Cg, (at::get_num_threads() + groups - 1) / groups));
+    const CpuTasks plan = plan_tasks(pb);
     const auto acc = at::toOpMathType(x.scalar_type());
-    at::Tensor partial = at::zeros({pb.B, pb.D, pb.G, slices, 3, pb.H, pb.W}, x.options().dtype(acc));
+    at::Tensor partial = at::zeros({pb.B, pb.D, pb.G, plan.slices, 3, pb.H, pb.W}, x.options().dtype(acc));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_scan_backward_cpu", [&] {
-      backward_cpu<scalar_t>(pb, slices, grad_h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
+      backward_cpu<scalar_t>(pb, plan, grad_h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
                              x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(),
                              dx.data_ptr<scalar_t>(), partial.data_ptr<at::opmath_type<scalar_t>>(),
                              dlam.data_ptr<scalar_t>());

@@ -32,8 +32,11 @@ namespace gspn {
 namespace {
 
 constexpr int kLinesPerTile = 4;
-constexpr int kMaxThreads = 1024;
-constexpr int64_t kMaxLineLength = 8 * kMaxThreads;
+// 512 threads leave each thread up to 128 registers for its RPT positions of
+// kLinesPerTile staged lines; lines up to 512 * 8 = 4096 positions (32K px).
+constexpr int kMaxThreads = 512;
+constexpr int kMaxRowsPerThread = 8;
+constexpr int64_t kMaxLineLength = int64_t(kMaxThreads) * kMaxRowsPerThread;
 
 // Which (batch, direction, channel, chunk) a block handles.
 struct BlockTask {
@@ -51,12 +54,13 @@ __device__ inline BlockTask decode_block(const ScanProblem& pb, int64_t chunks_p
   return task;
 }
 
+// tap0 points at tap 0 of a gate group; taps 1 and 2 follow one plane apart.
 template <typename scalar_t, typename acc_t, bool NORM>
-__device__ inline void load_taps(const scalar_t* const taps[3], int64_t off, int64_t p, int64_t L,
+__device__ inline void load_taps(const scalar_t* tap0, int64_t plane, int64_t off, int64_t p, int64_t L,
                                  acc_t& g0, acc_t& g1, acc_t& g2) {
-  g0 = static_cast<acc_t>(taps[0][off]);
-  g1 = static_cast<acc_t>(taps[1][off]);
-  g2 = static_cast<acc_t>(taps[2][off]);
+  g0 = static_cast<acc_t>(tap0[off]);
+  g1 = static_cast<acc_t>(tap0[off + plane]);
+  g2 = static_cast<acc_t>(tap0[off + 2 * plane]);
   if (NORM) normalize_taps<acc_t>(g0, g1, g2, p > 0, p < L - 1, g0, g1, g2);
 }
 
@@ -74,16 +78,17 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
   const int64_t t_end = t_begin + clen < geo.lines ? t_begin + clen : geo.lines;
 
   extern __shared__ unsigned char smem_raw[];
+  // Two rows of the hidden state, each padded by one zero on both sides; row j
+  // starts at smem + j * (L + 2) + 1 (computed, not indexed from an array, so
+  // nothing goes to local memory).
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
-  acc_t* rows[2] = {smem + 1, smem + L + 3};  // each padded by one zero on both sides
   if (threadIdx.x == 0) smem[0] = smem[L + 1] = smem[L + 2] = smem[2 * L + 3] = acc_t(0);
 
   const scalar_t* xp = x + pb.x_plane(task.b, task.d, task.c);
   const scalar_t* lp = lam + pb.lam_plane(task.b, task.d, task.c);
   scalar_t* op = out + pb.out_plane(task.b, task.d, task.c);
-  const int64_t g = task.c / pb.channels_per_group();
-  const scalar_t* taps[3] = {gates + pb.gate_plane(task.b, task.d, g, 0), gates + pb.gate_plane(task.b, task.d, g, 1),
-                             gates + pb.gate_plane(task.b, task.d, g, 2)};
+  const scalar_t* tap0 = gates + pb.gate_plane(task.b, task.d, task.c / pb.channels_per_group(), 0);
+  const int64_t plane = pb.plane();
 
   for (int64_t t0 = t_begin; t0 < t_end; t0 += kLinesPerTile) {
     acc_t lx[kLinesPerTile][RPT], g0[kLinesPerTile][RPT], g1[kLinesPerTile][RPT], g2[kLinesPerTile][RPT];
@@ -96,7 +101,7 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
         if (t0 + s < t_end && p < L) {
           const int64_t off = geo.first + (t0 + s) * geo.line_stride + p * geo.pos_stride;
           lx[s][r] = static_cast<acc_t>(lp[off]) * static_cast<acc_t>(xp[off]);
-          load_taps<scalar_t, acc_t, NORM>(taps, off, p, L, g0[s][r], g1[s][r], g2[s][r]);
+          load_taps<scalar_t, acc_t, NORM>(tap0, plane, off, p, L, g0[s][r], g1[s][r], g2[s][r]);
         }
       }
     }
@@ -104,8 +109,8 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
     for (int s = 0; s < kLinesPerTile; ++s) {
       const int64_t t = t0 + s;
       if (t >= t_end) break;  // uniform over the block
-      acc_t* cur = rows[t & 1];
-      const acc_t* prev = rows[(t & 1) ^ 1] - 1;  // prev[p + k] is position p - 1 + k
+      acc_t* cur = smem + (t & 1) * (L + 2) + 1;
+      const acc_t* prev = smem + ((t & 1) ^ 1) * (L + 2);  // prev[p + k] is position p - 1 + k
       const bool first = t == t_begin;
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
@@ -144,13 +149,9 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
   extern __shared__ unsigned char smem_raw[];
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
   const int64_t pitch = L + 2;
-  // v[j][k] (j alternates with the line) and hb[j], each padded by one zero per side.
-  acc_t* v[2][3];
-  acc_t* hb[2];
-  for (int j = 0; j < 2; ++j) {
-    for (int k = 0; k < 3; ++k) v[j][k] = smem + (j * 3 + k) * pitch + 1;
-    hb[j] = smem + (6 + j) * pitch + 1;
-  }
+  // Eight padded rows: v_k of parity j at row 3j + k, h[t-1] of parity j at
+  // row 6 + j (j alternates with the line). Position p of a row is at
+  // row * pitch + 1 + p.
   for (int64_t i = threadIdx.x; i < 8; i += blockDim.x) {
     smem[i * pitch] = acc_t(0);
     smem[i * pitch + L + 1] = acc_t(0);
@@ -164,13 +165,10 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
   const scalar_t* lp = lam + pb.lam_plane(task.b, task.d, task.c);
   scalar_t* dxp = dx + plane_out;
   scalar_t* dlp = dlam + plane_out;
-  const int64_t g = task.c / pb.channels_per_group();
-  const scalar_t* taps[3];
-  dg_t* dgp[3];
-  for (int k = 0; k < 3; ++k) {
-    taps[k] = gates + pb.gate_plane(task.b, task.d, g, k);
-    dgp[k] = static_cast<dg_t*>(dgates_raw) + pb.gate_plane(task.b, task.d, g, k);
-  }
+  const int64_t plane = pb.plane();
+  const int64_t tap_offset = pb.gate_plane(task.b, task.d, task.c / pb.channels_per_group(), 0);
+  const scalar_t* tap0 = gates + tap_offset;
+  dg_t* dg0 = static_cast<dg_t*>(dgates_raw) + tap_offset;
 
   for (int64_t t_hi = t_end; t_hi > t_begin; t_hi -= kLinesPerTile) {
     const int64_t t0 = t_hi - kLinesPerTile > t_begin ? t_hi - kLinesPerTile : t_begin;
@@ -188,7 +186,7 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
           go[s][r] = static_cast<acc_t>(ghp[off]);
           xs[s][r] = static_cast<acc_t>(xp[off]);
           ls[s][r] = static_cast<acc_t>(lp[off]);
-          load_taps<scalar_t, acc_t, NORM>(taps, off, p, L, g0[s][r], g1[s][r], g2[s][r]);
+          load_taps<scalar_t, acc_t, NORM>(tap0, plane, off, p, L, g0[s][r], g1[s][r], g2[s][r]);
           if (t > t_begin) hprev[s][r] = static_cast<acc_t>(hp[off - geo.line_stride]);
         }
       }
@@ -197,9 +195,10 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
     for (int s = kLinesPerTile - 1; s >= 0; --s) {
       const int64_t t = t0 + s;
       if (t >= t_hi) continue;  // uniform over the block
-      acc_t* const* vc = v[t & 1];
-      acc_t* const* vn = v[(t & 1) ^ 1];
-      acc_t* hcur = hb[t & 1];
+      const int64_t j = t & 1;
+      acc_t* vc = smem + 3 * j * pitch + 1;  // v_k of this line at vc + k * pitch
+      const acc_t* vn = smem + 3 * (j ^ 1) * pitch + 1;  // v_k of line t + 1
+      acc_t* hcur = smem + (6 + j) * pitch + 1;
       const bool last = t == t_end - 1;
       acc_t adj[RPT];
 #pragma unroll
@@ -207,14 +206,14 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
         const int64_t p = threadIdx.x + static_cast<int64_t>(r) * blockDim.x;
         adj[r] = acc_t(0);
         if (p < L) {
-          const acc_t a = go[s][r] + (last ? acc_t(0) : gather_adjoint(vn[0] + p, vn[1] + p, vn[2] + p));
+          const acc_t a = go[s][r] + (last ? acc_t(0) : gather_adjoint(vn + p, vn + pitch + p, vn + 2 * pitch + p));
           adj[r] = a;
           const int64_t off = geo.first + t * geo.line_stride + p * geo.pos_stride;
           dxp[off] = static_cast<scalar_t>(ls[s][r] * a);
           dlp[off] = static_cast<scalar_t>(xs[s][r] * a);
-          vc[0][p] = g0[s][r] * a;
-          vc[1][p] = g1[s][r] * a;
-          vc[2][p] = g2[s][r] * a;
+          vc[p] = g0[s][r] * a;
+          vc[pitch + p] = g1[s][r] * a;
+          vc[2 * pitch + p] = g2[s][r] * a;
           hcur[p] = hprev[s][r];
         }
       }
@@ -228,16 +227,16 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
           const acc_t a = adj[r];
           const acc_t d0 = a * hcur[p - 1], d1 = a * hcur[p], d2 = a * hcur[p + 1];
           if constexpr (ATOMIC) {
-            atomicAdd(reinterpret_cast<acc_t*>(dgp[0]) + off, d0);
-            atomicAdd(reinterpret_cast<acc_t*>(dgp[1]) + off, d1);
-            atomicAdd(reinterpret_cast<acc_t*>(dgp[2]) + off, d2);
+            atomicAdd(dg0 + off, d0);
+            atomicAdd(dg0 + off + plane, d1);
+            atomicAdd(dg0 + off + 2 * plane, d2);
           } else {
-            dgp[0][off] = static_cast<dg_t>(d0);
-            dgp[1][off] = static_cast<dg_t>(d1);
-            dgp[2][off] = static_cast<dg_t>(d2);
+            dg0[off] = static_cast<dg_t>(d0);
+            dg0[off + plane] = static_cast<dg_t>(d1);
+            dg0[off + 2 * plane] = static_cast<dg_t>(d2);
           }
         } else if (!ATOMIC) {  // the first line of a chunk has no previous line: its gates act on zeros
-          dgp[0][off] = dgp[1][off] = dgp[2][off] = static_cast<dg_t>(acc_t(0));
+          dg0[off] = dg0[off + plane] = dg0[off + 2 * plane] = static_cast<dg_t>(acc_t(0));
         }
       }
     }

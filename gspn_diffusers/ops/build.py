@@ -17,6 +17,10 @@ Environment variables:
     ``~/.cache/gspn_diffusers``).
 ``GSPN_BUILD_VERBOSE``
     ``1`` prints the compiler commands and output.
+``GSPN_NATIVE_ARCH``
+    ``0`` builds the CPU kernels for the generic target instead of
+    ``-march=native`` (the cache key includes this machine's CPU features, so
+    a cache folder shared between different machines stays correct).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import dataclasses
 import hashlib
 import importlib.resources
 import os
+import platform
 import shutil
 import threading
 import warnings
@@ -38,6 +43,7 @@ from . import library  # noqa: F401  (the op schemas must exist before kernels r
 ENV_BACKEND = "GSPN_BACKEND"
 ENV_CACHE_DIR = "GSPN_CACHE_DIR"
 ENV_VERBOSE = "GSPN_BUILD_VERBOSE"
+ENV_NATIVE = "GSPN_NATIVE_ARCH"
 BACKEND_MODES = ("auto", "compiled", "reference")
 
 SOURCES_CPU = ("gspn_scan.cpp",)
@@ -114,13 +120,32 @@ def _cuda_buildable() -> tuple[bool, Optional[str]]:
     return True, None
 
 
+def _cpu_flags() -> list[str]:
+    """-march=native: the recurrence loops vectorise with the widest units the CPU has."""
+    return [] if os.environ.get(ENV_NATIVE, "1") == "0" else ["-march=native"]
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the machine and its instruction-set flags."""
+    signature = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features", "model name")):
+                signature += line
+    except OSError:
+        signature += platform.processor()
+    return signature
+
+
 def _build_key(src: Path, with_cuda: bool) -> str:
     digest = hashlib.sha256()
     names = HEADERS + SOURCES_CPU + (SOURCES_CUDA if with_cuda else ())
     for name in names:
         digest.update(name.encode())
         digest.update((src / name).read_bytes())
-    digest.update(repr((CFLAGS, CUDA_CFLAGS, with_cuda, os.environ.get("TORCH_CUDA_ARCH_LIST"))).encode())
+    digest.update(repr((CFLAGS, _cpu_flags(), CUDA_CFLAGS, with_cuda, os.environ.get("TORCH_CUDA_ARCH_LIST"))).encode())
+    if _cpu_flags():
+        digest.update(_cpu_signature().encode())
     return digest.hexdigest()[:16]
 
 
@@ -149,7 +174,7 @@ def _build_and_load(verbose: bool) -> BackendStatus:
     build_dir = cache_dir() / tag / key
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = [str(src / name) for name in SOURCES_CPU + (SOURCES_CUDA if with_cuda else ())]
-    cflags = list(CFLAGS) + (["-DGSPN_WITH_CUDA"] if with_cuda else [])
+    cflags = list(CFLAGS) + _cpu_flags() + (["-DGSPN_WITH_CUDA"] if with_cuda else [])
     try:
         cpp_extension.load(
             name=f"gspn_kernels_{key}",

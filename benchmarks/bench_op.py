@@ -1,0 +1,169 @@
+"""Benchmark of the GSPN scan operator (not a test).
+
+For B=1, each channel count and side, times the forward and forward+backward
+of each backend and direction, the four-direction launch against four
+single-direction calls, and a plain copy of the same bytes. Prints ms, the
+achieved GB/s against the minimal bytes (each input read once, each output
+written once) and the percentage of the copy bandwidth measured in the same
+run; writes everything as JSON.
+
+    python benchmarks/bench_op.py                      # CPU, quick sizes
+    python benchmarks/bench_op.py --device cuda --dtype float16 --sides 256 512 1024 2048 4096
+
+Targets (issue 2): on an H100, forward >= 85% and backward >= 60% of copy
+bandwidth in every direction; on the CPU at 1x32x256x256, forward <= 3x the
+time of copying its inputs once and >= 5x faster than the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gspn_diffusers.ops import DIRECTIONS, gspn_scan, gspn_scan_4dir, load_backend, scan_reference  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def timer(device: torch.device, fn, repeats: int, warmup: int = 1) -> float:
+    """Median milliseconds of ``fn()``; device events on CUDA."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def scan_bytes(channels: int, groups: int, side: int, itemsize: int, backward: bool) -> int:
+    """Minimal bytes: forward reads x, lam, gates and writes h; backward also
+    reads grad_h and h and writes grad_x, grad_lam, grad_gates."""
+    plane = side * side * itemsize
+    forward = (3 * channels + 3 * groups) * plane
+    return forward + (4 * channels + 6 * groups) * plane if backward else forward
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    status = load_backend()
+    results = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "dtype": args.dtype,
+        "backend": {"cpu": status.cpu, "cuda": status.cuda},
+        "rows": [],
+    }
+    print(f"# {results['device']}  torch {torch.__version__}  {args.dtype}  threads={results['threads']}")
+    print(f"{'C':>4} {'G':>4} {'side':>5} {'what':<22} {'ms':>10} {'GB/s':>8} {'%copy':>6}")
+    gen = torch.Generator(device=device).manual_seed(0)
+    for channels in args.channels:
+        for groups in sorted({1 if g == "1" else channels if g == "C" else int(g) for g in args.groups}):
+            for side in args.sides:
+                itemsize = torch.empty((), dtype=dtype).element_size()
+                need = scan_bytes(channels, groups, side, itemsize, True) * 2.5 / 2**30
+                if need > args.max_gib:
+                    print(f"{channels:>4} {groups:>4} {side:>5} skipped: needs ~{need:.1f} GiB > --max-gib")
+                    continue
+                shape = (1, channels, side, side)
+                x = torch.randn(shape, device=device, dtype=dtype, generator=gen)
+                lam = torch.rand(shape, device=device, dtype=dtype, generator=gen)
+                logits = torch.randn((1, 4, groups, 3, side, side), device=device, dtype=dtype, generator=gen)
+                fwd_bytes = scan_bytes(channels, groups, side, itemsize, False)
+                bwd_bytes = scan_bytes(channels, groups, side, itemsize, True)
+                # Copy bandwidth on the same bytes: read + write of the forward inputs.
+                src = torch.empty(fwd_bytes // 2 // itemsize * 2, device=device, dtype=dtype)
+                dst = torch.empty_like(src)
+                copy_ms = timer(device, lambda: dst.copy_(src), args.repeats)
+                copy_gbs = 2 * src.numel() * itemsize / copy_ms / 1e6
+                inputs_copy = torch.empty((3 * channels + 3 * groups) * side * side, device=device, dtype=dtype)
+                inputs_dst = torch.empty_like(inputs_copy)
+                inputs_copy_ms = timer(device, lambda: inputs_dst.copy_(inputs_copy), args.repeats)
+
+                def row(what, ms, nbytes, **extra):
+                    gbs = nbytes / ms / 1e6
+                    entry = {"C": channels, "G": groups, "side": side, "what": what, "ms": ms,
+                             "GBps": gbs, "pct_copy": 100 * gbs / copy_gbs, **extra}
+                    results["rows"].append(entry)
+                    print(f"{channels:>4} {groups:>4} {side:>5} {what:<22} {ms:>10.3f} {gbs:>8.1f} {entry['pct_copy']:>5.0f}%")
+
+                row("copy (read+write)", copy_ms, 2 * src.numel() * itemsize, copy_GBps=copy_gbs)
+                row("copy inputs once", inputs_copy_ms, 2 * inputs_copy.numel() * itemsize)
+                for d, direction in enumerate(DIRECTIONS):
+                    g = logits[:, d].contiguous()
+                    fwd = timer(device, lambda: gspn_scan(x, g, lam, direction, args.chunk, True), args.repeats)
+                    row(f"fwd {direction}", fwd, fwd_bytes, x_inputs_copy=fwd / inputs_copy_ms)
+                    xr, gr, lr = (t.detach().clone().requires_grad_() for t in (x, g, lam))
+                    grad = torch.randn(shape, device=device, dtype=dtype, generator=gen)
+
+                    def fwd_bwd():
+                        gspn_scan(xr, gr, lr, direction, args.chunk, True).backward(grad)
+
+                    both = timer(device, fwd_bwd, args.repeats)
+                    row(f"bwd {direction}", both - fwd, bwd_bytes - fwd_bytes)
+                    if args.reference and side <= args.reference_max_side:
+                        ref = timer(device, lambda: scan_reference(x, g, lam, direction, args.chunk, True), 1)
+                        row(f"reference fwd {direction}", ref, fwd_bytes, kernel_speedup=ref / fwd)
+                four = timer(device, lambda: gspn_scan_4dir(x, logits, lam, args.chunk, True), args.repeats)
+                row("fwd 4dir (one launch)", four, 4 * fwd_bytes - 3 * 2 * channels * side * side * itemsize)
+                gates = [logits[:, d].contiguous() for d in range(4)]
+                separate = timer(
+                    device,
+                    lambda: torch.stack([gspn_scan(x, gates[d], lam, dn, args.chunk, True) for d, dn in enumerate(DIRECTIONS)], 1),
+                    args.repeats,
+                )
+                row("fwd 4 calls + stack", separate, 4 * fwd_bytes)
+                del x, lam, logits, src, dst, inputs_copy, inputs_dst
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    return results
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: float16 on CUDA, float32 on CPU")
+    parser.add_argument("--channels", type=int, nargs="+", default=[32, 320])
+    parser.add_argument("--groups", nargs="+", default=["1", "C"], help="gate groups: numbers, 1 or C")
+    parser.add_argument("--sides", type=int, nargs="+", default=None, help="H = W values")
+    parser.add_argument("--chunk", type=int, default=None, help="lines per chunk (default: global scan)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--max-gib", type=float, default=8.0, help="skip sizes needing more memory")
+    parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the pure-PyTorch reference (small sides only)")
+    parser.add_argument("--reference-max-side", type=int, default=256)
+    parser.add_argument("--json", type=Path, default=Path("bench_results/bench_op.json"))
+    args = parser.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "float16" if args.device == "cuda" else "float32"
+    if args.sides is None:
+        args.sides = [256, 512, 1024, 2048, 4096] if args.device == "cuda" else [256, 512]
+    results = run(args)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
