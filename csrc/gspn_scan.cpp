@@ -35,6 +35,7 @@ void scan_backward_cuda(const at::Tensor& grad_h, const at::Tensor& h, const at:
 namespace {
 
 constexpr int64_t kTile = 16;  // lines staged per copy; 16 fp32 = one 64-byte cache line
+constexpr int64_t kPrefetchRows = 8;
 
 ScanProblem make_problem(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& lam,
                          at::IntArrayRef directions, int64_t chunk, bool normalize) {
@@ -110,6 +111,10 @@ void gather_product(const scalar_t* x, const scalar_t* lam, const LineGeometry& 
   const int64_t base = geo.first + t0 * geo.line_stride;
   for (int64_t p = 0; p < L; ++p) {
     const int64_t at = base + p * geo.pos_stride;
+    // Rows are pos_stride apart, often a page or more: the hardware prefetcher
+    // does not follow, so fetch a few rows ahead by hand.
+    __builtin_prefetch(x + at + kPrefetchRows * geo.pos_stride);
+    __builtin_prefetch(lam + at + kPrefetchRows * geo.pos_stride);
     for (int64_t s = 0; s < n; ++s) {
       const int64_t i = at + s * geo.line_stride;
       dst[s * pitch + p] = static_cast<acc_t>(lam[i]) * static_cast<acc_t>(x[i]);
@@ -150,11 +155,23 @@ void gather_gates(const scalar_t* tap0, int64_t plane, const LineGeometry& geo, 
   gather_lines(tap0 + plane, geo, t0, n, g1, L);
   gather_lines(tap0 + 2 * plane, geo, t0, n, g2, L);
   if (!normalize) return;
+  const auto normalize_at = [](acc_t* __restrict__ a0, acc_t* __restrict__ a1, acc_t* __restrict__ a2, int64_t p,
+                               bool before, bool after) {
+    acc_t n0, n1, n2;
+    normalize_taps<acc_t>(a0[p], a1[p], a2[p], before, after, n0, n1, n2);
+    a0[p] = n0;
+    a1[p] = n1;
+    a2[p] = n2;
+  };
   for (int64_t s = 0; s < n; ++s) {
-    for (int64_t p = 0; p < L; ++p) {
-      const int64_t i = s * L + p;
-      normalize_taps<acc_t>(g0[i], g1[i], g2[i], p > 0, p < L - 1, g0[i], g1[i], g2[i]);
-    }
+    acc_t* __restrict__ a0 = g0 + s * L;
+    acc_t* __restrict__ a1 = g1 + s * L;
+    acc_t* __restrict__ a2 = g2 + s * L;
+    // Interior positions have both neighbours: a branch-free loop the compiler
+    // vectorises, exp included. The two ends are done on their own.
+    for (int64_t p = 1; p < L - 1; ++p) normalize_at(a0, a1, a2, p, true, true);
+    normalize_at(a0, a1, a2, 0, false, L > 1);
+    if (L > 1) normalize_at(a0, a1, a2, L - 1, true, false);
   }
 }
 

@@ -307,3 +307,26 @@ def test_op_rejects_bad_codes_directly(compiled_cpu):
         torch.ops.gspn.scan(x, g.unsqueeze(1), l, [7], 0, False)
     with pytest.raises(RuntimeError, match="must divide channels"):
         torch.ops.gspn.scan(x, torch.zeros(2, 1, 3, 3, 5, 6), l, [0], 0, False)
+
+
+# ---- CUDA only --------------------------------------------------------------
+
+
+@pytest.mark.cuda
+def test_cuda_offsets_beyond_int32(compiled_cuda):
+    """A 16K-pixel layer has more than 2^31 elements: the last channel must be
+    right, which it would not be with 32-bit offsets."""
+    channels, side = 600, 2048  # 2.5e9 elements per tensor, 5 GB in float16
+    free, _ = torch.cuda.mem_get_info()
+    if free < 20 * 2**30:
+        pytest.skip("needs 20 GiB of free GPU memory")
+    x = torch.empty(1, channels, side, side, device="cuda", dtype=torch.float16).normal_()
+    lam = torch.empty_like(x).uniform_()
+    logits = torch.randn(1, 1, 3, side, side, device="cuda", dtype=torch.float16)
+    assert x.numel() > 2**31
+    h = gspn_scan(x, logits, lam, "lr", chunk=64, normalize=True)
+    last = slice(channels - 1, channels)
+    want = gspn_scan(x[:, last].clone(), logits, lam[:, last].clone(), "lr", chunk=64, normalize=True)
+    torch.testing.assert_close(h[:, last], want, rtol=0, atol=0)
+    del h, x, lam
+    torch.cuda.empty_cache()
