@@ -278,6 +278,23 @@ void forward_cpu(const ScanProblem& pb, const scalar_t* x, const scalar_t* gates
 
 // ---- backward --------------------------------------------------------------
 
+// One line of the adjoint scan: a += (contributions of line t + 1, if any),
+// then v_k = g_k * a for the line before. A function of its own, with restrict
+// parameters and the branch hoisted into a template flag, so it vectorises.
+template <bool HasNext, typename acc_t>
+void adjoint_line(acc_t* __restrict__ a, const acc_t* __restrict__ g0, const acc_t* __restrict__ g1,
+                  const acc_t* __restrict__ g2, const acc_t* __restrict__ vn0, const acc_t* __restrict__ vn1,
+                  const acc_t* __restrict__ vn2, acc_t* __restrict__ v0, acc_t* __restrict__ v1,
+                  acc_t* __restrict__ v2, int64_t L) {
+  for (int64_t p = 0; p < L; ++p) {
+    const acc_t ap = HasNext ? a[p] + gather_adjoint(vn0 + p, vn1 + p, vn2 + p) : a[p];
+    a[p] = ap;
+    v0[p] = g0[p] * ap;
+    v1[p] = g1[p] * ap;
+    v2[p] = g2[p] * ap;
+  }
+}
+
 // Lines are visited in reverse. Per channel, v_k = g_k * a of the line visited
 // last is carried to the next one; gate gradients of all the slice's channels
 // add into a tile, then into the task's own fp32 partial buffer, which the host
@@ -336,17 +353,14 @@ void backward_cpu(const ScanProblem& pb, const CpuTasks& plan, const scalar_t* g
             const int64_t t = t0 + s;
             const bool has_next = t + 1 < T && (t + 1) % chunk != 0;
             const bool has_prev = t % chunk != 0;
-            acc_t* __restrict__ vc = vloc + 3 * (s & 1) * pitch;
-            acc_t* __restrict__ a = adj + s * L;
-            const acc_t* __restrict__ a0 = g0 + s * L;
-            const acc_t* __restrict__ a1 = g1 + s * L;
-            const acc_t* __restrict__ a2 = g2 + s * L;
-            for (int64_t p = 0; p < L; ++p) {
-              const acc_t ap = a[p] + (has_next ? gather_adjoint(vn + p, vn + pitch + p, vn + 2 * pitch + p) : acc_t(0));
-              a[p] = ap;
-              vc[p] = a0[p] * ap;
-              vc[pitch + p] = a1[p] * ap;
-              vc[2 * pitch + p] = a2[p] * ap;
+            acc_t* vc = vloc + 3 * (s & 1) * pitch;
+            acc_t* a = adj + s * L;
+            if (has_next) {
+              adjoint_line<true>(a, g0 + s * L, g1 + s * L, g2 + s * L, vn, vn + pitch, vn + 2 * pitch, vc,
+                                 vc + pitch, vc + 2 * pitch, L);
+            } else {
+              adjoint_line<false>(a, g0 + s * L, g1 + s * L, g2 + s * L, vn, vn + pitch, vn + 2 * pitch, vc,
+                                  vc + pitch, vc + 2 * pitch, L);
             }
             if (has_prev) {
               const acc_t* __restrict__ hrow = hp + s * pitch - 1;  // hrow[p + k]: position p-1+k
