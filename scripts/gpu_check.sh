@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The prepared GPU check: one call on a GPU machine builds the CUDA extension,
-# runs every CUDA test, and runs the operator benchmark. Logs and JSON go to
-# $OUT (the device tool's output folder) or bench_results/.
+# runs every CUDA test, the operator benchmark and the UNet-step benchmark.
+# Logs and JSON go to $OUT (the device tool's output folder) or bench_results/.
 #
 #   bash scripts/gpu_check.sh            # torch with CUDA must be importable
+#
+# The device machines have no diffusers: carry its wheel (see the device
+# tool's README) and put it on PYTHONPATH before calling this script.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench_results}"
@@ -26,3 +29,6 @@ echo "== operator benchmark"
 python3 benchmarks/bench_op.py --device cuda --dtype float16 --channels 32 320 --groups 1 C \
     --sides 256 1024 2048 4096 --max-gib 60 --no-reference --json "$out/bench_op_cuda.json" 2>&1 \
     | tee "$out/bench_op.log" | grep -E "copy \(|fwd|bwd|skipped|#"
+
+echo "== UNet step benchmark"
+python3 benchmarks/bench_unet.py --repeats 3 --json "$out/bench_unet.json" 2>&1 | tee "$out/bench_unet.log" | grep -E "px|wrote|Error"
