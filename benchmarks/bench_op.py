@@ -20,38 +20,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gspn_diffusers.ops import DIRECTIONS, gspn_scan, gspn_scan_4dir, load_backend, scan_reference  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-def timer(device: torch.device, fn, repeats: int, warmup: int = 1) -> float:
-    """Median milliseconds of ``fn()``; device events on CUDA."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
 
 
 def scan_bytes(channels: int, groups: int, side: int, itemsize: int, backward: bool) -> int:
@@ -94,11 +74,11 @@ def run(args) -> dict:
                 # Copy bandwidth on the same bytes: read + write of the forward inputs.
                 src = torch.empty(fwd_bytes // 2 // itemsize * 2, device=device, dtype=dtype)
                 dst = torch.empty_like(src)
-                copy_ms = timer(device, lambda: dst.copy_(src), args.repeats)
+                copy_ms = median_ms(device, lambda: dst.copy_(src), args.repeats)
                 copy_gbs = 2 * src.numel() * itemsize / copy_ms / 1e6
                 inputs_copy = torch.empty((3 * channels + 3 * groups) * side * side, device=device, dtype=dtype)
                 inputs_dst = torch.empty_like(inputs_copy)
-                inputs_copy_ms = timer(device, lambda: inputs_dst.copy_(inputs_copy), args.repeats)
+                inputs_copy_ms = median_ms(device, lambda: inputs_dst.copy_(inputs_copy), args.repeats)
 
                 def row(what, ms, nbytes, **extra):
                     gbs = nbytes / ms / 1e6
@@ -111,7 +91,7 @@ def run(args) -> dict:
                 row("copy inputs once", inputs_copy_ms, 2 * inputs_copy.numel() * itemsize)
                 for d, direction in enumerate(DIRECTIONS):
                     g = logits[:, d].contiguous()
-                    fwd = timer(device, lambda: gspn_scan(x, g, lam, direction, args.chunk, True), args.repeats)
+                    fwd = median_ms(device, lambda: gspn_scan(x, g, lam, direction, args.chunk, True), args.repeats)
                     row(f"fwd {direction}", fwd, fwd_bytes, x_inputs_copy=fwd / inputs_copy_ms)
                     xr, gr, lr = (t.detach().clone().requires_grad_() for t in (x, g, lam))
                     grad = torch.randn(shape, device=device, dtype=dtype, generator=gen)
@@ -119,15 +99,15 @@ def run(args) -> dict:
                     def fwd_bwd():
                         gspn_scan(xr, gr, lr, direction, args.chunk, True).backward(grad)
 
-                    both = timer(device, fwd_bwd, args.repeats)
+                    both = median_ms(device, fwd_bwd, args.repeats)
                     row(f"bwd {direction}", both - fwd, bwd_bytes - fwd_bytes)
                     if args.reference and side <= args.reference_max_side:
-                        ref = timer(device, lambda: scan_reference(x, g, lam, direction, args.chunk, True), 1)
+                        ref = median_ms(device, lambda: scan_reference(x, g, lam, direction, args.chunk, True), 1)
                         row(f"reference fwd {direction}", ref, fwd_bytes, kernel_speedup=ref / fwd)
-                four = timer(device, lambda: gspn_scan_4dir(x, logits, lam, args.chunk, True), args.repeats)
+                four = median_ms(device, lambda: gspn_scan_4dir(x, logits, lam, args.chunk, True), args.repeats)
                 row("fwd 4dir (one launch)", four, 4 * fwd_bytes - 3 * 2 * channels * side * side * itemsize)
                 gates = [logits[:, d].contiguous() for d in range(4)]
-                separate = timer(
+                separate = median_ms(
                     device,
                     lambda: torch.stack([gspn_scan(x, gates[d], lam, dn, args.chunk, True) for d, dn in enumerate(DIRECTIONS)], 1),
                     args.repeats,

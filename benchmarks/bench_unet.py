@@ -17,16 +17,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gspn_diffusers import apply_gspn, remove_gspn  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 SD15 = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -70,25 +70,13 @@ def unet_inputs(config, latent, device, dtype):
 
 def timed(device, fn, repeats):
     """(median ms, peak GiB) of fn()."""
-    fn()  # warm-up: kernels, allocator, cuDNN plans
-    samples = []
     if device.type == "cuda":
+        fn()  # warm-up outside the peak measurement: kernels, allocator, cuDNN plans
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
+    ms = median_ms(device, fn, repeats, warmup=0 if device.type == "cuda" else 1)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return statistics.median(samples), peak
+    return ms, peak
 
 
 def set_self_attention(unet, processor_factory):

@@ -211,6 +211,19 @@ TaskIndex task_index(const ScanProblem& pb, const CpuTasks& plan, int64_t task) 
   return ti;
 }
 
+// Runs body(task, its line geometry, a per-thread scratch vector) for every
+// task with channels, in parallel.
+template <typename acc_t, typename Body>
+void for_each_task(const ScanProblem& pb, const CpuTasks& plan, Body&& body) {
+  at::parallel_for(0, plan.count, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf;
+    for (int64_t task = begin; task < end; ++task) {
+      const TaskIndex ti = task_index(pb, plan, task);
+      if (ti.c_end > ti.c_begin) body(ti, line_geometry(pb.dirs[ti.d], pb.H, pb.W), buf);
+    }
+  });
+}
+
 // ---- forward ---------------------------------------------------------------
 
 template <typename scalar_t>
@@ -218,59 +231,53 @@ void forward_cpu(const ScanProblem& pb, const scalar_t* x, const scalar_t* gates
                  scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
   const CpuTasks plan = plan_tasks(pb);
-  at::parallel_for(0, plan.count, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf;
-    for (int64_t task = begin; task < end; ++task) {
-      const TaskIndex ti = task_index(pb, plan, task);
-      const int64_t channels = ti.c_end - ti.c_begin;
-      if (channels <= 0) continue;
-      const LineGeometry geo = line_geometry(pb.dirs[ti.d], pb.H, pb.W);
-      const int64_t T = geo.lines, L = geo.length, chunk = chunk_length(pb.chunk, T);
-      const int64_t TL = kTile * L, pitch = L + 2;  // padded rows: one zero on each side
-      buf.assign(3 * TL + (kTile + channels) * pitch, acc_t(0));
-      acc_t* g0 = buf.data();
-      acc_t* g1 = g0 + TL;
-      acc_t* g2 = g1 + TL;
-      acc_t* hx = g2 + TL + 1;             // padded rows: lam * x, overwritten by h
-      acc_t* last = hx + kTile * pitch;    // padded row per channel: its latest hidden line
-      const scalar_t* tap0 = gates + pb.gate_plane(ti.b, ti.d, ti.g, 0);
+  for_each_task<acc_t>(pb, plan, [&](const TaskIndex& ti, const LineGeometry& geo, std::vector<acc_t>& buf) {
+    const int64_t channels = ti.c_end - ti.c_begin;
+    const int64_t T = geo.lines, L = geo.length, chunk = chunk_length(pb.chunk, T);
+    const int64_t TL = kTile * L, pitch = L + 2;  // padded rows: one zero on each side
+    buf.assign(3 * TL + (kTile + channels) * pitch, acc_t(0));
+    acc_t* g0 = buf.data();
+    acc_t* g1 = g0 + TL;
+    acc_t* g2 = g1 + TL;
+    acc_t* hx = g2 + TL + 1;             // padded rows: lam * x, overwritten by h
+    acc_t* last = hx + kTile * pitch;    // padded row per channel: its latest hidden line
+    const scalar_t* tap0 = gates + pb.gate_plane(ti.b, ti.d, ti.g, 0);
 
-      for (int64_t t0 = 0; t0 < T; t0 += kTile) {
-        const int64_t n = std::min(kTile, T - t0);
-        gather_gates(tap0, pb.plane(), geo, t0, n, pb.normalize, g0, g1, g2);
-        for (int64_t c = ti.c_begin; c < ti.c_end; ++c) {
-          acc_t* carry = last + (c - ti.c_begin) * pitch;
-          const scalar_t* xp = x + pb.x_plane(ti.b, ti.d, c);
-          const scalar_t* lp = lam + pb.lam_plane(ti.b, ti.d, c);
-          scalar_t* op = out + pb.out_plane(ti.b, ti.d, c);
-          // Row scans read and write their lines in place; column scans stage
-          // lam * x through the tile (a small transpose) and scatter h back.
-          const bool contiguous = geo.pos_stride == 1;
-          if (!contiguous) gather_product(xp, lp, geo, t0, n, hx, pitch);
-          for (int64_t s = 0; s < n; ++s) {
-            const int64_t t = t0 + s;
-            acc_t* __restrict__ row = hx + s * pitch;
-            const int64_t line = geo.first + t * geo.line_stride;
-            if (contiguous) {
-              const scalar_t* __restrict__ xl = xp + line;
-              const scalar_t* __restrict__ ll = lp + line;
-              for (int64_t p = 0; p < L; ++p) row[p] = static_cast<acc_t>(ll[p]) * static_cast<acc_t>(xl[p]);
-            }
-            if (t % chunk != 0) {  // the first line of a chunk is just lam * x
-              const acc_t* __restrict__ prev = (s == 0 ? carry : row - pitch) - 1;  // prev[p + k]: position p-1+k
-              const acc_t* __restrict__ a0 = g0 + s * L;
-              const acc_t* __restrict__ a1 = g1 + s * L;
-              const acc_t* __restrict__ a2 = g2 + s * L;
-              for (int64_t p = 0; p < L; ++p) row[p] = propagate(row[p], a0[p], a1[p], a2[p], prev + p);
-            }
-            if (contiguous) {
-              scalar_t* __restrict__ ol = op + line;
-              for (int64_t p = 0; p < L; ++p) ol[p] = static_cast<scalar_t>(row[p]);
-            }
+    for (int64_t t0 = 0; t0 < T; t0 += kTile) {
+      const int64_t n = std::min(kTile, T - t0);
+      gather_gates(tap0, pb.plane(), geo, t0, n, pb.normalize, g0, g1, g2);
+      for (int64_t c = ti.c_begin; c < ti.c_end; ++c) {
+        acc_t* carry = last + (c - ti.c_begin) * pitch;
+        const scalar_t* xp = x + pb.x_plane(ti.b, ti.d, c);
+        const scalar_t* lp = lam + pb.lam_plane(ti.b, ti.d, c);
+        scalar_t* op = out + pb.out_plane(ti.b, ti.d, c);
+        // Row scans read and write their lines in place; column scans stage
+        // lam * x through the tile (a small transpose) and scatter h back.
+        const bool contiguous = geo.pos_stride == 1;
+        if (!contiguous) gather_product(xp, lp, geo, t0, n, hx, pitch);
+        for (int64_t s = 0; s < n; ++s) {
+          const int64_t t = t0 + s;
+          acc_t* __restrict__ row = hx + s * pitch;
+          const int64_t line = geo.first + t * geo.line_stride;
+          if (contiguous) {
+            const scalar_t* __restrict__ xl = xp + line;
+            const scalar_t* __restrict__ ll = lp + line;
+            for (int64_t p = 0; p < L; ++p) row[p] = static_cast<acc_t>(ll[p]) * static_cast<acc_t>(xl[p]);
           }
-          std::copy(hx + (n - 1) * pitch, hx + (n - 1) * pitch + L, carry);
-          if (!contiguous) scatter_lines<false>(hx, pitch, geo, t0, n, op);
+          if (t % chunk != 0) {  // the first line of a chunk is just lam * x
+            const acc_t* __restrict__ prev = (s == 0 ? carry : row - pitch) - 1;  // prev[p + k]: position p-1+k
+            const acc_t* __restrict__ a0 = g0 + s * L;
+            const acc_t* __restrict__ a1 = g1 + s * L;
+            const acc_t* __restrict__ a2 = g2 + s * L;
+            for (int64_t p = 0; p < L; ++p) row[p] = propagate(row[p], a0[p], a1[p], a2[p], prev + p);
+          }
+          if (contiguous) {
+            scalar_t* __restrict__ ol = op + line;
+            for (int64_t p = 0; p < L; ++p) ol[p] = static_cast<scalar_t>(row[p]);
+          }
         }
+        std::copy(hx + (n - 1) * pitch, hx + (n - 1) * pitch + L, carry);
+        if (!contiguous) scatter_lines<false>(hx, pitch, geo, t0, n, op);
       }
     }
   });
@@ -305,87 +312,81 @@ void backward_cpu(const ScanProblem& pb, const CpuTasks& plan, const scalar_t* g
                   at::opmath_type<scalar_t>* dg_partial, scalar_t* dlam) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t plane = pb.plane();
-  at::parallel_for(0, plan.count, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf;
-    for (int64_t task = begin; task < end; ++task) {
-      const TaskIndex ti = task_index(pb, plan, task);
-      const int64_t channels = ti.c_end - ti.c_begin;
-      if (channels <= 0) continue;
-      const LineGeometry geo = line_geometry(pb.dirs[ti.d], pb.H, pb.W);
-      const int64_t T = geo.lines, L = geo.length, chunk = chunk_length(pb.chunk, T);
-      const int64_t TL = kTile * L, pitch = L + 2;
-      buf.assign(9 * TL + kTile * pitch + 3 * (2 + channels) * pitch + 2, acc_t(0));
-      acc_t* g0 = buf.data();   // gates
-      acc_t* g1 = g0 + TL;
-      acc_t* g2 = g1 + TL;
-      acc_t* d0 = g2 + TL;      // gate gradients, summed over the slice's channels
-      acc_t* d1 = d0 + TL;
-      acc_t* d2 = d1 + TL;
-      acc_t* adj = d2 + TL;     // grad_h, then the adjoint a
-      acc_t* xs = adj + TL;     // x, then grad lam
-      acc_t* ls = xs + TL;      // lam, then grad x
-      acc_t* hp = ls + TL + 1;  // padded rows: row s holds h of line t0 + s - 1
-      // Three padded rows v_0, v_1, v_2 per block: two blocks alternate inside
-      // a tile, one block per channel carries the tile's last line over.
-      acc_t* vloc = hp + kTile * pitch;
-      acc_t* vcarry = vloc + 6 * pitch;
-      const scalar_t* tap0 = gates + pb.gate_plane(ti.b, ti.d, ti.g, 0);
-      acc_t* dgp = dg_partial + (((ti.b * pb.D + ti.d) * pb.G + ti.g) * plan.slices + ti.slice) * 3 * plane;
+  for_each_task<acc_t>(pb, plan, [&](const TaskIndex& ti, const LineGeometry& geo, std::vector<acc_t>& buf) {
+    const int64_t channels = ti.c_end - ti.c_begin;
+    const int64_t T = geo.lines, L = geo.length, chunk = chunk_length(pb.chunk, T);
+    const int64_t TL = kTile * L, pitch = L + 2;
+    buf.assign(9 * TL + kTile * pitch + 3 * (2 + channels) * pitch + 2, acc_t(0));
+    acc_t* g0 = buf.data();   // gates
+    acc_t* g1 = g0 + TL;
+    acc_t* g2 = g1 + TL;
+    acc_t* d0 = g2 + TL;      // gate gradients, summed over the slice's channels
+    acc_t* d1 = d0 + TL;
+    acc_t* d2 = d1 + TL;
+    acc_t* adj = d2 + TL;     // grad_h, then the adjoint a
+    acc_t* xs = adj + TL;     // x, then grad lam
+    acc_t* ls = xs + TL;      // lam, then grad x
+    acc_t* hp = ls + TL + 1;  // padded rows: row s holds h of line t0 + s - 1
+    // Three padded rows v_0, v_1, v_2 per block: two blocks alternate inside
+    // a tile, one block per channel carries the tile's last line over.
+    acc_t* vloc = hp + kTile * pitch;
+    acc_t* vcarry = vloc + 6 * pitch;
+    const scalar_t* tap0 = gates + pb.gate_plane(ti.b, ti.d, ti.g, 0);
+    acc_t* dgp = dg_partial + (((ti.b * pb.D + ti.d) * pb.G + ti.g) * plan.slices + ti.slice) * 3 * plane;
 
-      for (int64_t t0 = ((T - 1) / kTile) * kTile; t0 >= 0; t0 -= kTile) {
-        const int64_t n = std::min(kTile, T - t0);
-        gather_gates(tap0, plane, geo, t0, n, pb.normalize, g0, g1, g2);
-        std::fill(d0, d0 + 3 * TL, acc_t(0));
-        for (int64_t c = ti.c_begin; c < ti.c_end; ++c) {
-          const int64_t plane_out = pb.out_plane(ti.b, ti.d, c);
-          gather_lines(grad_h + plane_out, geo, t0, n, adj, L);
-          gather_lines(x + pb.x_plane(ti.b, ti.d, c), geo, t0, n, xs, L);
-          gather_lines(lam + pb.lam_plane(ti.b, ti.d, c), geo, t0, n, ls, L);
-          if (t0 > 0) {
-            gather_lines(h + plane_out, geo, t0 - 1, n, hp, pitch);
-          } else {
-            std::fill(hp, hp + L, acc_t(0));
-            gather_lines(h + plane_out, geo, 0, n - 1, hp + pitch, pitch);
-          }
-          acc_t* carry = vcarry + 3 * (c - ti.c_begin) * pitch;
-          const acc_t* vn = carry;  // v of line t + 1: row k at vn + k * pitch
-          for (int64_t s = n - 1; s >= 0; --s) {
-            const int64_t t = t0 + s;
-            const bool has_next = t + 1 < T && (t + 1) % chunk != 0;
-            const bool has_prev = t % chunk != 0;
-            acc_t* vc = vloc + 3 * (s & 1) * pitch;
-            acc_t* a = adj + s * L;
-            if (has_next) {
-              adjoint_line<true>(a, g0 + s * L, g1 + s * L, g2 + s * L, vn, vn + pitch, vn + 2 * pitch, vc,
-                                 vc + pitch, vc + 2 * pitch, L);
-            } else {
-              adjoint_line<false>(a, g0 + s * L, g1 + s * L, g2 + s * L, vn, vn + pitch, vn + 2 * pitch, vc,
-                                  vc + pitch, vc + 2 * pitch, L);
-            }
-            if (has_prev) {
-              const acc_t* __restrict__ hrow = hp + s * pitch - 1;  // hrow[p + k]: position p-1+k
-              acc_t* __restrict__ e0 = d0 + s * L;
-              acc_t* __restrict__ e1 = d1 + s * L;
-              acc_t* __restrict__ e2 = d2 + s * L;
-              for (int64_t p = 0; p < L; ++p) {
-                e0[p] += a[p] * hrow[p];
-                e1[p] += a[p] * hrow[p + 1];
-                e2[p] += a[p] * hrow[p + 2];
-              }
-            }
-            vn = vc;
-          }
-          for (int k = 0; k < 3; ++k) std::copy(vn + k * pitch, vn + k * pitch + L, carry + k * pitch);
-          for (int64_t i = 0; i < n * L; ++i) {
-            const acc_t ai = adj[i];
-            xs[i] *= ai;  // grad lam = x * a
-            ls[i] *= ai;  // grad x = lam * a
-          }
-          scatter_lines<false>(ls, L, geo, t0, n, dx + plane_out);
-          scatter_lines<false>(xs, L, geo, t0, n, dlam + plane_out);
+    for (int64_t t0 = ((T - 1) / kTile) * kTile; t0 >= 0; t0 -= kTile) {
+      const int64_t n = std::min(kTile, T - t0);
+      gather_gates(tap0, plane, geo, t0, n, pb.normalize, g0, g1, g2);
+      std::fill(d0, d0 + 3 * TL, acc_t(0));
+      for (int64_t c = ti.c_begin; c < ti.c_end; ++c) {
+        const int64_t plane_out = pb.out_plane(ti.b, ti.d, c);
+        gather_lines(grad_h + plane_out, geo, t0, n, adj, L);
+        gather_lines(x + pb.x_plane(ti.b, ti.d, c), geo, t0, n, xs, L);
+        gather_lines(lam + pb.lam_plane(ti.b, ti.d, c), geo, t0, n, ls, L);
+        if (t0 > 0) {
+          gather_lines(h + plane_out, geo, t0 - 1, n, hp, pitch);
+        } else {
+          std::fill(hp, hp + L, acc_t(0));
+          gather_lines(h + plane_out, geo, 0, n - 1, hp + pitch, pitch);
         }
-        for (int k = 0; k < 3; ++k) scatter_lines<true>(d0 + k * TL, L, geo, t0, n, dgp + k * plane);
+        acc_t* carry = vcarry + 3 * (c - ti.c_begin) * pitch;
+        const acc_t* vn = carry;  // v of line t + 1: row k at vn + k * pitch
+        for (int64_t s = n - 1; s >= 0; --s) {
+          const int64_t t = t0 + s;
+          const bool has_next = t + 1 < T && (t + 1) % chunk != 0;
+          const bool has_prev = t % chunk != 0;
+          acc_t* vc = vloc + 3 * (s & 1) * pitch;
+          acc_t* a = adj + s * L;
+          if (has_next) {
+            adjoint_line<true>(a, g0 + s * L, g1 + s * L, g2 + s * L, vn, vn + pitch, vn + 2 * pitch, vc,
+                               vc + pitch, vc + 2 * pitch, L);
+          } else {
+            adjoint_line<false>(a, g0 + s * L, g1 + s * L, g2 + s * L, vn, vn + pitch, vn + 2 * pitch, vc,
+                                vc + pitch, vc + 2 * pitch, L);
+          }
+          if (has_prev) {
+            const acc_t* __restrict__ hrow = hp + s * pitch - 1;  // hrow[p + k]: position p-1+k
+            acc_t* __restrict__ e0 = d0 + s * L;
+            acc_t* __restrict__ e1 = d1 + s * L;
+            acc_t* __restrict__ e2 = d2 + s * L;
+            for (int64_t p = 0; p < L; ++p) {
+              e0[p] += a[p] * hrow[p];
+              e1[p] += a[p] * hrow[p + 1];
+              e2[p] += a[p] * hrow[p + 2];
+            }
+          }
+          vn = vc;
+        }
+        for (int k = 0; k < 3; ++k) std::copy(vn + k * pitch, vn + k * pitch + L, carry + k * pitch);
+        for (int64_t i = 0; i < n * L; ++i) {
+          const acc_t ai = adj[i];
+          xs[i] *= ai;  // grad lam = x * a
+          ls[i] *= ai;  // grad x = lam * a
+        }
+        scatter_lines<false>(ls, L, geo, t0, n, dx + plane_out);
+        scatter_lines<false>(xs, L, geo, t0, n, dlam + plane_out);
       }
+      for (int k = 0; k < 3; ++k) scatter_lines<true>(d0 + k * TL, L, geo, t0, n, dgp + k * plane);
     }
   });
 }

@@ -1,0 +1,36 @@
+"""The benchmark scripts run and write their JSON (smoke runs at tiny sizes;
+they assert nothing about speed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(script, *args):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_bench_op_writes_json(tmp_path, compiled_cpu):
+    out = tmp_path / "op.json"
+    run("bench_op.py", "--device", "cpu", "--channels", "4", "--sides", "16", "--groups", "1", "C",
+        "--repeats", "1", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    whats = {r["what"] for r in rows}
+    assert {"fwd tb", "bwd rl", "fwd 4dir (one launch)", "reference fwd lr", "copy inputs once"} <= whats
+    assert all(r["ms"] > 0 and r["GBps"] > 0 for r in rows)
+
+
+def test_bench_unet_quick_writes_json(tmp_path):
+    out = tmp_path / "unet.json"
+    run("bench_unet.py", "--device", "cpu", "--quick", "--repeats", "1", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["px"] for r in rows] == [64, 128]
+    assert all(r["floor_ms"] > 0 and r["gspn_ms"] > 0 and r["sdpa_ms"] > 0 for r in rows)
