@@ -1,7 +1,9 @@
 """Command line: ``gspn-diffusers <command>``.
 
-``build``  builds the compiled GSPN kernels now (instead of at first use) and
-           prints which backend serves each device.
+``build``    builds the compiled GSPN kernels now (instead of at first use) and
+             prints which backend serves each device.
+``distill``  distils GSPN layers from a checkpoint's attention (one process;
+             ``accelerate launch distill/distill.py`` for several GPUs).
 """
 
 from __future__ import annotations
@@ -38,11 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit 0 even when only the pure-PyTorch reference is available",
     )
     build.set_defaults(func=_cmd_build)
+    sub.add_parser("distill", help="distil GSPN layers from a checkpoint (see `gspn-diffusers distill --help`)",
+                   add_help=False)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``gspn-diffusers`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["distill"]:  # its options are the distillation script's own
+        from .distill import main as distill_main
+
+        return distill_main(argv[1:], prog="gspn-diffusers distill")
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -52,7 +52,7 @@ def build_sd(path: Path) -> Path:
         attention_head_dim=8, norm_num_groups=8,
     )
     pipe = StableDiffusionPipeline(
-        vae=_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=DDIMScheduler(),
+        vae=_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(path)
@@ -102,7 +102,7 @@ def build_pixart(path: Path) -> Path:
         norm_elementwise_affine=False, norm_eps=1e-6,
     )
     pipe = PixArtAlphaPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=_vae(), transformer=transformer, scheduler=DDIMScheduler()
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=_vae(), transformer=transformer, scheduler=DDIMScheduler(steps_offset=1, clip_sample=False)
     )
     pipe.save_pretrained(path)
     return path
