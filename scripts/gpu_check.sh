@@ -32,3 +32,6 @@ python3 benchmarks/bench_op.py --device cuda --dtype float16 --channels 32 320 -
 
 echo "== UNet step benchmark"
 python3 benchmarks/bench_unet.py --repeats 3 --json "$out/bench_unet.json" 2>&1 | tee "$out/bench_unet.log" | grep -E "px|wrote|Error"
+
+echo "== distillation step benchmark"
+python3 benchmarks/bench_distill.py --json "$out/bench_distill.json" 2>&1 | tee "$out/bench_distill.log" | grep -E "px|wrote|Error"

@@ -34,3 +34,10 @@ def test_bench_unet_quick_writes_json(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["px"] for r in rows] == [64, 128]
     assert all(r["floor_ms"] > 0 and r["gspn_ms"] > 0 and r["sdpa_ms"] > 0 for r in rows)
+
+
+def test_bench_distill_quick_writes_json(tmp_path):
+    out = tmp_path / "distill.json"
+    run("bench_distill.py", "--device", "cpu", "--quick", "--repeats", "1", "--json", str(out))
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["samples_per_s"] > 0 and row["gpu_day_samples"] == row["gpu_day_steps"] * row["batch"]

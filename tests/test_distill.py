@@ -238,3 +238,15 @@ def test_cli_help_documents_every_option():
                    "--gradient_checkpointing", "--use_ema", "--feature_loss_weight", "--validation_steps"):
         assert option in proc.stdout, option
     assert proc.stdout.startswith("usage: gspn-diffusers distill")
+
+
+def test_bf16_checkpointing_accumulation_and_tensorboard(sd_model, prompts_file, tmp_path):
+    out = tmp_path / "adapter"
+    argv = base_args(sd_model, out, prompts_file, 4, "--mixed_precision", "bf16", "--gradient_checkpointing",
+                     "--gradient_accumulation_steps", "2")
+    argv[argv.index("--report_to") + 1] = "tensorboard"
+    assert distill_main(argv) == 0
+    assert len(losses(out)) == 4
+    assert list((out / "logs").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    config = json.loads((out / "gspn_adapter.json").read_text())
+    assert config["base_model"] == "UNet2DConditionModel"
