@@ -364,7 +364,14 @@ def train(args) -> Path:
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "distill.py") -> int:
     """Entry point of ``distill/distill.py`` and ``gspn-diffusers distill``."""
+    from accelerate.state import AcceleratorState
+
     args = parse_args(argv, prog)
     check_model(args)
-    train(args)
+    try:
+        train(args)
+    finally:
+        # accelerate keeps one state per process; clear it so a later run in
+        # the same interpreter (a notebook, a test) may use other settings.
+        AcceleratorState._reset_state()
     return 0
