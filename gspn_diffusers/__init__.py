@@ -18,6 +18,7 @@ __version__ = "0.1.0.dev0"
 
 _EXPORTS = {
     "AdapterError": "adapter",
+    "GSPNHighResPipeline": "pipelines",
     "GSPNLayer": "layer",
     "GSPNOptions": "integration",
     "UnsupportedModelError": "integration",

@@ -39,14 +39,15 @@ def _vae():
     )
 
 
-def build_sd(path: Path) -> Path:
-    """SD-1.x-like: self-attention at two resolutions; VAE factor 2."""
+def build_sd(path: Path, sample_size: int = 16) -> Path:
+    """SD-1.x-like: self-attention at two resolutions; VAE factor 2, so the
+    native size is 2 * sample_size pixels."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     tokenizer, text_encoder = _clip_text()
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_WIDTH,
         attention_head_dim=8, norm_num_groups=8,

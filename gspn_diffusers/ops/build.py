@@ -31,6 +31,7 @@ import importlib.resources
 import os
 import platform
 import shutil
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -145,7 +146,10 @@ def _build_key(src: Path, with_cuda: bool) -> str:
     for name in names:
         digest.update(name.encode())
         digest.update((src / name).read_bytes())
-    digest.update(repr((CFLAGS, _cpu_flags(), CUDA_CFLAGS, with_cuda, os.environ.get("TORCH_CUDA_ARCH_LIST"))).encode())
+    # Paths too: ninja rebuilds when the command line (include and source paths)
+    # changes, so two environments sharing one cache must not share a folder.
+    digest.update(repr((CFLAGS, _cpu_flags(), CUDA_CFLAGS, with_cuda, os.environ.get("TORCH_CUDA_ARCH_LIST"),
+                        str(src), str(Path(torch.__file__).parent), sys.executable)).encode())
     if _cpu_flags():
         digest.update(_cpu_signature().encode())
     return digest.hexdigest()[:16]
