@@ -35,3 +35,6 @@ python3 benchmarks/bench_unet.py --repeats 3 --json "$out/bench_unet.json" 2>&1 
 
 echo "== distillation step benchmark"
 python3 benchmarks/bench_distill.py --json "$out/bench_distill.json" 2>&1 | tee "$out/bench_distill.log" | grep -E "px|wrote|Error"
+
+echo "== end-to-end high-resolution benchmark"
+python3 benchmarks/bench_e2e.py --json "$out/bench_e2e.json" 2>&1 | tee "$out/bench_e2e.log" | grep -E "px|wrote|Error"

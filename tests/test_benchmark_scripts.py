@@ -41,3 +41,11 @@ def test_bench_distill_quick_writes_json(tmp_path):
     run("bench_distill.py", "--device", "cpu", "--quick", "--repeats", "1", "--json", str(out))
     (row,) = json.loads(out.read_text())["rows"]
     assert row["samples_per_s"] > 0 and row["gpu_day_samples"] == row["gpu_day_steps"] * row["batch"]
+
+
+def test_bench_e2e_quick_writes_json(tmp_path):
+    out = tmp_path / "e2e.json"
+    run("bench_e2e.py", "--device", "cpu", "--quick", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["px"], r["variant"]) for r in rows} == {(128, "gspn"), (128, "sdpa"), (256, "gspn"), (256, "sdpa")}
+    assert all(r["seconds"] > 0 and r["stages"] for r in rows)
