@@ -128,6 +128,27 @@ def test_adapter_round_trip(saved, kind, tmp_path):
     assert np.array_equal(generate(fresh, kind, 48, 32), want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_pipelines(saved, dtype):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(saved["sd"], torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    apply_gspn(pipe)
+    assert all(p.dtype == dtype for layer in gspn_layers(pipe).values() for p in layer.parameters())
+    assert np.isfinite(generate(pipe, "sd", 32, 48).astype(np.float32)).all()
+
+
+def test_model_cpu_offload(saved):
+    """accelerate's offload hooks wrap the UNet; the grid hooks still fire."""
+    pipe = load(saved, "sd")
+    apply_gspn(pipe)
+    randomize(pipe)
+    want = generate(pipe, "sd")
+    pipe.enable_model_cpu_offload(device="cpu")  # the hook machinery, with the CPU as the "accelerator"
+    assert np.array_equal(generate(pipe, "sd"), want)
+
+
 def test_adapter_follows_pipeline_dtype(saved, tmp_path):
     pipe = load(saved, "sd")
     apply_gspn(pipe)
