@@ -1,0 +1,76 @@
+"""The shapes world and its checker."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gspn_diffusers.shapes import (COLOURS, adherence, detect, held_out_scenes, parse_caption, render, sample_scene,
+                                   score)
+from gspn_diffusers.shapes.world import HELD_OUT_SEED_OFFSET, POSITIONS
+
+
+def test_deterministic_from_seed():
+    a, b, c = sample_scene(5), sample_scene(5), sample_scene(6)
+    assert a == b and a != c
+    assert np.array_equal(render(a), render(b)) and not np.array_equal(render(a), render(c))
+    assert render(a).shape == (64, 64, 3) and render(a, 96).shape == (96, 96, 3)
+
+
+def test_captions_and_held_out_set():
+    scene = sample_scene(11)
+    assert parse_caption(scene.caption) == list(scene.objects)
+    assert 1 <= len(scene.objects) <= 3 and len({o.cell for o in scene.objects}) == len(scene.objects)
+    held = held_out_scenes(50)
+    assert all(s.seed >= HELD_OUT_SEED_OFFSET for s in held)
+    counts = {len(s.objects) for s in held}
+    assert counts == {1, 2, 3}
+    with pytest.raises(ValueError, match="not a shapes-world phrase"):
+        parse_caption("a purple circle at the top")
+    with pytest.raises(ValueError, match="unknown position"):
+        parse_caption("a red circle somewhere")
+
+
+def test_checker_reads_the_world_back():
+    scenes = [sample_scene(i) for i in range(200)]
+    result = adherence([render(s) for s in scenes], [s.caption for s in scenes])
+    assert result["correct"] >= 0.99 and result["duplicates_per_image"] == 0
+
+
+def test_checker_at_high_resolution():
+    scenes = [sample_scene(1000 + i) for i in range(40)]
+    big = [np.asarray(Image.fromarray(render(s)).resize((512, 512), Image.BICUBIC)) for s in scenes]
+    assert adherence(big, [s.caption for s in scenes])["correct"] >= 0.97
+
+
+def test_checker_rejects_wrong_images():
+    scenes = [sample_scene(i) for i in range(200)]
+    images = [render(s) for s in scenes]
+    shuffled = [scenes[(i + 1) % len(scenes)].caption for i in range(len(scenes))]
+    assert adherence(images, shuffled)["correct"] <= 0.02
+    blank = np.zeros((64, 64, 3), dtype=np.uint8)
+    s = score(blank, "a red circle in the center")
+    assert not s.correct and not s.count
+
+
+def test_checker_pinpoints_the_error():
+    scene = sample_scene(3)
+    obj = scene.objects[0]
+    other_colour = next(c for c in COLOURS if c != obj.colour)
+    recoloured = scene.caption.replace(f"a {obj.colour} {obj.shape}", f"a {other_colour} {obj.shape}", 1)
+    s = score(render(scene), recoloured)
+    assert not s.correct and not s.colours and s.count
+    free = next(c for c in POSITIONS if c not in {o.cell for o in scene.objects})
+    moved = scene.caption.replace(POSITIONS[obj.cell], POSITIONS[free], 1)
+    s = score(render(scene), moved)
+    assert not s.correct and not s.positions and s.colours and s.shapes
+
+
+def test_duplicates_are_counted():
+    from gspn_diffusers.shapes.world import Scene, ShapeObject
+
+    twice = Scene((ShapeObject("red", "circle", (0, 0)), ShapeObject("red", "circle", (2, 2))), (20, 20, 20), False, 0)
+    s = score(render(twice), "a red circle at the top left")
+    assert s.duplicates == 1 and not s.correct and not s.count
+    assert score(render(twice), twice.caption).duplicates == 0
