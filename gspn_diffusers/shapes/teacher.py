@@ -1,0 +1,169 @@
+"""The small text-to-image teacher of the shapes world, and its training.
+
+A Stable-Diffusion-shaped pipeline small enough to train on a CPU: an
+AutoencoderKL (factor 4: 64x64 images, 16x16 latents), a CLIP text encoder
+over the world's words (in-memory word-level tokenizer), and a UNet with
+self-attention at 16x16 and 8x8. Training (accelerate: one CPU, one GPU or
+several) first fits the VAE to world images, then the UNet and text encoder
+with the usual noise-prediction loss and 10% caption dropout for
+classifier-free guidance. Batches are a function of the step, so a run is
+reproducible from its seed.
+
+    python -m gspn_diffusers.shapes.teacher --output_dir shapes-teacher
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..tokenizer import word_level_tokenizer
+from .world import WORDS, sample_scene, render
+
+IMAGE_SIZE = 64
+MAX_TOKENS = 32  # the longest caption (three objects) has 24 words plus [BOS]/[EOS]
+
+
+def build_teacher():
+    """A freshly initialised teacher pipeline (random weights)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = word_level_tokenizer(WORDS, max_length=MAX_TOKENS)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, projection_dim=64))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=16,
+        sample_size=IMAGE_SIZE, mid_block_add_attention=False)
+    unet = UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(48, 96),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, attention_head_dim=16,
+        norm_num_groups=16)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def world_batch(step: int, batch_size: int, rank: int = 0, stream: int = 0):
+    """Images in [-1, 1] (B, 3, 64, 64) and captions of one training step."""
+    seeds = [((stream * 1_000_003 + step) * 64 + rank) * batch_size + i for i in range(batch_size)]
+    scenes = [sample_scene(s % 10**9) for s in seeds]
+    images = np.stack([render(s, IMAGE_SIZE) for s in scenes]).astype(np.float32) / 127.5 - 1
+    return torch.from_numpy(images).permute(0, 3, 1, 2), [s.caption for s in scenes]
+
+
+def train_teacher(output_dir: Path, vae_steps: int = 3000, unet_steps: int = 30000, batch_size: int = 32,
+                  vae_lr: float = 1e-3, unet_lr: float = 3e-4, seed: int = 0, log_every: int = 100,
+                  mixed_precision: Optional[str] = None) -> Path:
+    """Train the teacher and save it as a diffusers pipeline in ``output_dir``."""
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from tqdm.auto import tqdm
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
+    torch.manual_seed(seed)
+    pipe = build_teacher()
+    vae, unet, text_encoder, tokenizer = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
+    device = accelerator.device
+    main = accelerator.is_main_process
+    log = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
+
+    # ---- 1. the autoencoder -------------------------------------------------
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=vae_lr)
+    vae, optimizer = accelerator.prepare(vae, optimizer)
+    bar = tqdm(range(vae_steps), desc="vae", disable=not main)
+    for step in bar:
+        images, _ = world_batch(step, batch_size, accelerator.process_index, stream=1)
+        images = images.to(device)
+        with accelerator.autocast():
+            posterior = accelerator.unwrap_model(vae).encode(images).latent_dist
+            recon = accelerator.unwrap_model(vae).decode(posterior.sample()).sample
+            loss = F.mse_loss(recon.float(), images) + 1e-6 * posterior.kl().mean()
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % log_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae = accelerator.unwrap_model(vae).eval().requires_grad_(False)
+    with torch.no_grad():
+        images, _ = world_batch(0, 256, stream=2)
+        latents = vae.encode(images.to(device)).latent_dist.mean
+        vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    log(f"vae: final loss {loss.item():.4f}, scaling factor {vae.config.scaling_factor:.4f}")
+
+    # ---- 2. UNet and text encoder ------------------------------------------
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=unet_lr, weight_decay=1e-2)
+    lr_lambda = lambda s: min(1.0, (s + 1) / 500) * (0.5 * (1 + math.cos(math.pi * min(s, unet_steps) / unet_steps)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    unet, text_encoder, optimizer, scheduler = accelerator.prepare(unet, text_encoder, optimizer, scheduler)
+    gen = torch.Generator().manual_seed(seed)
+    bar = tqdm(range(unet_steps), desc="unet", disable=not main)
+    started, ema = time.perf_counter(), None
+    for step in bar:
+        images, captions = world_batch(step, batch_size, accelerator.process_index)
+        captions = ["" if torch.rand((), generator=gen) < 0.1 else c for c in captions]
+        with torch.no_grad():
+            clean = vae.encode(images.to(device)).latent_dist.sample() * vae.config.scaling_factor
+        noise = torch.randn(clean.shape, generator=gen).to(device)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],), generator=gen).to(device)
+        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+        ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        with accelerator.autocast():
+            cond = text_encoder(ids)[0]
+            pred = unet(noisy, timesteps, encoder_hidden_states=cond).sample
+            loss = F.mse_loss(pred.float(), noise)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema = loss.item() if ema is None else 0.99 * ema + 0.01 * loss.item()
+        if step % log_every == 0:
+            bar.set_postfix(loss=f"{ema:.4f}", samples_s=f"{(step + 1) * batch_size / (time.perf_counter() - started):.0f}")
+    accelerator.wait_for_everyone()
+    if main:
+        pipe.unet = accelerator.unwrap_model(unet).eval()
+        pipe.text_encoder = accelerator.unwrap_model(text_encoder).eval()
+        pipe.vae = vae
+        pipe.register_modules(unet=pipe.unet, text_encoder=pipe.text_encoder, vae=vae)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        pipe.save_pretrained(output_dir)
+        log(f"teacher saved to {output_dir} (final loss {ema:.4f})")
+    return output_dir
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command line of the teacher recipe."""
+    p = argparse.ArgumentParser(description="Train the shapes-world teacher (a tiny SD-like pipeline).")
+    p.add_argument("--output_dir", type=Path, required=True)
+    p.add_argument("--vae_steps", type=int, default=3000)
+    p.add_argument("--unet_steps", type=int, default=30000)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--vae_lr", type=float, default=1e-3)
+    p.add_argument("--unet_lr", type=float, default=3e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    args = p.parse_args(argv)
+    train_teacher(args.output_dir, args.vae_steps, args.unet_steps, args.batch_size, args.vae_lr, args.unet_lr,
+                  args.seed, mixed_precision=args.mixed_precision)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
