@@ -49,3 +49,22 @@ def test_bench_e2e_quick_writes_json(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {(r["px"], r["variant"]) for r in rows} == {(128, "gspn"), (128, "sdpa"), (256, "gspn"), (256, "sdpa")}
     assert all(r["seconds"] > 0 and r["stages"] for r in rows)
+
+
+def test_fidelity_quick_writes_json(tmp_path):
+    """On a tiny random teacher: the mechanics, not the scores."""
+    import tiny_pipelines
+    from gspn_diffusers import apply_gspn, save_gspn_adapter
+
+    teacher = tiny_pipelines.build_sd(tmp_path / "teacher", sample_size=32)
+    pipe = tiny_pipelines.load("sd", teacher)
+    apply_gspn(pipe)
+    adapter = save_gspn_adapter(pipe, tmp_path / "adapter")
+    out = tmp_path / "fidelity.json"
+    run("fidelity.py", "--quick", "--prompts", "2", "--steps", "2", "--teacher", str(teacher), "--adapter", str(adapter),
+        "--json", str(out))
+    result = json.loads(out.read_text())
+    for key in ("teacher_adherence", "student_adherence", "highres_adherence", "direct_adherence"):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["largest_scale"] == 4 and result["prompts"] == 2
+    assert out.with_suffix(".png").exists()
