@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.resources
 import os
 import platform
 import shutil
@@ -92,7 +91,7 @@ def csrc_dir() -> Path:
     checkout = Path(__file__).resolve().parents[2] / "csrc"
     if (checkout / HEADERS[0]).is_file():
         return checkout
-    packaged = Path(str(importlib.resources.files("gspn_diffusers._csrc")))
+    packaged = Path(__file__).resolve().parents[1] / "_csrc"  # where a wheel puts csrc/
     if (packaged / HEADERS[0]).is_file():
         return packaged
     raise FileNotFoundError(
