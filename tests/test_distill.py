@@ -237,10 +237,11 @@ def test_two_processes_see_different_data_and_end_identical(sd_model, prompts_fi
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    reports = dict(re.findall(r"rank (\d): (data \w+ weights \w+)", proc.stdout + proc.stderr))
-    assert set(reports) == {"0", "1"}
-    data = {r: v.split()[1] for r, v in reports.items()}
-    weights = {r: v.split()[3] for r, v in reports.items()}
+    # The ranks print at once, so a report may run into the next line's text.
+    found = re.findall(r"rank (\d): data ([0-9a-f]{16}) weights ([0-9a-f]{16})", proc.stdout + proc.stderr)
+    data = {rank: d for rank, d, _ in found}
+    weights = {rank: w for rank, _, w in found}
+    assert set(data) == {"0", "1"}
     assert data["0"] != data["1"], "each process must see different data"
     assert weights["0"] == weights["1"], "processes must end with identical weights"
     assert (out / "gspn_adapter.safetensors").exists()
