@@ -11,7 +11,6 @@ Prints samples/s, peak GiB and what one GPU-day buys (steps x batch).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from bench_unet import SD15, SDXL, TINY, unet_inputs  # noqa: E402
 from gspn_diffusers import apply_gspn, gspn_layers  # noqa: E402
 from gspn_diffusers.distill.losses import distillation_loss  # noqa: E402
 from gspn_diffusers.distill.teacher import FeatureRecorder, teacher_mode  # noqa: E402
-from timing import median_ms  # noqa: E402
+from common import median_ms, save_json  # noqa: E402
 
 CASES = {"sd15": (SD15, 512, [8]), "sdxl": (SDXL, 1024, [1, 2])}
 
@@ -94,9 +93,7 @@ def main(argv=None) -> int:
             config, px, batches = CASES[model]
             for batch in batches:
                 bench(model, config, px, batch, args, device, results)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=1))
-    print(f"wrote {args.json}")
+    save_json(args.json, results)
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import tempfile
 import time
@@ -24,9 +23,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_unet import SD15, SDXL, TINY  # noqa: E402
 from gspn_diffusers import GSPNHighResPipeline, apply_gspn, remove_gspn  # noqa: E402
+from common import save_json  # noqa: E402
 
 
 def random_pipeline(unet_config, folder: Path, device, dtype):
@@ -117,9 +118,7 @@ def main(argv=None) -> int:
                     print(f"{model:>5} {px:>6} px {variant:>5}: "
                           f"{'%.1f s' % seconds if seconds is not None else peak}  peak {peak}", flush=True)
             del pipe
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=1))
-    print(f"wrote {args.json}")
+    save_json(args.json, results)
     return 0
 
 

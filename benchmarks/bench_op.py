@@ -18,7 +18,6 @@ time of copying its inputs once and >= 5x faster than the reference.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gspn_diffusers.ops import DIRECTIONS, gspn_scan, gspn_scan_4dir, load_backend, scan_reference  # noqa: E402
-from timing import median_ms  # noqa: E402
+from common import median_ms, save_json  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -139,9 +138,7 @@ def main(argv=None) -> int:
     if args.sides is None:
         args.sides = [256, 512, 1024, 2048, 4096] if args.device == "cuda" else [256, 512]
     results = run(args)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=1))
-    print(f"wrote {args.json}")
+    save_json(args.json, results)
     return 0
 
 

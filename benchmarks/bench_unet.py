@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gspn_diffusers import apply_gspn, remove_gspn  # noqa: E402
-from timing import median_ms  # noqa: E402
+from common import median_ms, save_json  # noqa: E402
 
 SD15 = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
@@ -180,9 +180,7 @@ def main(argv=None) -> int:
         for model in args.models:
             sizes = args.sizes + (args.sd15_extra if model == "sd15" else [])
             run_model(model, configs[model], sizes, args, device, dtype, results)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=1))
-    print(f"wrote {args.json}")
+    save_json(args.json, results)
     plot(results, args.json.with_suffix(".png"))
     return 0
 

@@ -20,7 +20,6 @@ Targets (issue 6): student >= 95% of the teacher's adherence; high-res at 8x
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,10 +28,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gspn_diffusers import GSPNHighResPipeline, apply_gspn  # noqa: E402
 from gspn_diffusers.shapes import adherence, held_out_scenes  # noqa: E402
 from gspn_diffusers.shapes.assets import ADAPTER_DIR, TEACHER_DIR  # noqa: E402
+from common import save_json  # noqa: E402
 
 
 def generate(pipe, prompts, seeds, size, steps, guidance, batch=8, **kwargs):
@@ -109,13 +110,12 @@ def main(argv=None) -> int:
         print(f"{name:>22} {r['correct']:>8.2f} {r['count']:>6.2f} {r['colours']:>6.2f} {r['shapes']:>6.2f} "
               f"{r['positions']:>6.2f} {r['duplicates_per_image']:>7.2f}")
     print(f"teacher-student mean |diff| {results['teacher_student_mean_abs_diff']:.3f}; {results['seconds']:.0f} s")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=1))
+    save_json(args.json, results)
     grid = args.grid or args.json.with_suffix(".png")
     from PIL import Image
 
     Image.fromarray(np.concatenate([np.concatenate(r, axis=1) for r in grid_rows], axis=0)).save(grid)
-    print(f"wrote {args.json} and {grid} (rows: teacher, student, then per scale high-res and direct)")
+    print(f"wrote {grid} (rows: teacher, student, then per scale high-res and direct)")
     return 0
 
 

@@ -1,9 +1,11 @@
-"""Timing shared by the benchmark scripts."""
+"""What the benchmark scripts share: timing and writing results."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -26,3 +28,10 @@ def median_ms(device: torch.device, fn, repeats: int, warmup: int = 1) -> float:
             fn()
             samples.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(samples)
+
+
+def save_json(path: Path, results: dict) -> None:
+    """Write the results (creating the folder) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
+    print(f"wrote {path}")
