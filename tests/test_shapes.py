@@ -74,3 +74,25 @@ def test_duplicates_are_counted():
     s = score(render(twice), "a red circle at the top left")
     assert s.duplicates == 1 and not s.correct and not s.count
     assert score(render(twice), twice.caption).duplicates == 0
+
+
+def test_training_prompts_are_distinct_and_from_training_seeds(tmp_path):
+    from gspn_diffusers.shapes.prompts import main, training_prompts
+
+    prompts = training_prompts(64)
+    assert len(set(prompts)) == 64 and all(parse_caption(p) for p in prompts)
+    out = tmp_path / "p.txt"
+    assert main(["--count", "10", "--out", str(out)]) == 0
+    assert out.read_text().splitlines() == training_prompts(10)
+
+
+def test_teacher_recipe_builds_the_documented_architecture():
+    from gspn_diffusers.shapes.teacher import MAX_TOKENS, build_teacher, world_batch
+
+    pipe = build_teacher()
+    assert pipe.vae_scale_factor == 4 and pipe.unet.config.sample_size == 16
+    images, captions = world_batch(3, 4)
+    assert images.shape == (4, 3, 64, 64) and images.min() >= -1 and images.max() <= 1
+    ids = pipe.tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
+    assert (ids == pipe.tokenizer.unk_token_id).sum() == 0, "every caption word is in the vocabulary"
+    assert ids.shape[1] == MAX_TOKENS
