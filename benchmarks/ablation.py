@@ -61,7 +61,7 @@ def main(argv=None) -> int:
                      "--teacher_steps", "20", "--teacher_guidance_scale", "5", "--report_to", "none",
                      "--checkpointing_steps", str(args.steps + 1), "--seed", "0", *extra])
             log = [json.loads(line) for line in (out / "logs" / "losses.jsonl").read_text().splitlines()]
-            pipe = DiffusionPipeline.from_pretrained(args.teacher)
+            pipe = DiffusionPipeline.from_pretrained(args.teacher, torch_dtype=torch.float32)
             pipe.set_progress_bar_config(disable=True)
             apply_gspn(pipe, adapter=out)
             images = generate(pipe, captions, list(range(len(captions))), pipe.unet.config.sample_size * 4, 25, 5.0)

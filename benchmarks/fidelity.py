@@ -8,7 +8,8 @@ at many times the native size? Offline, checked automatically.
 Teacher vs student at the native size: prompt adherence (fully correct,
 and per aspect) and the mean absolute teacher-student pixel difference for the
 same seeds. At 4x and 8x the native size: the staged high-resolution pipeline
-vs generating directly at that size, both with the student: adherence and
+vs generating directly at that size, both with the student, and the staged
+pipeline without its skip residual (plain re-noising): adherence and
 duplicated objects per image. Prints a table, writes JSON (keys
 teacher_adherence, student_adherence, highres_adherence, direct_adherence,
 the last two at the largest scale measured) and a PNG grid.
@@ -66,7 +67,8 @@ def main(argv=None) -> int:
     prompts = [s.caption for s in scenes]
     seeds = list(range(len(prompts)))
 
-    pipe = GSPNHighResPipeline.from_pretrained(args.teacher)
+    # fp32 on the CPU: the embedded teacher is stored in fp16
+    pipe = GSPNHighResPipeline.from_pretrained(args.teacher, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     native = pipe.native_size
     base = pipe._base_pipeline()  # the plain text-to-image call over the same modules
@@ -88,8 +90,10 @@ def main(argv=None) -> int:
     for scale in args.scales:
         size = native * scale
         staged = generate(pipe, prompts, seeds, size, args.steps, args.guidance_scale, batch=4)
+        renoised = generate(pipe, prompts, seeds, size, args.steps, args.guidance_scale, batch=4, skip_residual=False)
         plain = direct(size)
         results["scales"][str(scale)] = {"size": size, "highres": adherence(staged, prompts),
+                                         "highres_no_skip_residual": adherence(renoised, prompts),
                                          "direct": adherence(plain, prompts)}
         grid_rows += [[np.asarray(_thumb(i, native)) for i in staged[:8]],
                       [np.asarray(_thumb(i, native)) for i in plain[:8]]]
@@ -105,7 +109,9 @@ def main(argv=None) -> int:
     print(f"{'':>22} {'correct':>8} {'count':>6} {'colour':>6} {'shape':>6} {'place':>6} {'dup/img':>7}")
     rows = [("teacher (native)", results["teacher"]), ("student (native)", results["student"])]
     for scale, entry in results["scales"].items():
-        rows += [(f"high-res {scale}x", entry["highres"]), (f"direct {scale}x", entry["direct"])]
+        rows += [(f"high-res {scale}x", entry["highres"]),
+                 (f"  no skip residual {scale}x", entry["highres_no_skip_residual"]),
+                 (f"direct {scale}x", entry["direct"])]
     for name, r in rows:
         print(f"{name:>22} {r['correct']:>8.2f} {r['count']:>6.2f} {r['colours']:>6.2f} {r['shapes']:>6.2f} "
               f"{r['positions']:>6.2f} {r['duplicates_per_image']:>7.2f}")

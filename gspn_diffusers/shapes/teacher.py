@@ -65,10 +65,55 @@ def world_batch(step: int, batch_size: int, rank: int = 0, stream: int = 0):
     return torch.from_numpy(images).permute(0, 3, 1, 2), [s.caption for s in scenes]
 
 
+def evaluate_teacher(pipe, prompts: int = 64, steps: int = 20, guidance_scale: float = 5.0, batch: int = 16):
+    """Held-out prompt adherence of a teacher pipeline (see :func:`~.checker.adherence`)."""
+    from .checker import adherence
+    from .world import held_out_scenes
+
+    captions = [s.caption for s in held_out_scenes(prompts)]
+    images = []
+    for start in range(0, prompts, batch):
+        gens = [torch.Generator().manual_seed(i) for i in range(start, min(prompts, start + batch))]
+        out = pipe(captions[start:start + batch], num_inference_steps=steps, guidance_scale=guidance_scale,
+                   generator=gens, output_type="np").images
+        images.extend((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
+    return adherence(images, captions)
+
+
+class _EMA:
+    """Exponential moving average of parameters; sampling uses the average."""
+
+    def __init__(self, modules, decay: float):
+        self.decay = decay
+        self.params = [p for m in modules for p in m.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int):
+        # warm-up: early on the average would be dominated by the random init
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1 - decay)
+
+    @torch.no_grad()
+    def swap(self):
+        """Exchange live and averaged weights (call twice to restore)."""
+        for s, p in zip(self.shadow, self.params):
+            tmp = p.detach().clone()
+            p.copy_(s)
+            s.copy_(tmp)
+
+
 def train_teacher(output_dir: Path, vae_steps: int = 3000, unet_steps: int = 30000, batch_size: int = 32,
                   vae_lr: float = 1e-3, unet_lr: float = 3e-4, seed: int = 0, log_every: int = 100,
-                  mixed_precision: Optional[str] = None) -> Path:
-    """Train the teacher and save it as a diffusers pipeline in ``output_dir``."""
+                  mixed_precision: Optional[str] = None, ema_decay: float = 0.999, save_every: int = 0,
+                  eval_prompts: int = 64) -> Path:
+    """Train the teacher and save it as a diffusers pipeline in ``output_dir``.
+
+    With ``save_every`` the pipeline (averaged weights) is also saved every so
+    many UNet steps, so an interrupted run leaves a usable teacher behind; the
+    held-out adherence of each save is printed when ``eval_prompts`` > 0.
+    """
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
@@ -111,9 +156,29 @@ def train_teacher(output_dir: Path, vae_steps: int = 3000, unet_steps: int = 300
     lr_lambda = lambda s: min(1.0, (s + 1) / 500) * (0.5 * (1 + math.cos(math.pi * min(s, unet_steps) / unet_steps)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     unet, text_encoder, optimizer, scheduler = accelerator.prepare(unet, text_encoder, optimizer, scheduler)
+    ema = _EMA([unet, text_encoder], ema_decay)
+
+    def save(step):
+        if not main:
+            return
+        ema.swap()
+        pipe.unet = accelerator.unwrap_model(unet).eval()
+        pipe.text_encoder = accelerator.unwrap_model(text_encoder).eval()
+        pipe.register_modules(unet=pipe.unet, text_encoder=pipe.text_encoder, vae=vae)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        pipe.save_pretrained(output_dir)
+        if eval_prompts:
+            pipe.set_progress_bar_config(disable=True)
+            with torch.no_grad():
+                scores = evaluate_teacher(pipe.to(device), eval_prompts)
+            log(f"step {step}: held-out adherence " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+        pipe.unet.train()
+        pipe.text_encoder.train()
+        ema.swap()
+        log(f"teacher (step {step}) saved to {output_dir}")
     gen = torch.Generator().manual_seed(seed)
     bar = tqdm(range(unet_steps), desc="unet", disable=not main)
-    started, ema = time.perf_counter(), None
+    started, running = time.perf_counter(), None
     for step in bar:
         images, captions = world_batch(step, batch_size, accelerator.process_index)
         captions = ["" if torch.rand((), generator=gen) < 0.1 else c for c in captions]
@@ -133,18 +198,16 @@ def train_teacher(output_dir: Path, vae_steps: int = 3000, unet_steps: int = 300
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        ema = loss.item() if ema is None else 0.99 * ema + 0.01 * loss.item()
+        ema.update(step)
+        running = loss.item() if running is None else 0.99 * running + 0.01 * loss.item()
         if step % log_every == 0:
-            bar.set_postfix(loss=f"{ema:.4f}", samples_s=f"{(step + 1) * batch_size / (time.perf_counter() - started):.0f}")
+            bar.set_postfix(loss=f"{running:.4f}",
+                            samples_s=f"{(step + 1) * batch_size / (time.perf_counter() - started):.0f}")
+        if save_every and (step + 1) % save_every == 0 and step + 1 < unet_steps:
+            save(step + 1)
     accelerator.wait_for_everyone()
-    if main:
-        pipe.unet = accelerator.unwrap_model(unet).eval()
-        pipe.text_encoder = accelerator.unwrap_model(text_encoder).eval()
-        pipe.vae = vae
-        pipe.register_modules(unet=pipe.unet, text_encoder=pipe.text_encoder, vae=vae)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        pipe.save_pretrained(output_dir)
-        log(f"teacher saved to {output_dir} (final loss {ema:.4f})")
+    save(unet_steps)
+    log(f"final training loss {running:.4f}")
     return output_dir
 
 
@@ -159,9 +222,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--unet_lr", type=float, default=3e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    p.add_argument("--ema_decay", type=float, default=0.999)
+    p.add_argument("--save_every", type=int, default=0, help="also save (and score) every N UNet steps")
+    p.add_argument("--eval_prompts", type=int, default=64, help="held-out prompts scored at each save (0: none)")
     args = p.parse_args(argv)
     train_teacher(args.output_dir, args.vae_steps, args.unet_steps, args.batch_size, args.vae_lr, args.unet_lr,
-                  args.seed, mixed_precision=args.mixed_precision)
+                  args.seed, mixed_precision=args.mixed_precision, ema_decay=args.ema_decay,
+                  save_every=args.save_every, eval_prompts=args.eval_prompts)
     return 0
 
 
