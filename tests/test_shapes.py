@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from gspn_diffusers.shapes import (COLOURS, adherence, detect, held_out_scenes, parse_caption, render, sample_scene,
@@ -96,3 +97,16 @@ def test_teacher_recipe_builds_the_documented_architecture():
     ids = pipe.tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt").input_ids
     assert (ids == pipe.tokenizer.unk_token_id).sum() == 0, "every caption word is in the vocabulary"
     assert ids.shape[1] == MAX_TOKENS
+
+
+def test_teacher_stages_chain_through_a_saved_vae(tmp_path):
+    from safetensors.torch import load_file
+
+    from gspn_diffusers.shapes.teacher import train_teacher
+
+    vae_only = train_teacher(tmp_path / "vae", vae_steps=2, unet_steps=0, batch_size=2, eval_prompts=0)
+    teacher = train_teacher(tmp_path / "teacher", vae_from=vae_only, unet_steps=2, batch_size=2, eval_prompts=0,
+                            min_snr_gamma=5.0, warmup_steps=1)
+    first, second = (load_file(p / "vae" / "diffusion_pytorch_model.safetensors") for p in (vae_only, teacher))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    assert (teacher / "unet" / "diffusion_pytorch_model.safetensors").exists()

@@ -3,7 +3,7 @@
 A Stable-Diffusion-shaped pipeline small enough to train on a CPU: an
 AutoencoderKL (factor 4: 64x64 images, 16x16 latents), a CLIP text encoder
 over the world's words (in-memory word-level tokenizer), and a UNet with
-self-attention at 16x16 and 8x8. Training (accelerate: one CPU, one GPU or
+self-attention at 16x16, 8x8 and 4x4. Training (accelerate: one CPU, one GPU or
 several) first fits the VAE to world images, then the UNet and text encoder
 with the usual noise-prediction loss and 10% caption dropout for
 classifier-free guidance. Batches are a function of the step, so a run is
@@ -45,10 +45,12 @@ def build_teacher():
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=16,
         sample_size=IMAGE_SIZE, mid_block_add_attention=False)
+    # Three levels (16x16, 8x8, 4x4 latents): the UNet has no positional
+    # embedding, and the 4x4 level is where "top left" becomes easy to place.
     unet = UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(48, 96),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, attention_head_dim=16,
+        sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(48, 96, 128), down_block_types=("CrossAttnDownBlock2D",) * 3,
+        up_block_types=("CrossAttnUpBlock2D",) * 3, cross_attention_dim=64, attention_head_dim=16,
         norm_num_groups=16)
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
@@ -107,26 +109,46 @@ class _EMA:
 def train_teacher(output_dir: Path, vae_steps: int = 3000, unet_steps: int = 30000, batch_size: int = 32,
                   vae_lr: float = 1e-3, unet_lr: float = 3e-4, seed: int = 0, log_every: int = 100,
                   mixed_precision: Optional[str] = None, ema_decay: float = 0.999, save_every: int = 0,
-                  eval_prompts: int = 64) -> Path:
+                  eval_prompts: int = 64, init_from: Optional[Path] = None, min_snr_gamma: Optional[float] = None,
+                  warmup_steps: int = 500, data_offset: int = 0, vae_from: Optional[Path] = None) -> Path:
     """Train the teacher and save it as a diffusers pipeline in ``output_dir``.
 
     With ``save_every`` the pipeline (averaged weights) is also saved every so
     many UNet steps, so an interrupted run leaves a usable teacher behind; the
     held-out adherence of each save is printed when ``eval_prompts`` > 0.
+    ``init_from`` continues from a saved teacher (its VAE is kept and the VAE
+    stage skipped); ``vae_from`` takes only the VAE of a saved teacher (stage 1
+    skipped, the rest fresh); ``data_offset`` then moves the batches past those already
+    seen. ``min_snr_gamma`` weights the loss by min(SNR, gamma) / SNR (Min-SNR,
+    Hang et al. 2023), which spends the gradient on the noisy timesteps where
+    layout and prompt binding are decided.
     """
     from accelerate import Accelerator
-    from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
     torch.manual_seed(seed)
-    pipe = build_teacher()
-    vae, unet, text_encoder, tokenizer = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
+    if init_from is not None:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(init_from, torch_dtype=torch.float32)
+        vae_steps = 0
+    else:
+        pipe = build_teacher()
+    if vae_from is not None:
+        from diffusers import AutoencoderKL
+
+        pipe.register_modules(vae=AutoencoderKL.from_pretrained(vae_from, subfolder="vae", torch_dtype=torch.float32))
+        vae_steps = 0
+    vae = pipe.vae
     device = accelerator.device
     main = accelerator.is_main_process
     log = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
 
     # ---- 1. the autoencoder -------------------------------------------------
+    if vae_steps == 0:
+        return _train_denoiser(pipe, accelerator, output_dir, unet_steps, batch_size, unet_lr, seed, log_every,
+                               ema_decay, save_every, eval_prompts, min_snr_gamma, warmup_steps, data_offset)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=vae_lr)
     vae, optimizer = accelerator.prepare(vae, optimizer)
     bar = tqdm(range(vae_steps), desc="vae", disable=not main)
@@ -148,12 +170,34 @@ def train_teacher(output_dir: Path, vae_steps: int = 3000, unet_steps: int = 300
         latents = vae.encode(images.to(device)).latent_dist.mean
         vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     log(f"vae: final loss {loss.item():.4f}, scaling factor {vae.config.scaling_factor:.4f}")
+    pipe.register_modules(vae=vae)
+    if unet_steps == 0:  # stage 1 only: a pipeline whose VAE later runs reuse with vae_from
+        if accelerator.is_main_process:
+            pipe.save_pretrained(output_dir)
+        return output_dir
+    return _train_denoiser(pipe, accelerator, output_dir, unet_steps, batch_size, unet_lr, seed, log_every,
+                           ema_decay, save_every, eval_prompts, min_snr_gamma, warmup_steps, data_offset)
 
-    # ---- 2. UNet and text encoder ------------------------------------------
+
+def _train_denoiser(pipe, accelerator, output_dir, unet_steps, batch_size, unet_lr, seed, log_every, ema_decay,
+                    save_every, eval_prompts, min_snr_gamma, warmup_steps, data_offset) -> Path:
+    """Stage 2: UNet and text encoder on the noise-prediction loss (VAE frozen)."""
+    from diffusers import DDPMScheduler
+    from tqdm.auto import tqdm
+
+    vae, unet, text_encoder, tokenizer = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
+    vae.eval().requires_grad_(False)
+    unet.train().requires_grad_(True)
+    text_encoder.train().requires_grad_(True)
+    device = accelerator.device
+    main = accelerator.is_main_process
+    log = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=unet_lr, weight_decay=1e-2)
-    lr_lambda = lambda s: min(1.0, (s + 1) / 500) * (0.5 * (1 + math.cos(math.pi * min(s, unet_steps) / unet_steps)))
+    lr_lambda = lambda s: (min(1.0, (s + 1) / max(1, warmup_steps))
+                           * 0.5 * (1 + math.cos(math.pi * min(s, unet_steps) / unet_steps)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     unet, text_encoder, optimizer, scheduler = accelerator.prepare(unet, text_encoder, optimizer, scheduler)
     ema = _EMA([unet, text_encoder], ema_decay)
@@ -180,7 +224,7 @@ def train_teacher(output_dir: Path, vae_steps: int = 3000, unet_steps: int = 300
     bar = tqdm(range(unet_steps), desc="unet", disable=not main)
     started, running = time.perf_counter(), None
     for step in bar:
-        images, captions = world_batch(step, batch_size, accelerator.process_index)
+        images, captions = world_batch(step + data_offset, batch_size, accelerator.process_index)
         captions = ["" if torch.rand((), generator=gen) < 0.1 else c for c in captions]
         with torch.no_grad():
             clean = vae.encode(images.to(device)).latent_dist.sample() * vae.config.scaling_factor
@@ -192,7 +236,11 @@ def train_teacher(output_dir: Path, vae_steps: int = 3000, unet_steps: int = 300
         with accelerator.autocast():
             cond = text_encoder(ids)[0]
             pred = unet(noisy, timesteps, encoder_hidden_states=cond).sample
-            loss = F.mse_loss(pred.float(), noise)
+            per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+            if min_snr_gamma:
+                snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+                per_sample = per_sample * torch.clamp(snr, max=min_snr_gamma) / snr
+            loss = per_sample.mean()
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -225,10 +273,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--save_every", type=int, default=0, help="also save (and score) every N UNet steps")
     p.add_argument("--eval_prompts", type=int, default=64, help="held-out prompts scored at each save (0: none)")
+    p.add_argument("--init_from", type=Path, default=None, help="continue from a saved teacher (skips the VAE stage)")
+    p.add_argument("--min_snr_gamma", type=float, default=None, help="Min-SNR loss weighting (e.g. 5)")
+    p.add_argument("--vae_from", type=Path, default=None, help="reuse the VAE of a saved teacher (skips stage 1)")
+    p.add_argument("--warmup_steps", type=int, default=500)
+    p.add_argument("--data_offset", type=int, default=0, help="first batch index (continuations: past the seen ones)")
     args = p.parse_args(argv)
     train_teacher(args.output_dir, args.vae_steps, args.unet_steps, args.batch_size, args.vae_lr, args.unet_lr,
                   args.seed, mixed_precision=args.mixed_precision, ema_decay=args.ema_decay,
-                  save_every=args.save_every, eval_prompts=args.eval_prompts)
+                  save_every=args.save_every, eval_prompts=args.eval_prompts, init_from=args.init_from,
+                  min_snr_gamma=args.min_snr_gamma, warmup_steps=args.warmup_steps, data_offset=args.data_offset,
+                  vae_from=args.vae_from)
     return 0
 
 
