@@ -34,18 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gspn_diffusers import GSPNHighResPipeline, apply_gspn  # noqa: E402
 from gspn_diffusers.shapes import adherence, held_out_scenes  # noqa: E402
 from gspn_diffusers.shapes.assets import ADAPTER_DIR, TEACHER_DIR  # noqa: E402
+from gspn_diffusers.shapes.teacher import generate  # noqa: E402
 from common import save_json  # noqa: E402
-
-
-def generate(pipe, prompts, seeds, size, steps, guidance, batch=8, **kwargs):
-    """uint8 images of ``prompts`` at ``size`` px, one seed each."""
-    out = []
-    for start in range(0, len(prompts), batch):
-        gens = [torch.Generator().manual_seed(s) for s in seeds[start:start + batch]]
-        images = pipe(prompts[start:start + batch], width=size, height=size, num_inference_steps=steps,
-                      guidance_scale=guidance, generator=gens, output_type="np", **kwargs).images
-        out.extend((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
-    return out
 
 
 def main(argv=None) -> int:
@@ -75,7 +65,7 @@ def main(argv=None) -> int:
     base.set_progress_bar_config(disable=True)
 
     def direct(size):
-        return generate(base, prompts, seeds, size, args.steps, args.guidance_scale)
+        return generate(base, prompts, seeds, size, args.steps, args.guidance_scale, batch=8)
 
     teacher = direct(native)
     apply_gspn(pipe, adapter=args.adapter)

@@ -67,59 +67,39 @@ def world_batch(step: int, batch_size: int, rank: int = 0, stream: int = 0):
     return torch.from_numpy(images).permute(0, 3, 1, 2), [s.caption for s in scenes]
 
 
-def evaluate_teacher(pipe, prompts: int = 64, steps: int = 20, guidance_scale: float = 5.0, batch: int = 16):
+def generate(pipe, prompts, seeds, size: int = IMAGE_SIZE, steps: int = 20, guidance_scale: float = 5.0,
+             batch: int = 16, **kwargs):
+    """uint8 (size, size, 3) images of ``prompts``, one seed each."""
+    out = []
+    for start in range(0, len(prompts), batch):
+        gens = [torch.Generator().manual_seed(s) for s in seeds[start:start + batch]]
+        images = pipe(prompts[start:start + batch], width=size, height=size, num_inference_steps=steps,
+                      guidance_scale=guidance_scale, generator=gens, output_type="np", **kwargs).images
+        out.extend((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
+    return out
+
+
+def evaluate_teacher(pipe, prompts: int = 64, steps: int = 20, guidance_scale: float = 5.0):
     """Held-out prompt adherence of a teacher pipeline (see :func:`~.checker.adherence`)."""
     from .checker import adherence
     from .world import held_out_scenes
 
     captions = [s.caption for s in held_out_scenes(prompts)]
-    images = []
-    for start in range(0, prompts, batch):
-        gens = [torch.Generator().manual_seed(i) for i in range(start, min(prompts, start + batch))]
-        out = pipe(captions[start:start + batch], num_inference_steps=steps, guidance_scale=guidance_scale,
-                   generator=gens, output_type="np").images
-        images.extend((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
-    return adherence(images, captions)
-
-
-class _EMA:
-    """Exponential moving average of parameters; sampling uses the average."""
-
-    def __init__(self, modules, decay: float):
-        self.decay = decay
-        self.params = [p for m in modules for p in m.parameters()]
-        self.shadow = [p.detach().clone() for p in self.params]
-
-    @torch.no_grad()
-    def update(self, step: int):
-        # warm-up: early on the average would be dominated by the random init
-        decay = min(self.decay, (1 + step) / (10 + step))
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach(), 1 - decay)
-
-    @torch.no_grad()
-    def swap(self):
-        """Exchange live and averaged weights (call twice to restore)."""
-        for s, p in zip(self.shadow, self.params):
-            tmp = p.detach().clone()
-            p.copy_(s)
-            s.copy_(tmp)
+    return adherence(generate(pipe, captions, list(range(prompts)), IMAGE_SIZE, steps, guidance_scale), captions)
 
 
 def train_teacher(output_dir: Path, vae_steps: int = 3000, unet_steps: int = 30000, batch_size: int = 32,
                   vae_lr: float = 1e-3, unet_lr: float = 3e-4, seed: int = 0, log_every: int = 100,
                   mixed_precision: Optional[str] = None, ema_decay: float = 0.999, save_every: int = 0,
-                  eval_prompts: int = 64, init_from: Optional[Path] = None, min_snr_gamma: Optional[float] = None,
-                  warmup_steps: int = 500, data_offset: int = 0, vae_from: Optional[Path] = None) -> Path:
+                  eval_prompts: int = 64, min_snr_gamma: Optional[float] = None,
+                  warmup_steps: int = 500, vae_from: Optional[Path] = None) -> Path:
     """Train the teacher and save it as a diffusers pipeline in ``output_dir``.
 
     With ``save_every`` the pipeline (averaged weights) is also saved every so
     many UNet steps, so an interrupted run leaves a usable teacher behind; the
     held-out adherence of each save is printed when ``eval_prompts`` > 0.
-    ``init_from`` continues from a saved teacher (its VAE is kept and the VAE
-    stage skipped); ``vae_from`` takes only the VAE of a saved teacher (stage 1
-    skipped, the rest fresh); ``data_offset`` then moves the batches past those already
-    seen. ``min_snr_gamma`` weights the loss by min(SNR, gamma) / SNR (Min-SNR,
+    ``vae_from`` takes the VAE of a saved teacher (stage 1 skipped, the rest
+    fresh). ``min_snr_gamma`` weights the loss by min(SNR, gamma) / SNR (Min-SNR,
     Hang et al. 2023), which spends the gradient on the noisy timesteps where
     layout and prompt binding are decided.
     """
@@ -128,13 +108,7 @@ def train_teacher(output_dir: Path, vae_steps: int = 3000, unet_steps: int = 300
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
     torch.manual_seed(seed)
-    if init_from is not None:
-        from diffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline.from_pretrained(init_from, torch_dtype=torch.float32)
-        vae_steps = 0
-    else:
-        pipe = build_teacher()
+    pipe = build_teacher()
     if vae_from is not None:
         from diffusers import AutoencoderKL
 
@@ -148,7 +122,7 @@ def train_teacher(output_dir: Path, vae_steps: int = 3000, unet_steps: int = 300
     # ---- 1. the autoencoder -------------------------------------------------
     if vae_steps == 0:
         return _train_denoiser(pipe, accelerator, output_dir, unet_steps, batch_size, unet_lr, seed, log_every,
-                               ema_decay, save_every, eval_prompts, min_snr_gamma, warmup_steps, data_offset)
+                               ema_decay, save_every, eval_prompts, min_snr_gamma, warmup_steps)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=vae_lr)
     vae, optimizer = accelerator.prepare(vae, optimizer)
     bar = tqdm(range(vae_steps), desc="vae", disable=not main)
@@ -176,11 +150,11 @@ def train_teacher(output_dir: Path, vae_steps: int = 3000, unet_steps: int = 300
             pipe.save_pretrained(output_dir)
         return output_dir
     return _train_denoiser(pipe, accelerator, output_dir, unet_steps, batch_size, unet_lr, seed, log_every,
-                           ema_decay, save_every, eval_prompts, min_snr_gamma, warmup_steps, data_offset)
+                           ema_decay, save_every, eval_prompts, min_snr_gamma, warmup_steps)
 
 
 def _train_denoiser(pipe, accelerator, output_dir, unet_steps, batch_size, unet_lr, seed, log_every, ema_decay,
-                    save_every, eval_prompts, min_snr_gamma, warmup_steps, data_offset) -> Path:
+                    save_every, eval_prompts, min_snr_gamma, warmup_steps) -> Path:
     """Stage 2: UNet and text encoder on the noise-prediction loss (VAE frozen)."""
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
@@ -200,12 +174,15 @@ def _train_denoiser(pipe, accelerator, output_dir, unet_steps, batch_size, unet_
                            * 0.5 * (1 + math.cos(math.pi * min(s, unet_steps) / unet_steps)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     unet, text_encoder, optimizer, scheduler = accelerator.prepare(unet, text_encoder, optimizer, scheduler)
-    ema = _EMA([unet, text_encoder], ema_decay)
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(params, decay=ema_decay)  # the same warm-up as distill's --use_ema
 
     def save(step):
         if not main:
             return
-        ema.swap()
+        ema.store(params)
+        ema.copy_to(params)  # sample and save with the averaged weights
         pipe.unet = accelerator.unwrap_model(unet).eval()
         pipe.text_encoder = accelerator.unwrap_model(text_encoder).eval()
         pipe.register_modules(unet=pipe.unet, text_encoder=pipe.text_encoder, vae=vae)
@@ -218,13 +195,13 @@ def _train_denoiser(pipe, accelerator, output_dir, unet_steps, batch_size, unet_
             log(f"step {step}: held-out adherence " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
         pipe.unet.train()
         pipe.text_encoder.train()
-        ema.swap()
+        ema.restore(params)
         log(f"teacher (step {step}) saved to {output_dir}")
     gen = torch.Generator().manual_seed(seed)
     bar = tqdm(range(unet_steps), desc="unet", disable=not main)
     started, running = time.perf_counter(), None
     for step in bar:
-        images, captions = world_batch(step + data_offset, batch_size, accelerator.process_index)
+        images, captions = world_batch(step, batch_size, accelerator.process_index)
         captions = ["" if torch.rand((), generator=gen) < 0.1 else c for c in captions]
         with torch.no_grad():
             clean = vae.encode(images.to(device)).latent_dist.sample() * vae.config.scaling_factor
@@ -246,7 +223,7 @@ def _train_denoiser(pipe, accelerator, output_dir, unet_steps, batch_size, unet_
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        ema.update(step)
+        ema.step(params)
         running = loss.item() if running is None else 0.99 * running + 0.01 * loss.item()
         if step % log_every == 0:
             bar.set_postfix(loss=f"{running:.4f}",
@@ -273,17 +250,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--save_every", type=int, default=0, help="also save (and score) every N UNet steps")
     p.add_argument("--eval_prompts", type=int, default=64, help="held-out prompts scored at each save (0: none)")
-    p.add_argument("--init_from", type=Path, default=None, help="continue from a saved teacher (skips the VAE stage)")
     p.add_argument("--min_snr_gamma", type=float, default=None, help="Min-SNR loss weighting (e.g. 5)")
     p.add_argument("--vae_from", type=Path, default=None, help="reuse the VAE of a saved teacher (skips stage 1)")
     p.add_argument("--warmup_steps", type=int, default=500)
-    p.add_argument("--data_offset", type=int, default=0, help="first batch index (continuations: past the seen ones)")
     args = p.parse_args(argv)
     train_teacher(args.output_dir, args.vae_steps, args.unet_steps, args.batch_size, args.vae_lr, args.unet_lr,
                   args.seed, mixed_precision=args.mixed_precision, ema_decay=args.ema_decay,
-                  save_every=args.save_every, eval_prompts=args.eval_prompts, init_from=args.init_from,
-                  min_snr_gamma=args.min_snr_gamma, warmup_steps=args.warmup_steps, data_offset=args.data_offset,
-                  vae_from=args.vae_from)
+                  save_every=args.save_every, eval_prompts=args.eval_prompts,
+                  min_snr_gamma=args.min_snr_gamma, warmup_steps=args.warmup_steps, vae_from=args.vae_from)
     return 0
 
 
