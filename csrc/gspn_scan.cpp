@@ -6,11 +6,11 @@
 // this file only registers kernels for the CPU (and, when built with CUDA, the
 // CUDA) dispatch key.
 //
-// CPU kernels copy kTile lines at a time into small fp32 (fp64 for double)
-// buffers laid out line-major, so the recurrence runs over contiguous memory in
-// every direction; for "lr"/"rl" that copy reads kTile consecutive columns of
-// each row, one cache line, instead of striding down a column. See "task
-// layout" below for how work is split between threads.
+// CPU kernels copy a tile of lines at a time into small fp32 (fp64 for
+// double) buffers laid out line-major, so the recurrence runs over contiguous
+// memory in every direction; for "lr"/"rl" that copy is a transpose that reads
+// consecutive columns of each row (cache lines) instead of striding down a
+// column. See "tile copies" and "task layout" below.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -18,7 +18,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
+#include <utility>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "gspn_scan.h"
 
@@ -34,8 +40,6 @@ void scan_backward_cuda(const at::Tensor& grad_h, const at::Tensor& h, const at:
 
 namespace {
 
-constexpr int64_t kTile = 16;  // lines staged per copy; 16 fp32 = one 64-byte cache line
-constexpr int64_t kPrefetchRows = 8;
 
 ScanProblem make_problem(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& lam,
                          at::IntArrayRef directions, int64_t chunk, bool normalize) {
@@ -82,44 +86,144 @@ ScanProblem make_problem(const at::Tensor& x, const at::Tensor& gates, const at:
 }
 
 // ---- tile copies between a strided plane and a line-major buffer ----------
+//
+// Row scans read their lines in place. Column scans ("lr"/"rl") stage a tile
+// of consecutive columns as line-major rows: a transpose. Element by element
+// that transpose costs a scalar load and store per value and dominated column
+// scans; fp32 tiles therefore go through registers in 16x16 blocks where the
+// CPU has AVX-512 (16 row loads, 64 shuffles, 16 stores), and only the ragged
+// edges (fewer than 16 lines or positions) take the scalar loops.
+
+// Lines staged per tile. Column tiles are wider so that each row of the plane
+// is read as several consecutive cache lines, which the hardware prefetcher
+// follows; row tiles only need to amortise the gate staging.
+int64_t tile_lines(const LineGeometry& geo) { return geo.pos_stride == 1 ? 16 : 64; }
+
+// Column scans read and write 16 lines x 16 positions at a time when this is
+// true; the block's lines are consecutive columns of the plane.
+bool column_blocks(const LineGeometry& geo) {
+  return geo.pos_stride != 1 && (geo.line_stride == 1 || geo.line_stride == -1);
+}
+
+#if defined(__AVX512F__)
+constexpr bool kRegisterTranspose = true;
+
+// out(i, v): v holds element i of in(0), ..., in(15) -- a 16x16 transpose.
+template <typename In, typename Out>
+inline void transpose16(In&& in, Out&& out) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = in(i);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    const __m512d a = _mm512_castps_pd(t[i]), b = _mm512_castps_pd(t[i + 1]);
+    const __m512d c = _mm512_castps_pd(t[i + 2]), d = _mm512_castps_pd(t[i + 3]);
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    out(i, _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88));
+    out(i + 8, _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd));
+  }
+}
+
+// Blocks of a column tile: calls block(plane offset of its top-left element,
+// buffer offset of its first line, buffer step between its memory columns)
+// for every whole 16x16 block; returns the lines and positions covered.
+template <typename Block>
+std::pair<int64_t, int64_t> for_each_block(const LineGeometry& geo, int64_t t0, int64_t n, int64_t pitch,
+                                           Block&& block) {
+  const int64_t lines = n / 16 * 16, positions = geo.length / 16 * 16;
+  for (int64_t q = 0; q < lines; q += 16) {
+    // "rl" runs right to left: the block's leftmost memory column is its last line.
+    const bool forward = geo.line_stride > 0;
+    const int64_t column = geo.first + (forward ? t0 + q : -(t0 + q + 15));
+    const int64_t line0 = (forward ? q : q + 15) * pitch, step = forward ? pitch : -pitch;
+    for (int64_t p = 0; p < positions; p += 16) block(column + p * geo.pos_stride, line0 + p, step);
+  }
+  return {lines, positions};
+}
+#else
+constexpr bool kRegisterTranspose = false;
+#endif
+
+// Runs f(s, p, plane offset) over the part of a tile the register blocks left.
+template <typename F>
+void for_each_rest(const LineGeometry& geo, int64_t t0, int64_t n, std::pair<int64_t, int64_t> done, F&& f) {
+  const int64_t L = geo.length, base = geo.first + t0 * geo.line_stride;
+  for (int64_t p = 0; p < L; ++p) {
+    const int64_t from = p < done.second ? done.first : 0;  // lines already done at this position
+    for (int64_t s = from; s < n; ++s) f(s, p, base + p * geo.pos_stride + s * geo.line_stride);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+constexpr bool fp32_blocks() {
+  return kRegisterTranspose && std::is_same<scalar_t, float>::value && std::is_same<acc_t, float>::value;
+}
 
 // dst[s * pitch + p] = plane[line t0 + s, position p] for s < n, p < L.
 template <typename scalar_t, typename acc_t>
 void gather_lines(const scalar_t* plane, const LineGeometry& geo, int64_t t0, int64_t n,
                   acc_t* dst, int64_t pitch) {
   const int64_t L = geo.length;
-  const scalar_t* base = plane + geo.first + t0 * geo.line_stride;
   if (geo.pos_stride == 1) {
+    const scalar_t* base = plane + geo.first + t0 * geo.line_stride;
     for (int64_t s = 0; s < n; ++s) {
       const scalar_t* src = base + s * geo.line_stride;
       acc_t* out = dst + s * pitch;
       for (int64_t p = 0; p < L; ++p) out[p] = static_cast<acc_t>(src[p]);
     }
-  } else {
-    for (int64_t p = 0; p < L; ++p) {
-      const scalar_t* src = base + p * geo.pos_stride;
-      for (int64_t s = 0; s < n; ++s) dst[s * pitch + p] = static_cast<acc_t>(src[s * geo.line_stride]);
+    return;
+  }
+  std::pair<int64_t, int64_t> done{0, 0};
+#if defined(__AVX512F__)
+  if constexpr (fp32_blocks<scalar_t, acc_t>()) {
+    if (column_blocks(geo)) {
+      done = for_each_block(geo, t0, n, pitch, [&](int64_t at, int64_t line0, int64_t step) {
+        transpose16([&](int i) { return _mm512_loadu_ps(plane + at + i * geo.pos_stride); },
+                    [&](int j, __m512 v) { _mm512_storeu_ps(dst + line0 + j * step, v); });
+      });
     }
   }
+#endif
+  for_each_rest(geo, t0, n, done, [&](int64_t s, int64_t p, int64_t i) {
+    dst[s * pitch + p] = static_cast<acc_t>(plane[i]);
+  });
 }
 
 // dst[s * pitch + p] = lam * x at line t0 + s, position p (one pass, no staging of lam).
 template <typename scalar_t, typename acc_t>
 void gather_product(const scalar_t* x, const scalar_t* lam, const LineGeometry& geo, int64_t t0, int64_t n,
                     acc_t* dst, int64_t pitch) {
-  const int64_t L = geo.length;
-  const int64_t base = geo.first + t0 * geo.line_stride;
-  for (int64_t p = 0; p < L; ++p) {
-    const int64_t at = base + p * geo.pos_stride;
-    // Rows are pos_stride apart, often a page or more: the hardware prefetcher
-    // does not follow, so fetch a few rows ahead by hand.
-    __builtin_prefetch(x + at + kPrefetchRows * geo.pos_stride);
-    __builtin_prefetch(lam + at + kPrefetchRows * geo.pos_stride);
-    for (int64_t s = 0; s < n; ++s) {
-      const int64_t i = at + s * geo.line_stride;
-      dst[s * pitch + p] = static_cast<acc_t>(lam[i]) * static_cast<acc_t>(x[i]);
+  std::pair<int64_t, int64_t> done{0, 0};
+#if defined(__AVX512F__)
+  if constexpr (fp32_blocks<scalar_t, acc_t>()) {
+    if (column_blocks(geo)) {
+      done = for_each_block(geo, t0, n, pitch, [&](int64_t at, int64_t line0, int64_t step) {
+        transpose16(
+            [&](int i) {
+              const int64_t k = at + i * geo.pos_stride;
+              return _mm512_mul_ps(_mm512_loadu_ps(lam + k), _mm512_loadu_ps(x + k));
+            },
+            [&](int j, __m512 v) { _mm512_storeu_ps(dst + line0 + j * step, v); });
+      });
     }
   }
+#endif
+  for_each_rest(geo, t0, n, done, [&](int64_t s, int64_t p, int64_t i) {
+    dst[s * pitch + p] = static_cast<acc_t>(lam[i]) * static_cast<acc_t>(x[i]);
+  });
 }
 
 // plane[line t0 + s, position p] = src[s * pitch + p] (or += when Accumulate).
@@ -127,22 +231,35 @@ template <bool Accumulate, typename out_t, typename acc_t>
 void scatter_lines(const acc_t* src, int64_t pitch, const LineGeometry& geo, int64_t t0, int64_t n,
                    out_t* plane) {
   const int64_t L = geo.length;
-  out_t* base = plane + geo.first + t0 * geo.line_stride;
   const auto put = [](out_t& o, acc_t v) {
     if constexpr (Accumulate) o = static_cast<out_t>(static_cast<acc_t>(o) + v);
     else o = static_cast<out_t>(v);
   };
   if (geo.pos_stride == 1) {
+    out_t* base = plane + geo.first + t0 * geo.line_stride;
     for (int64_t s = 0; s < n; ++s) {
       out_t* dst = base + s * geo.line_stride;
       for (int64_t p = 0; p < L; ++p) put(dst[p], src[s * pitch + p]);
     }
-  } else {
-    for (int64_t p = 0; p < L; ++p) {
-      out_t* dst = base + p * geo.pos_stride;
-      for (int64_t s = 0; s < n; ++s) put(dst[s * geo.line_stride], src[s * pitch + p]);
+    return;
+  }
+  std::pair<int64_t, int64_t> done{0, 0};
+#if defined(__AVX512F__)
+  if constexpr (fp32_blocks<out_t, acc_t>()) {
+    if (column_blocks(geo)) {
+      done = for_each_block(geo, t0, n, pitch, [&](int64_t at, int64_t line0, int64_t step) {
+        // In: the block's 16 lines in memory-column order; out: its 16 memory rows.
+        transpose16([&](int j) { return _mm512_loadu_ps(src + line0 + j * step); },
+                    [&](int i, __m512 v) {
+                      float* row = plane + at + i * geo.pos_stride;
+                      if constexpr (Accumulate) v = _mm512_add_ps(_mm512_loadu_ps(row), v);
+                      _mm512_storeu_ps(row, v);
+                    });
+      });
     }
   }
+#endif
+  for_each_rest(geo, t0, n, done, [&](int64_t s, int64_t p, int64_t i) { put(plane[i], src[s * pitch + p]); });
 }
 
 // Loads the three taps of one gate group for lines [t0, t0+n), normalised when
@@ -178,7 +295,7 @@ void gather_gates(const scalar_t* tap0, int64_t plane, const LineGeometry& geo, 
 // ---- task layout -----------------------------------------------------------
 
 // A CPU task is (batch, direction, gate group, slice of the group's channels).
-// It stages the group's gates for kTile lines once -- normalising them once
+// It stages the group's gates for a tile of lines once -- normalising them once
 // when fused -- and runs every channel of its slice over those lines, carrying
 // each channel's last hidden line (backwards: its adjoint products) to the
 // next tile. Slices exist only to give every thread work when B * D * G is
@@ -234,17 +351,18 @@ void forward_cpu(const ScanProblem& pb, const scalar_t* x, const scalar_t* gates
   for_each_task<acc_t>(pb, plan, [&](const TaskIndex& ti, const LineGeometry& geo, std::vector<acc_t>& buf) {
     const int64_t channels = ti.c_end - ti.c_begin;
     const int64_t T = geo.lines, L = geo.length, chunk = chunk_length(pb.chunk, T);
-    const int64_t TL = kTile * L, pitch = L + 2;  // padded rows: one zero on each side
-    buf.assign(3 * TL + (kTile + channels) * pitch, acc_t(0));
+    const int64_t tile = tile_lines(geo);
+    const int64_t TL = tile * L, pitch = L + 2;  // padded rows: one zero on each side
+    buf.assign(3 * TL + (tile + channels) * pitch, acc_t(0));
     acc_t* g0 = buf.data();
     acc_t* g1 = g0 + TL;
     acc_t* g2 = g1 + TL;
     acc_t* hx = g2 + TL + 1;             // padded rows: lam * x, overwritten by h
-    acc_t* last = hx + kTile * pitch;    // padded row per channel: its latest hidden line
+    acc_t* last = hx + tile * pitch;     // padded row per channel: its latest hidden line
     const scalar_t* tap0 = gates + pb.gate_plane(ti.b, ti.d, ti.g, 0);
 
-    for (int64_t t0 = 0; t0 < T; t0 += kTile) {
-      const int64_t n = std::min(kTile, T - t0);
+    for (int64_t t0 = 0; t0 < T; t0 += tile) {
+      const int64_t n = std::min(tile, T - t0);
       gather_gates(tap0, pb.plane(), geo, t0, n, pb.normalize, g0, g1, g2);
       for (int64_t c = ti.c_begin; c < ti.c_end; ++c) {
         acc_t* carry = last + (c - ti.c_begin) * pitch;
@@ -315,8 +433,9 @@ void backward_cpu(const ScanProblem& pb, const CpuTasks& plan, const scalar_t* g
   for_each_task<acc_t>(pb, plan, [&](const TaskIndex& ti, const LineGeometry& geo, std::vector<acc_t>& buf) {
     const int64_t channels = ti.c_end - ti.c_begin;
     const int64_t T = geo.lines, L = geo.length, chunk = chunk_length(pb.chunk, T);
-    const int64_t TL = kTile * L, pitch = L + 2;
-    buf.assign(9 * TL + kTile * pitch + 3 * (2 + channels) * pitch + 2, acc_t(0));
+    const int64_t tile = tile_lines(geo);
+    const int64_t TL = tile * L, pitch = L + 2;
+    buf.assign(9 * TL + tile * pitch + 3 * (2 + channels) * pitch + 2, acc_t(0));
     acc_t* g0 = buf.data();   // gates
     acc_t* g1 = g0 + TL;
     acc_t* g2 = g1 + TL;
@@ -329,13 +448,13 @@ void backward_cpu(const ScanProblem& pb, const CpuTasks& plan, const scalar_t* g
     acc_t* hp = ls + TL + 1;  // padded rows: row s holds h of line t0 + s - 1
     // Three padded rows v_0, v_1, v_2 per block: two blocks alternate inside
     // a tile, one block per channel carries the tile's last line over.
-    acc_t* vloc = hp + kTile * pitch;
+    acc_t* vloc = hp + tile * pitch;
     acc_t* vcarry = vloc + 6 * pitch;
     const scalar_t* tap0 = gates + pb.gate_plane(ti.b, ti.d, ti.g, 0);
     acc_t* dgp = dg_partial + (((ti.b * pb.D + ti.d) * pb.G + ti.g) * plan.slices + ti.slice) * 3 * plane;
 
-    for (int64_t t0 = ((T - 1) / kTile) * kTile; t0 >= 0; t0 -= kTile) {
-      const int64_t n = std::min(kTile, T - t0);
+    for (int64_t t0 = ((T - 1) / tile) * tile; t0 >= 0; t0 -= tile) {
+      const int64_t n = std::min(tile, T - t0);
       gather_gates(tap0, plane, geo, t0, n, pb.normalize, g0, g1, g2);
       std::fill(d0, d0 + 3 * TL, acc_t(0));
       for (int64_t c = ti.c_begin; c < ti.c_end; ++c) {
