@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -252,8 +253,15 @@ void scatter_lines(const acc_t* src, int64_t pitch, const LineGeometry& geo, int
         transpose16([&](int j) { return _mm512_loadu_ps(src + line0 + j * step); },
                     [&](int i, __m512 v) {
                       float* row = plane + at + i * geo.pos_stride;
-                      if constexpr (Accumulate) v = _mm512_add_ps(_mm512_loadu_ps(row), v);
-                      _mm512_storeu_ps(row, v);
+                      if constexpr (Accumulate) {
+                        _mm512_storeu_ps(row, _mm512_add_ps(_mm512_loadu_ps(row), v));
+                      } else if (reinterpret_cast<uintptr_t>(row) % 64 == 0) {
+                        // A whole cache line of output nothing reads again here:
+                        // a streaming store skips the read-for-ownership.
+                        _mm512_stream_ps(row, v);
+                      } else {
+                        _mm512_storeu_ps(row, v);
+                      }
                     });
       });
     }
@@ -338,6 +346,9 @@ void for_each_task(const ScanProblem& pb, const CpuTasks& plan, Body&& body) {
       const TaskIndex ti = task_index(pb, plan, task);
       if (ti.c_end > ti.c_begin) body(ti, line_geometry(pb.dirs[ti.d], pb.H, pb.W), buf);
     }
+#if defined(__AVX512F__)
+    _mm_sfence();  // streaming stores (scatter_lines) visible before the join
+#endif
   });
 }
 
