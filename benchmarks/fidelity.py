@@ -8,9 +8,11 @@ at many times the native size? Offline, checked automatically.
 Teacher vs student at the native size: prompt adherence (fully correct,
 and per aspect) and the mean absolute teacher-student pixel difference for the
 same seeds. At 4x and 8x the native size: the staged high-resolution pipeline
-vs generating directly at that size, both with the student, and the staged
-pipeline without its skip residual (plain re-noising): adherence and
-duplicated objects per image. Prints a table, writes JSON (keys
+(pixel-space upscaling between stages by default: on this model latent
+upscaling loses the layout, see BENCHMARKS.md) vs generating directly at that
+size, all with the student, and the staged pipeline without its skip residual
+(plain re-noising) and with the other upscale mode: adherence and duplicated
+objects per image. Prints a table, writes JSON (keys
 teacher_adherence, student_adherence, highres_adherence, direct_adherence,
 the last two at the largest scale measured) and a PNG grid.
 
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gspn_diffusers import GSPNHighResPipeline, apply_gspn  # noqa: E402
 from gspn_diffusers.shapes import adherence, held_out_scenes  # noqa: E402
 from gspn_diffusers.shapes.assets import ADAPTER_DIR, TEACHER_DIR  # noqa: E402
-from gspn_diffusers.shapes.teacher import generate  # noqa: E402
+from gspn_diffusers.shapes.teacher import GUIDANCE_SCALE, generate  # noqa: E402
 from common import save_json  # noqa: E402
 
 
@@ -45,7 +47,9 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=200, help="held-out prompts (seeds follow them)")
     parser.add_argument("--scales", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance_scale", type=float, default=5.0)
+    parser.add_argument("--guidance_scale", type=float, default=GUIDANCE_SCALE)
+    parser.add_argument("--upscale_mode", choices=["pixel", "latent"], default="pixel",
+                        help="between stages of the high-res pipeline; the other mode is measured too")
     parser.add_argument("--quick", action="store_true", help="24 prompts, 4x only, fewer steps: minutes on a CPU")
     parser.add_argument("--json", type=Path, default=Path("bench_results/fidelity.json"))
     parser.add_argument("--grid", type=Path, default=None, help="PNG grid (default: next to the JSON)")
@@ -79,11 +83,16 @@ def main(argv=None) -> int:
     grid_rows = [teacher[:8], student[:8]]
     for scale in args.scales:
         size = native * scale
-        staged = generate(pipe, prompts, seeds, size, args.steps, args.guidance_scale, batch=4)
-        renoised = generate(pipe, prompts, seeds, size, args.steps, args.guidance_scale, batch=4, skip_residual=False)
+        other = "latent" if args.upscale_mode == "pixel" else "pixel"
+        staged, renoised, other_mode = (
+            generate(pipe, prompts, seeds, size, args.steps, args.guidance_scale, batch=4, upscale_mode=mode,
+                     skip_residual=skip)
+            for mode, skip in ((args.upscale_mode, True), (args.upscale_mode, False), (other, True)))
         plain = direct(size)
-        results["scales"][str(scale)] = {"size": size, "highres": adherence(staged, prompts),
+        results["scales"][str(scale)] = {"size": size, "upscale_mode": args.upscale_mode,
+                                         "highres": adherence(staged, prompts),
                                          "highres_no_skip_residual": adherence(renoised, prompts),
+                                         f"highres_{other}_upscale": adherence(other_mode, prompts),
                                          "direct": adherence(plain, prompts)}
         grid_rows += [[np.asarray(_thumb(i, native)) for i in staged[:8]],
                       [np.asarray(_thumb(i, native)) for i in plain[:8]]]
@@ -99,8 +108,10 @@ def main(argv=None) -> int:
     print(f"{'':>22} {'correct':>8} {'count':>6} {'colour':>6} {'shape':>6} {'place':>6} {'dup/img':>7}")
     rows = [("teacher (native)", results["teacher"]), ("student (native)", results["student"])]
     for scale, entry in results["scales"].items():
+        other = next(k for k in entry if k.endswith("_upscale"))
         rows += [(f"high-res {scale}x", entry["highres"]),
                  (f"  no skip residual {scale}x", entry["highres_no_skip_residual"]),
+                 (f"  {other.split('_')[1]} upscale {scale}x", entry[other]),
                  (f"direct {scale}x", entry["direct"])]
     for name, r in rows:
         print(f"{name:>22} {r['correct']:>8.2f} {r['count']:>6.2f} {r['colours']:>6.2f} {r['shapes']:>6.2f} "
