@@ -531,10 +531,68 @@ void backward_cpu(const ScanProblem& pb, const CpuTasks& plan, const scalar_t* g
 
 // ---- host side shared by both devices --------------------------------------
 
+// normalize_taps_backward over positions [begin, end) of one line of the three
+// tap planes (plane elements apart). A function of its own with restrict
+// pointers, so the loop vectorises.
+template <typename scalar_t, typename acc_t>
+void normalize_backward_run(const scalar_t* __restrict__ l, const acc_t* __restrict__ dg, scalar_t* __restrict__ o,
+                            int64_t plane, int64_t begin, int64_t end, bool before, bool after) {
+  for (int64_t j = begin; j < end; ++j) {
+    acc_t a, b, c;
+    normalize_taps_backward<acc_t>(static_cast<acc_t>(l[j]), static_cast<acc_t>(l[j + plane]),
+                                   static_cast<acc_t>(l[j + 2 * plane]), before, after, dg[j], dg[j + plane],
+                                   dg[j + 2 * plane], a, b, c);
+    o[j] = static_cast<scalar_t>(a);
+    o[j + plane] = static_cast<scalar_t>(b);
+    o[j + 2 * plane] = static_cast<scalar_t>(c);
+  }
+}
+
 // Chain rule from the normalised gates back to their logits (fused
-// normalisation). Elementwise over the gate tensor, so plain ATen serves both
-// devices; it mirrors gspn_diffusers.ops.reference.normalize_gates.
+// normalisation), on the CPU in one pass over the gate tensor: as a chain of
+// ATen ops it made a dozen full-size temporaries and took 3/4 of the backward
+// at G = C.
+template <typename scalar_t>
+at::Tensor normalize_backward_cpu(const at::Tensor& logits, const at::Tensor& dgates, const ScanProblem& pb) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const at::Tensor dg_t = dgates.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  at::Tensor out = at::empty_like(logits);
+  const scalar_t* l = logits.data_ptr<scalar_t>();
+  const acc_t* dg = dg_t.data_ptr<acc_t>();
+  scalar_t* o = out.data_ptr<scalar_t>();
+  const int64_t H = pb.H, W = pb.W, plane = H * W;
+  at::parallel_for(0, pb.B * pb.D * pb.G * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t set = r / H, i = r % H;  // set = (b, d, g): three tap planes
+      const int dir = pb.dirs[(set / pb.G) % pb.D];
+      const bool rows = dir == kTopBottom || dir == kBottomTop;  // positions along W, else along H
+      const int64_t base = set * 3 * plane + i * W;
+      const scalar_t* l0 = l + base;
+      const acc_t* d0 = dg + base;
+      scalar_t* o0 = o + base;
+      // Runs with constant tap masks, so that they vectorise (as in
+      // gather_gates); along a row only its two ends differ.
+      if (rows) {
+        normalize_backward_run(l0, d0, o0, plane, 1, W - 1, true, true);
+        normalize_backward_run(l0, d0, o0, plane, 0, 1, false, W > 1);
+        if (W > 1) normalize_backward_run(l0, d0, o0, plane, W - 1, W, true, false);
+      } else {
+        normalize_backward_run(l0, d0, o0, plane, 0, W, i > 0, i < H - 1);
+      }
+    }
+  });
+  return out;
+}
+
+// The same chain rule as elementwise ATen ops (the CUDA path); it mirrors
+// gspn_diffusers.ops.reference.normalize_gates.
 at::Tensor normalize_backward(const at::Tensor& logits, const at::Tensor& dgates, const ScanProblem& pb) {
+  if (!logits.is_cuda()) {
+    at::Tensor out;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "gspn_normalize_backward_cpu",
+                                    [&] { out = normalize_backward_cpu<scalar_t>(logits, dgates, pb); });
+    return out;
+  }
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor s = at::sigmoid(logits.to(acc));
   at::Tensor mask = at::ones({pb.D, 3, pb.H, pb.W}, s.options());
@@ -617,7 +675,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_backward(
                              dx.data_ptr<scalar_t>(), partial.data_ptr<at::opmath_type<scalar_t>>(),
                              dlam.data_ptr<scalar_t>());
     });
-    dgates = partial.sum(3);
+    dgates = plan.slices == 1 ? partial.squeeze(3) : partial.sum(3);
   }
   if (normalize) dgates = normalize_backward(gates, dgates, pb);
   dgates = dgates.to(gates.scalar_type());

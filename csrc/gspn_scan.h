@@ -132,6 +132,22 @@ GSPN_HD void normalize_taps(acc_t l0, acc_t l1, acc_t l2, bool has_before, bool 
   g2 = s2 / sum;
 }
 
+// Chain rule of normalize_taps for one position: the logits' gradients dl
+// from the normalised gates' gradients dg. Branch-free like the forward.
+template <typename acc_t>
+GSPN_HD void normalize_taps_backward(acc_t l0, acc_t l1, acc_t l2, bool has_before, bool has_after, acc_t dg0,
+                                     acc_t dg1, acc_t dg2, acc_t& dl0, acc_t& dl1, acc_t& dl2) {
+  const acc_t s0 = sigmoid(l0), s1 = sigmoid(l1), s2 = sigmoid(l2);
+  const acc_t m0 = acc_t(has_before), m2 = acc_t(has_after);
+  const acc_t raw = s0 * m0 + s1 + s2 * m2;
+  const acc_t live = acc_t(raw > acc_t(kGateEps));  // the clamp's slope is zero
+  const acc_t inv = acc_t(1) / (raw > acc_t(kGateEps) ? raw : acc_t(kGateEps));
+  const acc_t inner = live * (dg0 * s0 * m0 + dg1 * s1 + dg2 * s2 * m2) * inv;
+  dl0 = (dg0 - inner) * inv * m0 * s0 * (acc_t(1) - s0);
+  dl1 = (dg1 - inner) * inv * s1 * (acc_t(1) - s1);
+  dl2 = (dg2 - inner) * inv * m2 * s2 * (acc_t(1) - s2);
+}
+
 // Forward step. prev points at the previous line's hidden state for position p
 // in a buffer padded by one zero on each side: prev[0], prev[1], prev[2] are
 // positions p-1, p, p+1.
