@@ -71,6 +71,10 @@ def main(argv=None) -> int:
     def direct(size):
         return generate(base, prompts, seeds, size, args.steps, args.guidance_scale, batch=8)
 
+    def staged(size, mode, skip_residual=True):
+        return generate(pipe, prompts, seeds, size, args.steps, args.guidance_scale, batch=4, upscale_mode=mode,
+                        skip_residual=skip_residual)
+
     teacher = direct(native)
     apply_gspn(pipe, adapter=args.adapter)
     student = direct(native)
@@ -81,20 +85,17 @@ def main(argv=None) -> int:
         "scales": {},
     }
     grid_rows = [teacher[:8], student[:8]]
+    other = "latent" if args.upscale_mode == "pixel" else "pixel"
     for scale in args.scales:
         size = native * scale
-        other = "latent" if args.upscale_mode == "pixel" else "pixel"
-        staged, renoised, other_mode = (
-            generate(pipe, prompts, seeds, size, args.steps, args.guidance_scale, batch=4, upscale_mode=mode,
-                     skip_residual=skip)
-            for mode, skip in ((args.upscale_mode, True), (args.upscale_mode, False), (other, True)))
+        highres = staged(size, args.upscale_mode)
         plain = direct(size)
-        results["scales"][str(scale)] = {"size": size, "upscale_mode": args.upscale_mode,
-                                         "highres": adherence(staged, prompts),
-                                         "highres_no_skip_residual": adherence(renoised, prompts),
-                                         f"highres_{other}_upscale": adherence(other_mode, prompts),
-                                         "direct": adherence(plain, prompts)}
-        grid_rows += [[np.asarray(_thumb(i, native)) for i in staged[:8]],
+        results["scales"][str(scale)] = {
+            "size": size, "upscale_mode": args.upscale_mode, "highres": adherence(highres, prompts),
+            "highres_no_skip_residual": adherence(staged(size, args.upscale_mode, skip_residual=False), prompts),
+            f"highres_{other}_upscale": adherence(staged(size, other), prompts),
+            "direct": adherence(plain, prompts)}
+        grid_rows += [[np.asarray(_thumb(i, native)) for i in highres[:8]],
                       [np.asarray(_thumb(i, native)) for i in plain[:8]]]
     largest = str(max(args.scales))
     results.update(
@@ -108,10 +109,9 @@ def main(argv=None) -> int:
     print(f"{'':>22} {'correct':>8} {'count':>6} {'colour':>6} {'shape':>6} {'place':>6} {'dup/img':>7}")
     rows = [("teacher (native)", results["teacher"]), ("student (native)", results["student"])]
     for scale, entry in results["scales"].items():
-        other = next(k for k in entry if k.endswith("_upscale"))
         rows += [(f"high-res {scale}x", entry["highres"]),
                  (f"  no skip residual {scale}x", entry["highres_no_skip_residual"]),
-                 (f"  {other.split('_')[1]} upscale {scale}x", entry[other]),
+                 (f"  {other} upscale {scale}x", entry[f"highres_{other}_upscale"]),
                  (f"direct {scale}x", entry["direct"])]
     for name, r in rows:
         print(f"{name:>22} {r['correct']:>8.2f} {r['count']:>6.2f} {r['colours']:>6.2f} {r['shapes']:>6.2f} "

@@ -68,8 +68,8 @@ def test_highres_keeps_the_layout_of_its_first_stage(pipe):
     gens = lambda: [torch.Generator().manual_seed(i) for i in range(4)]  # noqa: E731
     apply_gspn(pipe, adapter=ADAPTER_DIR)
     try:
-        out = pipe(PROMPTS[:4], height=256, width=256, num_inference_steps=10, guidance_scale=GUIDANCE_SCALE, generator=gens(),
-                   output_type="np", vae_tile_size=32, return_stage_images=True)
+        out = pipe(PROMPTS[:4], height=256, width=256, num_inference_steps=10, guidance_scale=GUIDANCE_SCALE,
+                   generator=gens(), output_type="np", vae_tile_size=32, return_stage_images=True)
         base = pipe._base_pipeline()
         base.set_progress_bar_config(disable=True)
         direct = base(PROMPTS[:4], height=256, width=256, num_inference_steps=10, guidance_scale=GUIDANCE_SCALE,
