@@ -140,9 +140,11 @@ GSPN_HD void normalize_taps_backward(acc_t l0, acc_t l1, acc_t l2, bool has_befo
   const acc_t s0 = sigmoid(l0), s1 = sigmoid(l1), s2 = sigmoid(l2);
   const acc_t m0 = acc_t(has_before), m2 = acc_t(has_after);
   const acc_t raw = s0 * m0 + s1 + s2 * m2;
-  const bool live = raw > acc_t(kGateEps);  // below it the clamp's slope is zero
-  const acc_t inv = acc_t(1) / (live ? raw : acc_t(kGateEps));
-  const acc_t inner = acc_t(live) * (dg0 * s0 * m0 + dg1 * s1 + dg2 * s2 * m2) * inv;
+  // The clamp's slope is zero below kGateEps. Both uses compare as values (no
+  // bool): a bool select kept GCC from vectorising the CPU loop over this.
+  const acc_t live = acc_t(raw > acc_t(kGateEps));
+  const acc_t inv = acc_t(1) / (raw > acc_t(kGateEps) ? raw : acc_t(kGateEps));
+  const acc_t inner = live * (dg0 * s0 * m0 + dg1 * s1 + dg2 * s2 * m2) * inv;
   dl0 = (dg0 - inner) * inv * m0 * s0 * (acc_t(1) - s0);
   dl1 = (dg1 - inner) * inv * s1 * (acc_t(1) - s1);
   dl2 = (dg2 - inner) * inv * m2 * s2 * (acc_t(1) - s2);
