@@ -8,11 +8,12 @@ at many times the native size? Offline, checked automatically.
 Teacher vs student at the native size: prompt adherence (fully correct,
 and per aspect) and the mean absolute teacher-student pixel difference for the
 same seeds. At 4x and 8x the native size: the staged high-resolution pipeline
-(pixel-space upscaling between stages by default: on this model latent
-upscaling loses the layout, see BENCHMARKS.md) vs generating directly at that
-size, all with the student, and the staged pipeline without its skip residual
-(plain re-noising) and with the other upscale mode: adherence and duplicated
-objects per image. Prints a table, writes JSON (keys
+(pixel-space upscaling between stages and dilated sampling over 32x32
+sub-latents by default: on this model latent upscaling loses the layout, see
+BENCHMARKS.md) vs generating directly at that size, all with the student, and
+the staged pipeline without dilated sampling, without its skip residual
+(plain re-noising) and with the other upscale mode (the last two in the full
+run only): adherence and duplicated objects per image. Prints a table, writes JSON (keys
 teacher_adherence, student_adherence, highres_adherence, direct_adherence,
 the last two at the largest scale measured) and a PNG grid.
 
@@ -50,7 +51,11 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance_scale", type=float, default=GUIDANCE_SCALE)
     parser.add_argument("--upscale_mode", choices=["pixel", "latent"], default="pixel",
                         help="between stages of the high-res pipeline; the other mode is measured too")
-    parser.add_argument("--quick", action="store_true", help="24 prompts, 4x only, fewer steps: minutes on a CPU")
+    parser.add_argument("--dilated_sampling_size", type=int, default=32,
+                        help="sub-latent side of the high-res pipeline's dilated sampling (0: off); 32 latent "
+                             "cells = the 128-pixel scenes the teacher learnt")
+    parser.add_argument("--quick", action="store_true",
+                        help="24 prompts, 4x only, fewer steps, one ablation: minutes on a CPU")
     parser.add_argument("--json", type=Path, default=Path("bench_results/fidelity.json"))
     parser.add_argument("--grid", type=Path, default=None, help="PNG grid (default: next to the JSON)")
     args = parser.parse_args(argv)
@@ -71,9 +76,10 @@ def main(argv=None) -> int:
     def direct(size):
         return generate(base, prompts, seeds, size, args.steps, args.guidance_scale, batch=8)
 
-    def staged(size, mode, skip_residual=True):
+    def staged(size, mode=args.upscale_mode, skip_residual=True, dilated=args.dilated_sampling_size):
         return generate(pipe, prompts, seeds, size, args.steps, args.guidance_scale, batch=4, upscale_mode=mode,
-                        skip_residual=skip_residual)
+                        skip_residual=skip_residual, dilated_sampling=bool(dilated),
+                        dilated_sampling_size=dilated or None)
 
     teacher = direct(native)
     apply_gspn(pipe, adapter=args.adapter)
@@ -86,15 +92,22 @@ def main(argv=None) -> int:
     }
     grid_rows = [teacher[:8], student[:8]]
     other = "latent" if args.upscale_mode == "pixel" else "pixel"
+    # the staged pipeline with one part changed: (JSON key, table row, settings)
+    ablations = [("highres_no_dilated_sampling", "no dilated sampling", dict(dilated=0))]
+    if not args.quick:
+        ablations += [("highres_no_skip_residual", "no skip residual", dict(skip_residual=False)),
+                      (f"highres_{other}_upscale", f"{other} upscale", dict(mode=other))]
     for scale in args.scales:
         size = native * scale
-        highres = staged(size, args.upscale_mode)
+        highres = staged(size)
         plain = direct(size)
-        results["scales"][str(scale)] = {
-            "size": size, "upscale_mode": args.upscale_mode, "highres": adherence(highres, prompts),
-            "highres_no_skip_residual": adherence(staged(size, args.upscale_mode, skip_residual=False), prompts),
-            f"highres_{other}_upscale": adherence(staged(size, other), prompts),
-            "direct": adherence(plain, prompts)}
+        entry = {"size": size, "upscale_mode": args.upscale_mode,
+                 "dilated_sampling_size": args.dilated_sampling_size, "highres": adherence(highres, prompts)}
+        for key, _, settings in ablations:
+            if key != "highres_no_dilated_sampling" or args.dilated_sampling_size:
+                entry[key] = adherence(staged(size, **settings), prompts)
+        entry["direct"] = adherence(plain, prompts)
+        results["scales"][str(scale)] = entry
         grid_rows += [[np.asarray(_thumb(i, native)) for i in highres[:8]],
                       [np.asarray(_thumb(i, native)) for i in plain[:8]]]
     largest = str(max(args.scales))
@@ -109,10 +122,9 @@ def main(argv=None) -> int:
     print(f"{'':>22} {'correct':>8} {'count':>6} {'colour':>6} {'shape':>6} {'place':>6} {'dup/img':>7}")
     rows = [("teacher (native)", results["teacher"]), ("student (native)", results["student"])]
     for scale, entry in results["scales"].items():
-        rows += [(f"high-res {scale}x", entry["highres"]),
-                 (f"  no skip residual {scale}x", entry["highres_no_skip_residual"]),
-                 (f"  {other} upscale {scale}x", entry[f"highres_{other}_upscale"]),
-                 (f"direct {scale}x", entry["direct"])]
+        rows += [(f"high-res {scale}x", entry["highres"])]
+        rows += [(f"  {name} {scale}x", entry[key]) for key, name, _ in ablations if key in entry]
+        rows += [(f"direct {scale}x", entry["direct"])]
     for name, r in rows:
         print(f"{name:>22} {r['correct']:>8.2f} {r['count']:>6.2f} {r['colours']:>6.2f} {r['shapes']:>6.2f} "
               f"{r['positions']:>6.2f} {r['duplicates_per_image']:>7.2f}")

@@ -51,6 +51,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
         generator=torch.Generator(device).manual_seed(args.seed), stage_strengths=args.strengths,
         stage_steps=args.stage_steps, skip_residual=not args.no_skip_residual, upscale_mode=args.upscale_mode,
+        dilated_sampling=args.dilated_sampling, dilated_sampling_size=args.dilated_sampling_size,
         vae_tile_size=args.vae_tile, offload_vae_while_denoising=args.offload_vae,
         return_stage_images=args.save_stages is not None,
     )
@@ -64,7 +65,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     metadata = {
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed, "model": args.model,
         "adapter": args.adapter, "guidance_scale": args.guidance_scale, "num_inference_steps": args.steps,
-        "skip_residual": not args.no_skip_residual, "upscale_mode": args.upscale_mode, "stages": stages,
+        "skip_residual": not args.no_skip_residual, "upscale_mode": args.upscale_mode,
+        "dilated_sampling": args.dilated_sampling, "stages": stages,
         "software": f"gspn-diffusers {__version__}",
     }
     if args.save_stages is not None:
@@ -94,6 +96,10 @@ def _add_generate(sub) -> None:
     gen.add_argument("--stage_steps", type=int, nargs="+", default=None, help="per-stage nominal steps")
     gen.add_argument("--no_skip_residual", action="store_true", help="plain re-noising, no DemoFusion skip residual")
     gen.add_argument("--upscale_mode", choices=["latent", "pixel"], default="latent")
+    gen.add_argument("--dilated_sampling", action="store_true",
+                     help="DemoFusion's dilated sampling in large stages (up to 2x the UNet work there)")
+    gen.add_argument("--dilated_sampling_size", type=int, default=None,
+                     help="sub-latent side for --dilated_sampling (default: the UNet's native latent side)")
     gen.add_argument("--vae_tile", type=int, default=128, help="VAE tile in latent cells")
     gen.add_argument("--offload_vae", action="store_true", help="keep the VAE on the CPU while denoising")
     gen.add_argument("--save_stages", type=Path, default=None, help="also save each stage's image in this folder")

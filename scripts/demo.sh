@@ -17,6 +17,6 @@ import sys; sys.exit('embedded model missing: see gspn_diffusers/shapes/assets/R
 read -r teacher adapter <<<"$assets"
 mkdir -p out
 gspn-diffusers generate --model "$teacher" --adapter "$adapter" --prompt "$prompt" \
-    --width "$width" --height "$height" --steps 25 --guidance_scale 2 --upscale_mode pixel --vae_tile 32 \
-    --out out/demo.png --save_stages out/demo-stages
+    --width "$width" --height "$height" --steps 25 --guidance_scale 2 --upscale_mode pixel \
+    --dilated_sampling --dilated_sampling_size 32 --vae_tile 32 --out out/demo.png --save_stages out/demo-stages
 echo "image: $(pwd)/out/demo.png"

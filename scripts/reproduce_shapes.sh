@@ -8,9 +8,12 @@ bash scripts/setup.sh >/dev/null
 . "${GSPN_VENV:-.venv}/bin/activate"
 mkdir -p work
 python -m gspn_diffusers.shapes.teacher --output_dir work/vae-stage --vae_steps 600 --unet_steps 0
-python -m gspn_diffusers.shapes.teacher --output_dir work/teacher --vae_from work/vae-stage \
+python -m gspn_diffusers.shapes.teacher --output_dir work/teacher-64 --vae_from work/vae-stage \
     --unet_steps 5000 --batch_size 32 --unet_lr 8e-4 --warmup_steps 300 \
     --save_every 1000 --eval_prompts 48
+python -m gspn_diffusers.shapes.teacher --output_dir work/teacher --init_from work/teacher-64 \
+    --vae_multiscale_steps 800 --unet_steps 450 --sizes 64:16,128:4,256:2 --unet_lr 1e-4 \
+    --warmup_steps 0 --ema_decay 0.995 --eval_prompts 48
 python -m gspn_diffusers.shapes.prompts --count 512 --out work/prompts.txt
 python distill/distill.py --pretrained_model_name_or_path work/teacher --output_dir work/adapter \
     --prompts_file work/prompts.txt --resolution 64 --max_train_steps 2000 --train_batch_size 16 \

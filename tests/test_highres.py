@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import tiny_pipelines
 from gspn_diffusers import GSPNHighResPipeline, apply_gspn, save_gspn_adapter
 from gspn_diffusers.pipelines import plan_stages, read_png_metadata, save_png
-from gspn_diffusers.pipelines.highres import chunked_feed_forward
+from gspn_diffusers.pipelines.highres import chunked_feed_forward, dilation_factor, from_dilated, to_dilated
 from gspn_diffusers.pipelines.vae_tiling import vae_decode, vae_encode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,6 +176,39 @@ def test_skip_residual_keeps_the_previous_layout(base, adapter):
         up = F.interpolate(first, size=(256, 256), mode="bicubic").permute(0, 2, 3, 1).numpy()
         distances[flag] = float(np.mean((out.images - up) ** 2))
     assert distances[True] < distances[False], distances
+
+
+def test_dilated_sub_latents_are_the_interleaved_cells():
+    x = torch.randn(2, 4, 12, 8)
+    sub = to_dilated(x, 4)
+    assert sub.shape == (32, 4, 3, 2)
+    for b in range(2):
+        for i in range(4):
+            for j in range(4):
+                assert torch.equal(sub[b * 16 + i * 4 + j], x[b, :, i::4, j::4])
+    assert torch.equal(from_dilated(sub, 4), x)
+    assert dilation_factor(64, 64, 16) == 4 and dilation_factor(48, 64, 16) == 2
+    assert dilation_factor(16, 16, 16) == 1 and dilation_factor(30, 30, 16) == 1 and dilation_factor(64, 32, 8) == 4
+
+
+def test_dilated_sampling_denoises_native_sized_sub_latents(base, adapter):
+    pipe = load(base, adapter)
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    try:
+        plain = run(pipe, 256, 256, stage_strengths=[1.0, 0.5, 0.5])
+        calls = len(seen)
+        seen.clear()
+        dilated = run(pipe, 256, 256, stage_strengths=[1.0, 0.5, 0.5], dilated_sampling=True)
+    finally:
+        hook.remove()
+    native = pipe.unet.config.sample_size
+    # CFG doubles the batch; 128 latent cells / 4 and 64 / 2 give native-sized sub-latents
+    assert (2 * 16, 4, native, native) in seen and (2 * 4, 4, native, native) in seen
+    # 6 + 3 + 3 steps; in the two upscaling stages the first step is dilated only
+    # (weight 1) and the other two run both paths
+    assert calls == 12 and len(seen) == 6 + 5 + 5
+    assert dilated.images.shape == plain.images.shape and not np.allclose(dilated.images, plain.images)
 
 
 def test_pixel_upscale_mode(base, adapter):

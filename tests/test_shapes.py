@@ -110,3 +110,22 @@ def test_teacher_stages_chain_through_a_saved_vae(tmp_path):
     first, second = (load_file(p / "vae" / "diffusion_pytorch_model.safetensors") for p in (vae_only, teacher))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     assert (teacher / "unet" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_teacher_continues_at_several_scales(tmp_path):
+    from safetensors.torch import load_file
+
+    from gspn_diffusers.shapes.teacher import parse_sizes, train_teacher
+
+    assert parse_sizes("64:16, 128:4") == [(64, 16), (128, 4)]
+    for bad in ("64", "64:0", "66:2", "a:b", ""):
+        with pytest.raises(ValueError, match="SIDE:BATCH"):
+            parse_sizes(bad)
+    first = train_teacher(tmp_path / "first", vae_steps=1, unet_steps=1, batch_size=2, eval_prompts=0)
+    second = train_teacher(tmp_path / "second", init_from=first, unet_steps=1, sizes=[(64, 2), (128, 1)],
+                           vae_multiscale_steps=2, eval_prompts=0, warmup_steps=0)
+    vae1, vae2 = (load_file(p / "vae" / "diffusion_pytorch_model.safetensors") for p in (first, second))
+    changed = {k.split(".")[0] for k in vae1 if not torch.equal(vae1[k], vae2[k])}
+    assert changed == {"encoder", "quant_conv"}, "the multi-scale stage trains the encoder only"
+    unet1, unet2 = (load_file(p / "unet" / "diffusion_pytorch_model.safetensors") for p in (first, second))
+    assert any(not torch.equal(unet1[k], unet2[k]) for k in unet1), "the denoiser continued from the first run"

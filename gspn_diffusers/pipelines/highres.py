@@ -7,7 +7,10 @@ and finally decode with a tiled VAE. Global coherence at large sizes comes
 from the skip residual (DemoFusion): during each upscaling stage the latent is
 pulled towards the re-noised upscaled previous stage with a weight that
 decays from 1 to 0 over the stage, so early steps keep the layout and late
-steps add detail.
+steps add detail. Optionally (``dilated_sampling``, DemoFusion's global path)
+the UNet also denoises the interleaved sub-latents of a large stage, each
+about the native size, where objects have the scale the model knows; their
+prediction is blended in with a weight that decays the same way.
 """
 
 from __future__ import annotations
@@ -82,6 +85,28 @@ def chunked_feed_forward(model: nn.Module, tokens: Optional[int]):
     finally:
         for block in blocks:
             block.ff = block.ff.ff
+
+
+def dilation_factor(latent_height: int, latent_width: int, target: int) -> int:
+    """The largest step s >= 2 that divides both latent sides and leaves
+    sub-latents of at least ``target`` cells a side; 1 when there is none."""
+    for s in range(min(latent_height, latent_width) // max(1, target), 1, -1):
+        if latent_height % s == 0 and latent_width % s == 0:
+            return s
+    return 1
+
+
+def to_dilated(latents: torch.Tensor, s: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B*s*s, C, H/s, W/s): sub-latent (i, j) holds cells (i::s, j::s)."""
+    b, c, h, w = latents.shape
+    return latents.reshape(b, c, h // s, s, w // s, s).permute(0, 3, 5, 1, 2, 4).reshape(b * s * s, c, h // s, w // s)
+
+
+def from_dilated(sub: torch.Tensor, s: int) -> torch.Tensor:
+    """Inverse of :func:`to_dilated`."""
+    n, c, h, w = sub.shape
+    b = n // (s * s)
+    return sub.reshape(b, s, s, c, h, w).permute(0, 3, 4, 1, 5, 2).reshape(b, c, h * s, w * s)
 
 
 class GSPNHighResPipeline(DiffusionPipeline):
@@ -183,6 +208,14 @@ class GSPNHighResPipeline(DiffusionPipeline):
                                          **self._unet_kwargs(both, width, height)).sample.chunk(2)
         return e_uncond + guidance_scale * (e_cond - e_uncond)
 
+    def predict_noise_dilated(self, latents, t, cond, uncond, guidance_scale, s: int, sequential: bool):
+        """The same prediction made on the s x s interleaved sub-latents (one batch)."""
+        sub = to_dilated(latents, s)
+        repeat = lambda kwargs: None if kwargs is None else {k: v.repeat_interleave(s * s, 0) for k, v in kwargs.items()}
+        height, width = sub.shape[-2] * self.vae_scale_factor, sub.shape[-1] * self.vae_scale_factor
+        return from_dilated(self.predict_noise(sub, t, repeat(cond), repeat(uncond), guidance_scale, width, height,
+                                               sequential), s)
+
     # ---- latents <-> images -------------------------------------------------
 
     def decode(self, latents: torch.Tensor, tile: Optional[int], overlap: int) -> torch.Tensor:
@@ -243,6 +276,9 @@ class GSPNHighResPipeline(DiffusionPipeline):
         stage_steps: Optional[Sequence[int]] = None,
         skip_residual: bool = True,
         skip_residual_power: float = 3.0,
+        dilated_sampling: bool = False,
+        dilated_sampling_power: float = 1.0,
+        dilated_sampling_size: Optional[int] = None,
         upscale_mode: str = "latent",
         sequential_cfg_above: int = 2048 * 2048,
         feed_forward_chunk_above: int = 2048 * 2048,
@@ -270,6 +306,12 @@ class GSPNHighResPipeline(DiffusionPipeline):
                 :func:`~gspn_diffusers.pipelines.stages.plan_stages`.
             skip_residual: DemoFusion's skip residual (layout from the previous
                 stage); ``skip_residual_power`` shapes its decay.
+            dilated_sampling: DemoFusion's dilated sampling in upscaling stages
+                at least twice ``dilated_sampling_size`` latent cells a side
+                (default: the UNet's native latent side): the s x s interleaved
+                sub-latents are denoised too and blended in with a weight from
+                1 to 0 over the stage (``dilated_sampling_power`` shapes it).
+                Costs up to twice the UNet work of those stages.
             upscale_mode: ``"latent"`` (bicubic latents) or ``"pixel"`` (decode,
                 upscale, encode; sharper, costs two tiled VAE passes).
             sequential_cfg_above: above this many pixels the two CFG halves run
@@ -311,7 +353,9 @@ class GSPNHighResPipeline(DiffusionPipeline):
             try:
                 latents, global_step = self._run_stage(
                     stage, index, latents, batch, dtype, device, generator, cond, uncond, guidance_scale,
-                    skip_residual, skip_residual_power, upscale_mode, sequential_cfg_above, feed_forward_chunk_above,
+                    skip_residual, skip_residual_power,
+                    dilated_sampling_size or self.unet.config.sample_size if dilated_sampling else None,
+                    dilated_sampling_power, upscale_mode, sequential_cfg_above, feed_forward_chunk_above,
                     feed_forward_chunk_tokens, vae_tile_size, vae_tile_overlap, offload_vae_while_denoising,
                     callback_on_step_end, global_step, overall, len(stages), vae_home)
             except torch.cuda.OutOfMemoryError as exc:
@@ -336,7 +380,8 @@ class GSPNHighResPipeline(DiffusionPipeline):
                                          stage_images=stage_images if return_stage_images else None)
 
     def _run_stage(self, stage: Stage, index, latents, batch, dtype, device, generator, cond, uncond, guidance_scale,
-                   skip_residual, skip_power, upscale_mode, sequential_cfg_above, ff_chunk_above, ff_chunk_tokens,
+                   skip_residual, skip_power, dilated_size, dilated_power, upscale_mode, sequential_cfg_above,
+                   ff_chunk_above, ff_chunk_tokens,
                    vae_tile, vae_overlap, offload_vae, callback, global_step, overall, num_stages, vae_home):
         pixels = stage.width * stage.height
         shape = (batch, self.unet.config.in_channels, stage.height // self.vae_scale_factor,
@@ -358,13 +403,20 @@ class GSPNHighResPipeline(DiffusionPipeline):
         if offload_vae:
             self.vae.to("cpu")
         sequential = pixels > sequential_cfg_above
+        dilation = dilation_factor(shape[2], shape[3], dilated_size) if dilated_size and index > 0 else 1
         bar = self.progress_bar(total=len(timesteps))
         bar.set_description(f"stage {index + 1}/{num_stages} {stage.width}x{stage.height}")
         with chunked_feed_forward(self.unet, ff_chunk_tokens if pixels > ff_chunk_above else None):
             for i, t in enumerate(timesteps):
                 model_input = self.scheduler.scale_model_input(latents, t)
-                eps = self.predict_noise(model_input, t, cond, uncond, guidance_scale, stage.width, stage.height,
-                                         sequential)
+                # DemoFusion's cosine weight, 1 -> 0 over the stage
+                c_dilated = ((1 + math.cos(math.pi * i / len(timesteps))) / 2) ** dilated_power if dilation > 1 else 0
+                eps = 0 if c_dilated == 1 else self.predict_noise(
+                    model_input, t, cond, uncond, guidance_scale, stage.width, stage.height, sequential)
+                if c_dilated > 1e-3:
+                    dilated = self.predict_noise_dilated(model_input, t, cond, uncond, guidance_scale, dilation,
+                                                         sequential)
+                    eps = c_dilated * dilated + (1 - c_dilated) * eps
                 latents = self.scheduler.step(eps, t, latents, generator=generator).prev_sample
                 if reference is not None and skip_residual and i + 1 < len(timesteps):
                     # DemoFusion skip residual: weight 1 -> 0 over the stage.

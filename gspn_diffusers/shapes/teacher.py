@@ -7,7 +7,9 @@ self-attention at 16x16, 8x8 and 4x4. Training (accelerate: one CPU, one GPU or
 several) first fits the VAE to world images, then the UNet and text encoder
 with a v-prediction loss on a zero-terminal-SNR schedule and 10% caption
 dropout for classifier-free guidance. Batches are a function of the step, so a run is
-reproducible from its seed.
+reproducible from its seed. A last stage teaches larger objects (what the
+high-resolution pipeline asks of it): the VAE encoder on scenes rendered at
+64-512 pixels, the denoiser on whole scenes at 64, 128 and 256 pixels.
 
     python -m gspn_diffusers.shapes.teacher --output_dir shapes-teacher
 """
@@ -18,7 +20,7 @@ import argparse
 import math
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -74,12 +76,24 @@ def build_teacher(prediction_type: str = "v_prediction", zero_terminal_snr: bool
                                    requires_safety_checker=False)
 
 
-def world_batch(step: int, batch_size: int, rank: int = 0, stream: int = 0):
-    """Images in [-1, 1] (B, 3, 64, 64) and captions of one training step."""
+def world_batch(step: int, batch_size: int, rank: int = 0, stream: int = 0, size: int = IMAGE_SIZE):
+    """Images in [-1, 1] (B, 3, size, size) and captions of one training step."""
     seeds = [((stream * 1_000_003 + step) * 64 + rank) * batch_size + i for i in range(batch_size)]
     scenes = [sample_scene(s % 10**9) for s in seeds]
-    images = np.stack([render(s, IMAGE_SIZE) for s in scenes]).astype(np.float32) / 127.5 - 1
+    images = np.stack([render(s, size) for s in scenes]).astype(np.float32) / 127.5 - 1
     return torch.from_numpy(images).permute(0, 3, 1, 2), [s.caption for s in scenes]
+
+
+def parse_sizes(text: str) -> List[Tuple[int, int]]:
+    """``"64:16,128:4"`` -> [(64, 16), (128, 4)]: image side and scenes per step."""
+    try:
+        sizes = [tuple(int(v) for v in item.split(":")) for item in text.split(",") if item.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(len(s) != 2 or s[0] % 4 or s[0] <= 0 or s[1] <= 0 for s in sizes):
+        raise ValueError(f"sizes {text!r}: expected SIDE:BATCH pairs separated by commas, sides multiples of 4 "
+                         "(e.g. 64:16,128:4,256:2)")
+    return sizes
 
 
 def generate(pipe, prompts, seeds, size: int = IMAGE_SIZE, steps: int = 20, guidance_scale: float = GUIDANCE_SCALE,
@@ -108,7 +122,9 @@ def train_teacher(output_dir: Path, vae_steps: int = 3000, unet_steps: int = 300
                   mixed_precision: Optional[str] = None, ema_decay: float = 0.999, save_every: int = 0,
                   eval_prompts: int = 64, min_snr_gamma: Optional[float] = None,
                   warmup_steps: int = 500, vae_from: Optional[Path] = None,
-                  prediction_type: str = "v_prediction", zero_terminal_snr: bool = True) -> Path:
+                  prediction_type: str = "v_prediction", zero_terminal_snr: bool = True,
+                  init_from: Optional[Path] = None, sizes: Optional[Sequence[Tuple[int, int]]] = None,
+                  vae_multiscale_steps: int = 0) -> Path:
     """Train the teacher and save it as a diffusers pipeline in ``output_dir``.
 
     With ``save_every`` the pipeline (averaged weights) is also saved every so
@@ -118,6 +134,14 @@ def train_teacher(output_dir: Path, vae_steps: int = 3000, unet_steps: int = 300
     fresh). ``min_snr_gamma`` weights the loss so that its clean-image weight
     is min(SNR, gamma) (Min-SNR, Hang et al. 2023). ``prediction_type`` and
     ``zero_terminal_snr`` choose the noise schedule (see :func:`build_teacher`).
+
+    Several object scales (what the high-resolution pipeline needs: a model
+    that only ever saw objects 3-4 latent pixels wide repaints enlarged ones):
+    ``init_from`` continues from a saved teacher (every module; stage 1
+    skipped), ``vae_multiscale_steps`` first fine-tunes the VAE encoder on
+    scenes rendered at 64-512 pixels (see :func:`finetune_vae_encoder`), and
+    ``sizes`` [(side, scenes per step), ...] trains the denoiser on whole
+    scenes rendered at each side (default: ``[(64, batch_size)]``).
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -125,7 +149,13 @@ def train_teacher(output_dir: Path, vae_steps: int = 3000, unet_steps: int = 300
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
     torch.manual_seed(seed)
     pipe = build_teacher(prediction_type, zero_terminal_snr)
-    if vae_from is not None:
+    if init_from is not None:
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(init_from, torch_dtype=torch.float32, safety_checker=None,
+                                                       feature_extractor=None, requires_safety_checker=False)
+        vae_steps = 0
+    elif vae_from is not None:
         from diffusers import AutoencoderKL
 
         pipe.register_modules(vae=AutoencoderKL.from_pretrained(vae_from, subfolder="vae", torch_dtype=torch.float32))
@@ -135,9 +165,13 @@ def train_teacher(output_dir: Path, vae_steps: int = 3000, unet_steps: int = 300
     main = accelerator.is_main_process
     log = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
 
+    sizes = list(sizes) if sizes else [(IMAGE_SIZE, batch_size)]
+
     # ---- 1. the autoencoder -------------------------------------------------
     if vae_steps == 0:
-        return _train_denoiser(pipe, accelerator, output_dir, unet_steps, batch_size, unet_lr, seed, log_every,
+        if vae_multiscale_steps:
+            pipe.register_modules(vae=finetune_vae_encoder(vae, accelerator, vae_multiscale_steps, log_every=log_every))
+        return _train_denoiser(pipe, accelerator, output_dir, unet_steps, sizes, unet_lr, seed, log_every,
                                ema_decay, save_every, eval_prompts, min_snr_gamma, warmup_steps)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=vae_lr)
     vae, optimizer = accelerator.prepare(vae, optimizer)
@@ -160,18 +194,66 @@ def train_teacher(output_dir: Path, vae_steps: int = 3000, unet_steps: int = 300
         latents = vae.encode(images.to(device)).latent_dist.mean
         vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     log(f"vae: final loss {loss.item():.4f}, scaling factor {vae.config.scaling_factor:.4f}")
+    if vae_multiscale_steps:
+        vae = finetune_vae_encoder(vae, accelerator, vae_multiscale_steps, log_every=log_every)
     pipe.register_modules(vae=vae)
     if unet_steps == 0:  # stage 1 only: a pipeline whose VAE later runs reuse with vae_from
         if accelerator.is_main_process:
             pipe.save_pretrained(output_dir)
         return output_dir
-    return _train_denoiser(pipe, accelerator, output_dir, unet_steps, batch_size, unet_lr, seed, log_every,
+    return _train_denoiser(pipe, accelerator, output_dir, unet_steps, sizes, unet_lr, seed, log_every,
                            ema_decay, save_every, eval_prompts, min_snr_gamma, warmup_steps)
 
 
-def _train_denoiser(pipe, accelerator, output_dir, unet_steps, batch_size, unet_lr, seed, log_every, ema_decay,
+def finetune_vae_encoder(vae, accelerator, steps: int, lr: float = 2e-4, sides: Sequence[int] = (64, 128, 256, 512),
+                         crop: int = 128, log_every: int = 100):
+    """Fine-tune the VAE encoder on scenes rendered at several sizes.
+
+    A VAE trained on 64-pixel scenes loses objects when it encodes them much
+    larger (fully correct round trips 0.94 / 0.84 / 0.62 at 64 / 128 / 256
+    pixels), which breaks pixel-space upscaling between high-res stages. Steps
+    cycle through ``sides`` (32 scenes at 64 pixels, 8 random ``crop``-pixel
+    crops above); only the encoder learns, so the decoder and the latent space
+    the UNet was trained on stay, and at 64 pixels its latents are anchored to
+    the original encoder's.
+    """
+    import copy
+
+    from tqdm.auto import tqdm
+
+    device = accelerator.device
+    anchor = copy.deepcopy(vae).eval().requires_grad_(False)
+    vae.requires_grad_(False)
+    vae.encoder.requires_grad_(True)
+    vae.quant_conv.requires_grad_(True)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    bar = tqdm(range(steps), desc="vae multi-scale", disable=not accelerator.is_main_process)
+    for step in bar:
+        side = sides[step % len(sides)]
+        count = 32 if side <= IMAGE_SIZE else 8
+        images, _ = world_batch(step, count, accelerator.process_index, stream=3, size=side)
+        if side > crop:
+            rng = np.random.default_rng(step)
+            y, x = (int(v) for v in rng.integers(0, side - crop + 1, 2))
+            images = images[:, :, y:y + crop, x:x + crop]
+        images = images.to(device)
+        posterior = vae.encode(images).latent_dist
+        loss = F.mse_loss(vae.decode(posterior.sample()).sample, images)
+        if side <= IMAGE_SIZE:
+            loss = loss + F.mse_loss(posterior.mean, anchor.encode(images).latent_dist.mean)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % log_every == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return vae.eval().requires_grad_(False)
+
+
+def _train_denoiser(pipe, accelerator, output_dir, unet_steps, sizes, unet_lr, seed, log_every, ema_decay,
                     save_every, eval_prompts, min_snr_gamma, warmup_steps) -> Path:
-    """Stage 2: UNet and text encoder on the noise-prediction loss (VAE frozen)."""
+    """Stage 2: UNet and text encoder on the noise-prediction loss (VAE frozen),
+    over whole scenes at each (side, scenes per step) of ``sizes``."""
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
@@ -216,44 +298,58 @@ def _train_denoiser(pipe, accelerator, output_dir, unet_steps, batch_size, unet_
     gen = torch.Generator().manual_seed(seed)
     bar = tqdm(range(unet_steps), desc="unet", disable=not main)
     started, running = time.perf_counter(), None
+    total = sum(count for _, count in sizes)
     for step in bar:
-        images, captions = world_batch(step, batch_size, accelerator.process_index)
-        captions = ["" if torch.rand((), generator=gen) < 0.1 else c for c in captions]
-        with torch.no_grad():
-            clean = vae.encode(images.to(device)).latent_dist.sample() * vae.config.scaling_factor
-        noise = torch.randn(clean.shape, generator=gen).to(device)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],), generator=gen).to(device)
-        noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-        ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
-        with accelerator.autocast():
-            cond = text_encoder(ids)[0]
-            pred = unet(noisy, timesteps, encoder_hidden_states=cond).sample
-            target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
-                noise_scheduler.get_velocity(clean, noise, timesteps)
-            per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
-            if min_snr_gamma:
-                snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
-                # the eps (v) loss weighs the clean-image error by SNR (SNR + 1)
-                implied = snr if noise_scheduler.config.prediction_type == "epsilon" else snr + 1
-                per_sample = per_sample * torch.clamp(snr, max=min_snr_gamma) / implied.clamp(min=1e-8)
-            loss = per_sample.mean()
-        accelerator.backward(loss)
+        loss = 0.0
+        for index, (side, count) in enumerate(sizes):
+            # one backward per size (latents of different sizes cannot share a batch);
+            # each size's loss weighs by its share of the step's scenes
+            part = _denoiser_loss(vae, unet, text_encoder, tokenizer, noise_scheduler, alphas_cumprod, accelerator,
+                                  gen, min_snr_gamma, *world_batch(step, count, accelerator.process_index,
+                                                                   stream=0 if index == 0 else 10 + index, size=side))
+            accelerator.backward(part * (count / total))
+            loss += part.item() * count / total
         accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         ema.step(params)
-        running = loss.item() if running is None else 0.99 * running + 0.01 * loss.item()
+        running = loss if running is None else 0.99 * running + 0.01 * loss
         if step % log_every == 0:
             bar.set_postfix(loss=f"{running:.4f}",
-                            samples_s=f"{(step + 1) * batch_size / (time.perf_counter() - started):.0f}")
+                            samples_s=f"{(step + 1) * total / (time.perf_counter() - started):.0f}")
         if save_every and (step + 1) % save_every == 0 and step + 1 < unet_steps:
             save(step + 1)
     accelerator.wait_for_everyone()
     save(unet_steps)
     log(f"final training loss {running:.4f}")
     return output_dir
+
+
+def _denoiser_loss(vae, unet, text_encoder, tokenizer, noise_scheduler, alphas_cumprod, accelerator, gen,
+                   min_snr_gamma, images, captions):
+    """The v (or eps) prediction loss of one batch, with 10% caption dropout."""
+    device = accelerator.device
+    captions = ["" if torch.rand((), generator=gen) < 0.1 else c for c in captions]
+    with torch.no_grad():
+        clean = vae.encode(images.to(device)).latent_dist.sample() * vae.config.scaling_factor
+    noise = torch.randn(clean.shape, generator=gen).to(device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],), generator=gen).to(device)
+    noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+    ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    with accelerator.autocast():
+        cond = text_encoder(ids)[0]
+        pred = unet(noisy, timesteps, encoder_hidden_states=cond).sample
+        target = noise if noise_scheduler.config.prediction_type == "epsilon" else \
+            noise_scheduler.get_velocity(clean, noise, timesteps)
+        per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
+        if min_snr_gamma:
+            snr = alphas_cumprod[timesteps] / (1 - alphas_cumprod[timesteps])
+            # the eps (v) loss weighs the clean-image error by SNR (SNR + 1)
+            implied = snr if noise_scheduler.config.prediction_type == "epsilon" else snr + 1
+            per_sample = per_sample * torch.clamp(snr, max=min_snr_gamma) / implied.clamp(min=1e-8)
+        return per_sample.mean()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -272,11 +368,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--eval_prompts", type=int, default=64, help="held-out prompts scored at each save (0: none)")
     p.add_argument("--min_snr_gamma", type=float, default=None, help="Min-SNR loss weighting (e.g. 5)")
     p.add_argument("--vae_from", type=Path, default=None, help="reuse the VAE of a saved teacher (skips stage 1)")
+    p.add_argument("--init_from", type=Path, default=None,
+                   help="continue from a saved teacher (every module; skips stage 1)")
+    p.add_argument("--sizes", type=str, default=None,
+                   help="denoiser scenes per step at each side, e.g. 64:16,128:4,256:2 (default 64:batch_size)")
+    p.add_argument("--vae_multiscale_steps", type=int, default=0,
+                   help="fine-tune the VAE encoder on scenes rendered at 64-512 pixels first")
     p.add_argument("--warmup_steps", type=int, default=500)
     p.add_argument("--prediction_type", choices=["v_prediction", "epsilon"], default="v_prediction")
     p.add_argument("--zero_terminal_snr", action=argparse.BooleanOptionalAction, default=True,
                    help="rescale the schedule to zero SNR at the last step (needs v_prediction)")
     args = p.parse_args(argv)
+    try:
+        sizes = parse_sizes(args.sizes) if args.sizes else None
+    except ValueError as exc:
+        p.error(str(exc))
     if args.zero_terminal_snr and args.prediction_type == "epsilon":
         p.error("--zero_terminal_snr needs --prediction_type v_prediction (epsilon is undefined at zero SNR); "
                 "add --no-zero_terminal_snr")
@@ -284,7 +390,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   args.seed, mixed_precision=args.mixed_precision, ema_decay=args.ema_decay,
                   save_every=args.save_every, eval_prompts=args.eval_prompts,
                   min_snr_gamma=args.min_snr_gamma, warmup_steps=args.warmup_steps, vae_from=args.vae_from,
-                  prediction_type=args.prediction_type, zero_terminal_snr=args.zero_terminal_snr)
+                  prediction_type=args.prediction_type, zero_terminal_snr=args.zero_terminal_snr,
+                  init_from=args.init_from, sizes=sizes, vae_multiscale_steps=args.vae_multiscale_steps)
     return 0
 
 
