@@ -67,5 +67,8 @@ def test_fidelity_quick_writes_json(tmp_path):
     for key in ("teacher_adherence", "student_adherence", "highres_adherence", "direct_adherence"):
         assert 0.0 <= result[key] <= 1.0
     assert result["largest_scale"] == 4 and result["prompts"] == 2
-    assert result["scales"]["4"]["upscale_mode"] == "pixel" and "highres_latent_upscale" in result["scales"]["4"]
+    entry = result["scales"]["4"]
+    assert entry["upscale_mode"] == "pixel" and entry["dilated_sampling_size"] == 32
+    # quick mode runs one ablation (the full run adds no-skip-residual and the other upscale mode)
+    assert "highres_no_dilated_sampling" in entry and "highres_latent_upscale" not in entry
     assert out.with_suffix(".png").exists()
