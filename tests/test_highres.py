@@ -209,6 +209,9 @@ def test_dilated_sampling_denoises_native_sized_sub_latents(base, adapter):
     # (weight 1) and the other two run both paths
     assert calls == 12 and len(seen) == 6 + 5 + 5
     assert dilated.images.shape == plain.images.shape and not np.allclose(dilated.images, plain.images)
+    # large stages run the sub-latents in s groups (and the CFG halves one after the other): same numbers
+    grouped = run(pipe, 256, 256, stage_strengths=[1.0, 0.5, 0.5], dilated_sampling=True, sequential_cfg_above=0)
+    np.testing.assert_allclose(grouped.images, dilated.images, atol=1e-4)
 
 
 def test_pixel_upscale_mode(base, adapter):

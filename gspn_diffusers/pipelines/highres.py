@@ -209,12 +209,19 @@ class GSPNHighResPipeline(DiffusionPipeline):
         return e_uncond + guidance_scale * (e_cond - e_uncond)
 
     def predict_noise_dilated(self, latents, t, cond, uncond, guidance_scale, s: int, sequential: bool):
-        """The same prediction made on the s x s interleaved sub-latents (one batch)."""
+        """The same prediction made on the s x s interleaved sub-latents: one
+        batch, or (``sequential``, large stages) s batches of s sub-latents, so
+        that activations stay about 1/s of a full-size pass."""
         sub = to_dilated(latents, s)
-        repeat = lambda kwargs: None if kwargs is None else {k: v.repeat_interleave(s * s, 0) for k, v in kwargs.items()}
         height, width = sub.shape[-2] * self.vae_scale_factor, sub.shape[-1] * self.vae_scale_factor
-        return from_dilated(self.predict_noise(sub, t, repeat(cond), repeat(uncond), guidance_scale, width, height,
-                                               sequential), s)
+        group = s if sequential else s * s
+        parts = []
+        for start in range(0, sub.shape[0], group):
+            rows = torch.arange(start, min(start + group, sub.shape[0]), device=sub.device) // (s * s)
+            pick = lambda kwargs: None if kwargs is None else {k: v[rows] for k, v in kwargs.items()}  # noqa: E731
+            parts.append(self.predict_noise(sub[start:start + group], t, pick(cond), pick(uncond), guidance_scale,
+                                            width, height, sequential))
+        return from_dilated(torch.cat(parts), s)
 
     # ---- latents <-> images -------------------------------------------------
 
