@@ -269,3 +269,17 @@ def test_bf16_checkpointing_accumulation_and_tensorboard(sd_model, prompts_file,
     assert list((out / "logs").rglob("events.out.tfevents.*")), "no TensorBoard event file"
     config = json.loads((out / "gspn_adapter.json").read_text())
     assert config["base_model"] == "UNet2DConditionModel"
+
+
+def test_buckets_match_aspect_then_size():
+    from PIL import Image
+
+    from gspn_diffusers.distill.data import nearest_bucket
+
+    squares = [(64, 64), (128, 128)]
+    assert nearest_bucket(Image.new("RGB", (64, 64)), squares) == 0
+    assert nearest_bucket(Image.new("RGB", (120, 120)), squares) == 1
+    sizes = [(64, 64), (128, 64), (256, 128)]
+    assert nearest_bucket(Image.new("RGB", (100, 50)), sizes) == 1  # aspect 2, nearer 128x64 in area
+    assert nearest_bucket(Image.new("RGB", (300, 150)), sizes) == 2
+    assert nearest_bucket(Image.new("RGB", (90, 100)), sizes) == 0  # the square is the nearest aspect

@@ -103,11 +103,15 @@ def fit_image(image, width: int, height: int) -> torch.Tensor:
 
 
 def nearest_bucket(image, sizes: Sequence[Tuple[int, int]]) -> int:
-    """Index of the training size whose aspect ratio is closest to the image's."""
+    """Index of the training size closest to the image: aspect ratio first,
+    then, among sizes of that aspect, pixel count (so 64 and 128 px squares
+    are two buckets, not one)."""
     import math
 
     aspect = math.log(image.width / image.height)
-    return min(range(len(sizes)), key=lambda i: abs(math.log(sizes[i][0] / sizes[i][1]) - aspect))
+    area = math.log(image.width * image.height)
+    return min(range(len(sizes)), key=lambda i: (round(abs(math.log(sizes[i][0] / sizes[i][1]) - aspect), 6),
+                                                 abs(math.log(sizes[i][0] * sizes[i][1]) - area)))
 
 
 def cache_key(args, model_fingerprint: str) -> str:
