@@ -93,7 +93,8 @@ def main(argv=None) -> int:
     grid_rows = [teacher[:8], student[:8]]
     other = "latent" if args.upscale_mode == "pixel" else "pixel"
     # the staged pipeline with one part changed: (JSON key, table row, settings)
-    ablations = [("highres_no_dilated_sampling", "no dilated sampling", dict(dilated=0))]
+    ablations = [("highres_no_dilated_sampling", "no dilated sampling", dict(dilated=0))] \
+        if args.dilated_sampling_size else []
     if not args.quick:
         ablations += [("highres_no_skip_residual", "no skip residual", dict(skip_residual=False)),
                       (f"highres_{other}_upscale", f"{other} upscale", dict(mode=other))]
@@ -104,8 +105,7 @@ def main(argv=None) -> int:
         entry = {"size": size, "upscale_mode": args.upscale_mode,
                  "dilated_sampling_size": args.dilated_sampling_size, "highres": adherence(highres, prompts)}
         for key, _, settings in ablations:
-            if key != "highres_no_dilated_sampling" or args.dilated_sampling_size:
-                entry[key] = adherence(staged(size, **settings), prompts)
+            entry[key] = adherence(staged(size, **settings), prompts)
         entry["direct"] = adherence(plain, prompts)
         results["scales"][str(scale)] = entry
         grid_rows += [[np.asarray(_thumb(i, native)) for i in highres[:8]],
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     rows = [("teacher (native)", results["teacher"]), ("student (native)", results["student"])]
     for scale, entry in results["scales"].items():
         rows += [(f"high-res {scale}x", entry["highres"])]
-        rows += [(f"  {name} {scale}x", entry[key]) for key, name, _ in ablations if key in entry]
+        rows += [(f"  {name} {scale}x", entry[key]) for key, name, _ in ablations]
         rows += [(f"direct {scale}x", entry["direct"])]
     for name, r in rows:
         print(f"{name:>22} {r['correct']:>8.2f} {r['count']:>6.2f} {r['colours']:>6.2f} {r['shapes']:>6.2f} "
