@@ -1,40 +1,54 @@
 #!/usr/bin/env bash
 # The prepared GPU check: one call on a GPU machine builds the CUDA extension,
-# runs every CUDA test, the operator benchmark and the UNet-step benchmark.
-# Logs and JSON go to $OUT (the device tool's output folder) or bench_results/.
+# runs every CUDA test and the benchmarks, each stage under its own time limit
+# so that a hang or a slow stage still leaves the others' results.
 #
-#   bash scripts/gpu_check.sh            # torch with CUDA must be importable
+#   bash scripts/gpu_check.sh                  # every stage
+#   bash scripts/gpu_check.sh build tests op   # some: build tests op unet distill e2e
 #
-# The device machines have no diffusers: carry its wheel (see the device
-# tool's README) and put it on PYTHONPATH before calling this script.
+# Everything printed goes to $OUT/gpu_check.log (the device tool's output
+# folder; bench_results/ elsewhere), each benchmark's JSON beside it.
+# The device machines have no diffusers: wheels in .whl/ (see the device
+# tool's README) are installed into /tmp/site first when present.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench_results}"
 mkdir -p "$out"
+exec > >(tee "$out/gpu_check.log") 2>&1
+stages="${*:-build tests op unet distill e2e}"
+want() { [[ " $stages " == *" $1 "* ]]; }
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="/tmp/site"
+fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}"
-export GSPN_CACHE_DIR="${GSPN_CACHE_DIR:-/tmp/gspn_cache}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+export GSPN_CACHE_DIR="${GSPN_CACHE_DIR:-/tmp/gspn_cache}" GSPN_BACKEND=compiled
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+python3 -c "import diffusers; print('diffusers', diffusers.__version__)" 2>&1 | tail -1
 
-echo "== build"
-start=$(date +%s)
-GSPN_BACKEND=compiled python3 -m gspn_diffusers.cli build 2>&1 | tee "$out/build.log" | tail -6
-echo "build took $(( $(date +%s) - start )) s"
+stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, report time and exit status
+    local name=$1 limit=$2 start rc
+    shift 2
+    echo "== $name (limit ${limit} s)"
+    start=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@"
+    rc=$?
+    echo "== $name: exit $rc after $(( $(date +%s) - start )) s$( ((rc == 124)) && echo ' (TIMED OUT)')"
+}
 
-echo "== CUDA tests"
-python3 -m pytest -q -p no:cacheprovider -n 8 -k cuda tests/test_ops_kernels.py 2>&1 | tee "$out/cuda_tests.log" | tail -20
-
-echo "== operator benchmark"
-python3 benchmarks/bench_op.py --device cuda --dtype float16 --channels 32 320 --groups 1 C \
-    --sides 256 1024 2048 4096 --max-gib 60 --no-reference --json "$out/bench_op_cuda.json" 2>&1 \
-    | tee "$out/bench_op.log" | grep -E "copy \(|fwd|bwd|skipped|#"
-
-echo "== UNet step benchmark"
-python3 benchmarks/bench_unet.py --repeats 3 --json "$out/bench_unet.json" 2>&1 | tee "$out/bench_unet.log" | grep -E "px|wrote|Error"
-
-echo "== distillation step benchmark"
-python3 benchmarks/bench_distill.py --json "$out/bench_distill.json" 2>&1 | tee "$out/bench_distill.log" | grep -E "px|wrote|Error"
-
-echo "== end-to-end high-resolution benchmark"
-python3 benchmarks/bench_e2e.py --json "$out/bench_e2e.json" 2>&1 | tee "$out/bench_e2e.log" | grep -E "px|wrote|Error"
+want build && stage build 300 python3 -m gspn_diffusers.cli build
+want tests && stage "CUDA tests" 240 python3 -m pytest -q -rfE -p no:cacheprovider -n 8 -k cuda \
+    tests/test_ops_kernels.py tests/test_layer.py
+want op && stage "operator benchmark" 240 python3 benchmarks/bench_op.py --device cuda --dtype float16 \
+    --channels 32 320 --groups 1 C --sides 256 512 1024 2048 4096 --max-gib 100 --repeats 5 --no-reference \
+    --json "$out/bench_op_cuda.json"
+want unet && stage "UNet step benchmark" 300 python3 benchmarks/bench_unet.py --models sd15 sdxl \
+    --sizes 1024 2048 4096 8192 --sd15-extra 16384 --repeats 3 --json "$out/bench_unet.json"
+want distill && stage "distillation step benchmark" 150 python3 benchmarks/bench_distill.py \
+    --json "$out/bench_distill.json"
+want e2e && stage "end-to-end high-resolution benchmark" 300 python3 benchmarks/bench_e2e.py \
+    --json "$out/bench_e2e.json"
+echo "== done"

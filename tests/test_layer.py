@@ -55,3 +55,29 @@ def test_init_from_attention_rejects_wrong_shapes():
     layer = GSPNLayer(16)
     with pytest.raises(ValueError, match=r"compose to \(16, 8\)"):
         layer.init_from_attention(torch.randn(16, 8), torch.randn(16, 16))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_layer_on_cuda_matches_cpu(compiled_cuda, dtype):
+    """The whole layer (projections, four fused-normalisation scans, output
+    gates) gives the CPU's outputs and gradients on the GPU."""
+    torch.manual_seed(0)
+    layer = GSPNLayer(64, proxy_dim=16, gate_groups=4, chunk=None)
+    tokens = torch.randn(2, 24 * 40, 64)
+    want = layer(tokens.requires_grad_(), (24, 40))
+    want.square().mean().backward()
+    want_grads = [tokens.grad] + [None if p.grad is None else p.grad.clone() for p in layer.parameters()]
+    gpu = layer.to("cuda", dtype)
+    gpu.zero_grad(set_to_none=True)
+    x = tokens.detach().to("cuda", dtype).requires_grad_()
+    got = gpu(x, (24, 40))
+    got.float().square().mean().backward()
+    tol = 2e-4 if dtype == torch.float32 else 2e-2
+    scale = want.abs().max()
+    assert (got.float().cpu() - want.detach()).abs().max() <= tol * scale
+    for (name, param), ref in zip([("tokens", x)] + list(gpu.named_parameters()), want_grads):
+        if ref is None:
+            continue
+        err = (param.grad.float().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)
+        assert err <= 10 * tol, f"{name}: relative gradient error {err:.2e}"

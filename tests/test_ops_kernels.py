@@ -224,15 +224,17 @@ def test_long_scan_low_precision(device, dtype):
 # ---- torch.library integration ---------------------------------------------
 
 
-def test_opcheck(compiled_cpu):
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_opcheck(device):
     for normalize, x_dirs in ((False, None), (True, 4)):
-        x, gates, lam = make_inputs(2, 4, 2, 5, 7, torch.float64, "cpu", "opcheck", dirs=4, shared=x_dirs is None)
+        x, gates, lam = make_inputs(2, 4, 2, 5, 7, torch.float64, device, "opcheck", dirs=4, shared=x_dirs is None)
         args = (x.requires_grad_(), gates.requires_grad_(), lam.requires_grad_(), [0, 1, 2, 3], 2, normalize)
         torch.library.opcheck(torch.ops.gspn.scan.default, args)
 
 
-def test_torch_compile_fullgraph(compiled_cpu):
-    x, gates, lam = make_inputs(1, 4, 2, 9, 7, torch.float32, "cpu", "compile", dirs=4)
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_torch_compile_fullgraph(device):
+    x, gates, lam = make_inputs(1, 4, 2, 9, 7, torch.float32, device, "compile", dirs=4)
 
     def layer(x, logits, lam):
         h = gspn_scan_4dir(x, logits, lam, chunk=4, normalize=True)

@@ -1,0 +1,6 @@
+// The float32 instantiation of the CUDA launches (one file per dtype so they compile in parallel).
+#include "gspn_scan_cuda.cuh"
+
+namespace gspn {
+GSPN_INSTANTIATE_CUDA_LAUNCHES(float)
+}  // namespace gspn
