@@ -13,13 +13,15 @@
 //   every line. The previous line's hidden state lives in shared memory in
 //   fp32 (fp64 for double), double-buffered so one __syncthreads per line
 //   suffices.
-// - Inputs for kLinesPerTile lines are loaded into registers before they are
-//   used: they do not depend on the recurrence, so the loads of the next lines
-//   are in flight while the current line is computed.
+// - Inputs are loaded a tile of lines ahead (software pipelining): while a
+//   tile's lines run through the recurrence, the next tile's loads are in
+//   flight. Every load of a tile is unconditional (slots outside the image read
+//   a valid dummy address), so none waits behind another's use; a first version
+//   with conditional loads that were used at once serialised one memory round
+//   trip per line and position slot and ran at 2-5% of copy bandwidth.
 // - Coalescing: for "tb"/"bt" consecutive threads read consecutive addresses of
-//   a row. For "lr"/"rl" a thread reads kLinesPerTile consecutive columns of
-//   its row in a row, so each fetched 32-byte sector is used by the next loads
-//   of the same thread instead of being re-fetched per column.
+//   a row. For "lr"/"rl" a thread reads a tile's consecutive columns of its
+//   row, so a fetched 32-byte sector serves the next loads of the same thread.
 // - 64-bit offsets everywhere (a 16K-pixel layer exceeds 2^31 elements).
 #pragma once
 
@@ -38,9 +40,15 @@
 namespace gspn {
 namespace {
 
-constexpr int kLinesPerTile = 4;
+// Lines whose inputs are loaded ahead (a tile) per thread; fewer when a thread
+// owns more positions per line, so two tiles (the current one and the one in
+// flight) stay in registers.
+template <int RPT>
+constexpr int forward_tile_lines() { return RPT <= 2 ? 4 : (RPT == 4 ? 2 : 1); }
+template <int RPT>
+constexpr int backward_tile_lines() { return RPT == 1 ? 4 : (RPT == 2 ? 2 : 1); }
 // 512 threads leave each thread up to 128 registers for its RPT positions of
-// kLinesPerTile staged lines; lines up to 512 * 8 = 4096 positions (32K px).
+// two staged tiles; lines up to 512 * 8 = 4096 positions (32K px).
 constexpr int kMaxThreads = 512;
 constexpr int kMaxRowsPerThread = 8;
 constexpr int64_t kMaxLineLength = int64_t(kMaxThreads) * kMaxRowsPerThread;
@@ -61,13 +69,46 @@ __device__ inline BlockTask decode_block(const ScanProblem& pb, int64_t chunks_p
   return task;
 }
 
-// tap0 points at tap 0 of a gate group; taps 1 and 2 follow one plane apart.
-template <typename scalar_t, typename acc_t, bool NORM>
-__device__ inline void load_taps(const scalar_t* tap0, int64_t plane, int64_t off, int64_t p, int64_t L,
-                                 acc_t& g0, acc_t& g1, acc_t& g2) {
-  g0 = static_cast<acc_t>(tap0[off]);
-  g1 = static_cast<acc_t>(tap0[off + plane]);
-  g2 = static_cast<acc_t>(tap0[off + 2 * plane]);
+// pb.dirs[d] without a run-time array index (which would copy the whole
+// kernel parameter struct to local memory).
+__device__ inline int direction_of(const ScanProblem& pb, int64_t d) {
+  return d == 0 ? pb.dirs[0] : d == 1 ? pb.dirs[1] : d == 2 ? pb.dirs[2] : pb.dirs[3];
+}
+
+// Offset of (line t, position p), or of the plane's first element for a slot
+// outside the chunk or the line. Every load of a tile is then unconditional,
+// so all of them are in flight together; the compute ignores those slots.
+__device__ inline int64_t slot_offset(const LineGeometry& geo, int64_t t, int64_t t_end, int64_t p) {
+  return (t < t_end && p < geo.length) ? geo.first + t * geo.line_stride + p * geo.pos_stride : geo.first;
+}
+
+// The forward's inputs at one position, as stored; converted when used.
+template <typename scalar_t>
+struct ForwardSlot {
+  scalar_t x, lam, g0, g1, g2;
+};
+
+template <typename scalar_t, int RPT, int K>
+__device__ inline void load_forward_tile(ForwardSlot<scalar_t> (&tile)[K][RPT], const scalar_t* xp,
+                                         const scalar_t* lp, const scalar_t* tap0, int64_t plane,
+                                         const LineGeometry& geo, int64_t t0, int64_t t_end) {
+#pragma unroll
+  for (int s = 0; s < K; ++s) {
+#pragma unroll
+    for (int r = 0; r < RPT; ++r) {
+      const int64_t off = slot_offset(geo, t0 + s, t_end, threadIdx.x + static_cast<int64_t>(r) * blockDim.x);
+      tile[s][r] = {xp[off], lp[off], tap0[off], tap0[off + plane], tap0[off + 2 * plane]};
+    }
+  }
+}
+
+// Gates of one slot in acc_t, normalised from logits when NORM.
+template <typename acc_t, bool NORM, typename scalar_t>
+__device__ inline void slot_gates(scalar_t l0, scalar_t l1, scalar_t l2, int64_t p, int64_t L, acc_t& g0,
+                                  acc_t& g1, acc_t& g2) {
+  g0 = static_cast<acc_t>(l0);
+  g1 = static_cast<acc_t>(l1);
+  g2 = static_cast<acc_t>(l2);
   if (NORM) normalize_taps<acc_t>(g0, g1, g2, p > 0, p < L - 1, g0, g1, g2);
 }
 
@@ -76,8 +117,9 @@ __global__ void __launch_bounds__(kMaxThreads)
 scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ gates,
                     const scalar_t* __restrict__ lam, scalar_t* __restrict__ out, const ScanProblem pb,
                     const int64_t chunks_per_plane) {
+  constexpr int K = forward_tile_lines<RPT>();
   const BlockTask task = decode_block(pb, chunks_per_plane);
-  const LineGeometry geo = line_geometry(pb.dirs[task.d], pb.H, pb.W);
+  const LineGeometry geo = line_geometry(direction_of(pb, task.d), pb.H, pb.W);
   const int64_t L = geo.length;
   const int64_t clen = chunk_length(pb.chunk, geo.lines);
   const int64_t t_begin = task.chunk_index * clen;
@@ -97,38 +139,64 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
   const scalar_t* tap0 = gates + pb.gate_plane(task.b, task.d, task.c / pb.channels_per_group(), 0);
   const int64_t plane = pb.plane();
 
-  for (int64_t t0 = t_begin; t0 < t_end; t0 += kLinesPerTile) {
-    acc_t lx[kLinesPerTile][RPT], g0[kLinesPerTile][RPT], g1[kLinesPerTile][RPT], g2[kLinesPerTile][RPT];
+  // Software pipeline: the next tile's loads are issued before this tile's
+  // lines are computed, so memory latency overlaps the recurrence.
+  ForwardSlot<scalar_t> cur[K][RPT], next[K][RPT];
+  load_forward_tile<scalar_t, RPT, K>(cur, xp, lp, tap0, plane, geo, t_begin, t_end);
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += K) {
+    if (t0 + K < t_end) load_forward_tile<scalar_t, RPT, K>(next, xp, lp, tap0, plane, geo, t0 + K, t_end);
 #pragma unroll
-    for (int s = 0; s < kLinesPerTile; ++s) {
-#pragma unroll
-      for (int r = 0; r < RPT; ++r) {
-        const int64_t p = threadIdx.x + static_cast<int64_t>(r) * blockDim.x;
-        lx[s][r] = g0[s][r] = g1[s][r] = g2[s][r] = acc_t(0);
-        if (t0 + s < t_end && p < L) {
-          const int64_t off = geo.first + (t0 + s) * geo.line_stride + p * geo.pos_stride;
-          lx[s][r] = static_cast<acc_t>(lp[off]) * static_cast<acc_t>(xp[off]);
-          load_taps<scalar_t, acc_t, NORM>(tap0, plane, off, p, L, g0[s][r], g1[s][r], g2[s][r]);
-        }
-      }
-    }
-#pragma unroll
-    for (int s = 0; s < kLinesPerTile; ++s) {
+    for (int s = 0; s < K; ++s) {
       const int64_t t = t0 + s;
       if (t >= t_end) break;  // uniform over the block
-      acc_t* cur = smem + (t & 1) * (L + 2) + 1;
+      acc_t* row = smem + (t & 1) * (L + 2) + 1;
       const acc_t* prev = smem + ((t & 1) ^ 1) * (L + 2);  // prev[p + k] is position p - 1 + k
       const bool first = t == t_begin;
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
         const int64_t p = threadIdx.x + static_cast<int64_t>(r) * blockDim.x;
         if (p < L) {
-          const acc_t v = first ? lx[s][r] : propagate(lx[s][r], g0[s][r], g1[s][r], g2[s][r], prev + p);
-          cur[p] = v;
+          const ForwardSlot<scalar_t>& in = cur[s][r];
+          acc_t g0, g1, g2;
+          slot_gates<acc_t, NORM>(in.g0, in.g1, in.g2, p, L, g0, g1, g2);
+          const acc_t lx = static_cast<acc_t>(in.lam) * static_cast<acc_t>(in.x);
+          const acc_t v = first ? lx : propagate(lx, g0, g1, g2, prev + p);
+          row[p] = v;
           op[geo.first + t * geo.line_stride + p * geo.pos_stride] = static_cast<scalar_t>(v);
         }
       }
       __syncthreads();
+    }
+#pragma unroll
+    for (int s = 0; s < K; ++s) {
+#pragma unroll
+      for (int r = 0; r < RPT; ++r) cur[s][r] = next[s][r];
+    }
+  }
+}
+
+// The backward's inputs at one position, as stored; hprev is h[t-1] there.
+template <typename scalar_t>
+struct BackwardSlot {
+  scalar_t go, x, lam, g0, g1, g2, hprev;
+};
+
+template <typename scalar_t, int RPT, int K>
+__device__ inline void load_backward_tile(BackwardSlot<scalar_t> (&tile)[K][RPT], const scalar_t* ghp,
+                                          const scalar_t* hp, const scalar_t* xp, const scalar_t* lp,
+                                          const scalar_t* tap0, int64_t plane, const LineGeometry& geo,
+                                          int64_t t0, int64_t t_hi, int64_t t_begin) {
+#pragma unroll
+  for (int s = 0; s < K; ++s) {
+#pragma unroll
+    for (int r = 0; r < RPT; ++r) {
+      const int64_t t = t0 + s;
+      const int64_t p = threadIdx.x + static_cast<int64_t>(r) * blockDim.x;
+      const int64_t off = slot_offset(geo, t, t_hi, p);
+      // The chunk's first line has no previous line, and slots outside the
+      // tile none that exists: they read their own h (valid, unused).
+      const int64_t prev_off = (t > t_begin && t < t_hi && p < geo.length) ? off - geo.line_stride : off;
+      tile[s][r] = {ghp[off], xp[off], lp[off], tap0[off], tap0[off + plane], tap0[off + 2 * plane], hp[prev_off]};
     }
   }
 }
@@ -145,8 +213,9 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
                      void* __restrict__ dgates_raw, scalar_t* __restrict__ dlam, const ScanProblem pb,
                      const int64_t chunks_per_plane) {
   using dg_t = typename std::conditional<ATOMIC, acc_t, scalar_t>::type;
+  constexpr int K = backward_tile_lines<RPT>();
   const BlockTask task = decode_block(pb, chunks_per_plane);
-  const LineGeometry geo = line_geometry(pb.dirs[task.d], pb.H, pb.W);
+  const LineGeometry geo = line_geometry(direction_of(pb, task.d), pb.H, pb.W);
   const int64_t L = geo.length;
   const int64_t clen = chunk_length(pb.chunk, geo.lines);
   const int64_t t_begin = task.chunk_index * clen;
@@ -177,29 +246,18 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
   const scalar_t* tap0 = gates + tap_offset;
   dg_t* dg0 = static_cast<dg_t*>(dgates_raw) + tap_offset;
 
-  for (int64_t t_hi = t_end; t_hi > t_begin; t_hi -= kLinesPerTile) {
-    const int64_t t0 = t_hi - kLinesPerTile > t_begin ? t_hi - kLinesPerTile : t_begin;
-    acc_t go[kLinesPerTile][RPT], xs[kLinesPerTile][RPT], ls[kLinesPerTile][RPT], hprev[kLinesPerTile][RPT];
-    acc_t g0[kLinesPerTile][RPT], g1[kLinesPerTile][RPT], g2[kLinesPerTile][RPT];
-#pragma unroll
-    for (int s = 0; s < kLinesPerTile; ++s) {
-#pragma unroll
-      for (int r = 0; r < RPT; ++r) {
-        const int64_t p = threadIdx.x + static_cast<int64_t>(r) * blockDim.x;
-        const int64_t t = t0 + s;
-        go[s][r] = xs[s][r] = ls[s][r] = hprev[s][r] = g0[s][r] = g1[s][r] = g2[s][r] = acc_t(0);
-        if (t < t_hi && p < L) {
-          const int64_t off = geo.first + t * geo.line_stride + p * geo.pos_stride;
-          go[s][r] = static_cast<acc_t>(ghp[off]);
-          xs[s][r] = static_cast<acc_t>(xp[off]);
-          ls[s][r] = static_cast<acc_t>(lp[off]);
-          load_taps<scalar_t, acc_t, NORM>(tap0, plane, off, p, L, g0[s][r], g1[s][r], g2[s][r]);
-          if (t > t_begin) hprev[s][r] = static_cast<acc_t>(hp[off - geo.line_stride]);
-        }
-      }
+  // Tiles of K lines from the chunk's end backwards: [t0, t0 + K) clipped to
+  // the chunk. The next (earlier) tile's loads fly while this one is computed.
+  auto tile_start = [&](int64_t t_hi) { return t_hi - K > t_begin ? t_hi - K : t_begin; };
+  BackwardSlot<scalar_t> cur[K][RPT], next[K][RPT];
+  load_backward_tile<scalar_t, RPT, K>(cur, ghp, hp, xp, lp, tap0, plane, geo, tile_start(t_end), t_end, t_begin);
+  for (int64_t t_hi = t_end; t_hi > t_begin; t_hi -= K) {
+    const int64_t t0 = tile_start(t_hi);
+    if (t0 > t_begin) {
+      load_backward_tile<scalar_t, RPT, K>(next, ghp, hp, xp, lp, tap0, plane, geo, tile_start(t0), t0, t_begin);
     }
 #pragma unroll
-    for (int s = kLinesPerTile - 1; s >= 0; --s) {
+    for (int s = K - 1; s >= 0; --s) {
       const int64_t t = t0 + s;
       if (t >= t_hi) continue;  // uniform over the block
       const int64_t j = t & 1;
@@ -213,15 +271,19 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
         const int64_t p = threadIdx.x + static_cast<int64_t>(r) * blockDim.x;
         adj[r] = acc_t(0);
         if (p < L) {
-          const acc_t a = go[s][r] + (last ? acc_t(0) : gather_adjoint(vn + p, vn + pitch + p, vn + 2 * pitch + p));
+          const BackwardSlot<scalar_t>& in = cur[s][r];
+          acc_t g0, g1, g2;
+          slot_gates<acc_t, NORM>(in.g0, in.g1, in.g2, p, L, g0, g1, g2);
+          const acc_t go = static_cast<acc_t>(in.go);
+          const acc_t a = go + (last ? acc_t(0) : gather_adjoint(vn + p, vn + pitch + p, vn + 2 * pitch + p));
           adj[r] = a;
           const int64_t off = geo.first + t * geo.line_stride + p * geo.pos_stride;
-          dxp[off] = static_cast<scalar_t>(ls[s][r] * a);
-          dlp[off] = static_cast<scalar_t>(xs[s][r] * a);
-          vc[p] = g0[s][r] * a;
-          vc[pitch + p] = g1[s][r] * a;
-          vc[2 * pitch + p] = g2[s][r] * a;
-          hcur[p] = hprev[s][r];
+          dxp[off] = static_cast<scalar_t>(static_cast<acc_t>(in.lam) * a);
+          dlp[off] = static_cast<scalar_t>(static_cast<acc_t>(in.x) * a);
+          vc[p] = g0 * a;
+          vc[pitch + p] = g1 * a;
+          vc[2 * pitch + p] = g2 * a;
+          hcur[p] = static_cast<acc_t>(in.hprev);
         }
       }
       __syncthreads();
@@ -246,6 +308,11 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
           dg0[off] = dg0[off + plane] = dg0[off + 2 * plane] = static_cast<dg_t>(acc_t(0));
         }
       }
+    }
+#pragma unroll
+    for (int s = 0; s < K; ++s) {
+#pragma unroll
+      for (int r = 0; r < RPT; ++r) cur[s][r] = next[s][r];
     }
   }
 }
