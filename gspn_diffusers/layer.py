@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import DIRECTIONS, gspn_scan_4dir, normalize_gates
+from .ops import DIRECTIONS, gspn_scan_4dir, normalize_gates_4dir
 
 
 def default_proxy_dim(channels: int) -> int:
@@ -156,8 +156,7 @@ class GSPNLayer(nn.Module):
         logits, decay, lam, gate = ctrl.split([12 * g, 4 * g, cp, cp], dim=1)
         logits = logits.reshape(batch, 4, g, 3, height, width)
         decay = torch.sigmoid(decay.reshape(batch, 4, g, 1, height, width))
-        gates = torch.stack([normalize_gates(logits[:, d], dn) for d, dn in enumerate(DIRECTIONS)], dim=1)
-        gates = (gates * decay).contiguous()
+        gates = (normalize_gates_4dir(logits) * decay).contiguous()
         hidden = gspn_scan_4dir(z, gates, torch.sigmoid(lam).contiguous(), chunk=self.chunk)
         mixed = torch.einsum("bdchw,d->bchw", hidden, self.direction_weights.to(hidden.dtype))
         y = torch.sigmoid(gate) * mixed + self.skip.to(z.dtype)[:, None, None] * z

@@ -3,8 +3,9 @@
 # runs every CUDA test and the benchmarks, each stage under its own time limit
 # so that a hang or a slow stage still leaves the others' results.
 #
-#   bash scripts/gpu_check.sh                  # every stage
+#   bash scripts/gpu_check.sh                  # every stage, full sizes (~15 min)
 #   bash scripts/gpu_check.sh build tests op   # some: build tests op unet distill e2e
+#   bash scripts/gpu_check.sh quick            # every stage, sizes that fit ~4 min of a lease
 #
 # Everything printed goes to $OUT/gpu_check.log (the device tool's output
 # folder; bench_results/ elsewhere), each benchmark's JSON beside it.
@@ -16,6 +17,13 @@ out="${OUT:-bench_results}"
 mkdir -p "$out"
 exec > >(tee "$out/gpu_check.log") 2>&1
 stages="${*:-build tests op unet distill e2e}"
+op_sides="256 512 1024 2048 4096" unet_args="--sizes 1024 2048 4096 8192 --sd15-extra 16384 --repeats 3"
+e2e_args="" distill_args=""
+if [[ " $stages " == *" quick "* ]]; then
+    stages="build tests op unet e2e distill"
+    op_sides="256 1024 2048 4096" unet_args="--sizes 1024 2048 4096 8192 --sd15-extra 16384 --repeats 2"
+    e2e_args="--models sd15 --sizes 4096 --sd15-extra --sdpa-max-px 2048" distill_args="--repeats 3"
+fi
 want() { [[ " $stages " == *" $1 "* ]]; }
 
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -43,12 +51,12 @@ want build && stage build 300 python3 -m gspn_diffusers.cli build
 want tests && stage "CUDA tests" 240 python3 -m pytest -q -rfE -p no:cacheprovider -n 8 -k cuda \
     tests/test_ops_kernels.py tests/test_layer.py
 want op && stage "operator benchmark" 240 python3 benchmarks/bench_op.py --device cuda --dtype float16 \
-    --channels 32 320 --groups 1 C --sides 256 512 1024 2048 4096 --max-gib 100 --repeats 5 --no-reference \
+    --channels 32 320 --groups 1 C --sides $op_sides --max-gib 60 --repeats 5 --no-reference \
     --json "$out/bench_op_cuda.json"
 want unet && stage "UNet step benchmark" 300 python3 benchmarks/bench_unet.py --models sd15 sdxl \
-    --sizes 1024 2048 4096 8192 --sd15-extra 16384 --repeats 3 --json "$out/bench_unet.json"
-want distill && stage "distillation step benchmark" 150 python3 benchmarks/bench_distill.py \
-    --json "$out/bench_distill.json"
+    $unet_args --json "$out/bench_unet.json"
 want e2e && stage "end-to-end high-resolution benchmark" 300 python3 benchmarks/bench_e2e.py \
-    --json "$out/bench_e2e.json"
+    $e2e_args --json "$out/bench_e2e.json"
+want distill && stage "distillation step benchmark" 150 python3 benchmarks/bench_distill.py \
+    $distill_args --json "$out/bench_distill.json"
 echo "== done"

@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 
-from gspn_diffusers.ops import DIRECTIONS, normalize_gates, scan_reference
+from gspn_diffusers.ops import DIRECTIONS, normalize_gates, normalize_gates_4dir, scan_reference
 from helpers import generator_for
 
 
@@ -79,6 +79,18 @@ def test_normalize_gates_rows_are_stochastic(direction):
 def test_normalize_gates_single_position_line():
     g = normalize_gates(torch.randn(1, 1, 3, 4, 1), "tb")
     torch.testing.assert_close(g[:, :, 1], torch.ones(1, 1, 4, 1))
+
+
+@pytest.mark.parametrize("directions", [DIRECTIONS, ("rl", "tb")])
+def test_normalize_gates_4dir_is_each_direction(directions):
+    logits = torch.randn(2, len(directions), 2, 3, 5, 7) * 4
+    got = normalize_gates_4dir(logits, directions)
+    for d, direction in enumerate(directions):
+        torch.testing.assert_close(got[:, d], normalize_gates(logits[:, d], direction), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match=rf"\(B, {len(directions)}, G, 3, H, W\)"):
+        normalize_gates_4dir(logits[:, :1], directions)
+    with pytest.raises(ValueError, match="directions must be among"):
+        normalize_gates_4dir(logits, ("tb", "up"))
 
 
 def test_normalize_gates_errors():

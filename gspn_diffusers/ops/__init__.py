@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from .build import BackendStatus, GSPNBuildWarning, load_backend, uses_compiled_kernels
-from .reference import DIRECTIONS, normalize_gates, scan_directions_reference, scan_reference
+from .reference import DIRECTIONS, normalize_gates, normalize_gates_4dir, scan_directions_reference, scan_reference
 
 __all__ = [
     "DIRECTIONS",
@@ -25,6 +25,7 @@ __all__ = [
     "gspn_scan_4dir",
     "load_backend",
     "normalize_gates",
+    "normalize_gates_4dir",
     "scan_reference",
 ]
 
