@@ -96,7 +96,7 @@ struct ScanProblem {
 // the whole float range. double keeps libm's exp (fp64 is the exact path).
 GSPN_HD float exp_of(float v) {
 #if defined(__CUDA_ARCH__)
-  return __expf(v);  // the fast hardware exp: a sigmoid needs no more
+  return expf(v);
 #else
   v = v < -87.3f ? -87.3f : (v > 88.0f ? 88.0f : v);  // keeps 2^n a normal float
   const float n = floorf(v * 1.44269504f + 0.5f);        // v / ln 2, rounded
@@ -111,20 +111,9 @@ GSPN_HD float exp_of(float v) {
 }
 GSPN_HD double exp_of(double v) { return exp(v); }
 
-// a / b. On the GPU, float uses the fast reciprocal (2 ulp; IEEE division is a
-// long instruction sequence and the gate normalisation needs six per position).
-GSPN_HD float quick_div(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fdividef(a, b);
-#else
-  return a / b;
-#endif
-}
-GSPN_HD double quick_div(double a, double b) { return a / b; }
-
 template <typename acc_t>
 GSPN_HD acc_t sigmoid(acc_t v) {
-  return quick_div(acc_t(1), acc_t(1) + exp_of(-v));
+  return acc_t(1) / (acc_t(1) + exp_of(-v));
 }
 
 // Stability-context condition for one position: sigmoid of each tap, taps whose
@@ -138,9 +127,9 @@ GSPN_HD void normalize_taps(acc_t l0, acc_t l1, acc_t l2, bool has_before, bool 
   const acc_t s2 = sigmoid(l2) * acc_t(has_after);
   const acc_t raw = s0 + s1 + s2;
   const acc_t sum = raw < acc_t(kGateEps) ? acc_t(kGateEps) : raw;
-  g0 = quick_div(s0, sum);
-  g1 = quick_div(s1, sum);
-  g2 = quick_div(s2, sum);
+  g0 = s0 / sum;
+  g1 = s1 / sum;
+  g2 = s2 / sum;
 }
 
 // Chain rule of normalize_taps for one position: the logits' gradients dl

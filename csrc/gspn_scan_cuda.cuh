@@ -75,33 +75,12 @@ __device__ inline int direction_of(const ScanProblem& pb, int64_t d) {
   return d == 0 ? pb.dirs[0] : d == 1 ? pb.dirs[1] : d == 2 ? pb.dirs[2] : pb.dirs[3];
 }
 
-// Where one thread's slots of a plane live. Offsets inside one (H, W) plane
-// are 32-bit (the host checks H * W < 2^31; plane bases are 64-bit pointers):
-// a 64-bit multiply is several instructions, and the scan is short of issue
-// slots, not of bandwidth, once its loads overlap.
-template <int RPT>
-struct ThreadSlots {
-  int first, line_stride;
-  int pos_off[RPT];  // p * pos_stride, or 0 outside the line
-  bool in_line[RPT];
-
-  __device__ ThreadSlots(const LineGeometry& geo) {
-    first = static_cast<int>(geo.first);
-    line_stride = static_cast<int>(geo.line_stride);
-#pragma unroll
-    for (int r = 0; r < RPT; ++r) {
-      const int p = threadIdx.x + r * blockDim.x;
-      in_line[r] = p < geo.length;
-      pos_off[r] = in_line[r] ? p * static_cast<int>(geo.pos_stride) : 0;
-    }
-  }
-  __device__ int line_offset(int t) const { return first + t * line_stride; }
-  // Slots outside the tile or the line read the plane's first element (valid,
-  // unused), so every load of a tile is unconditional and all are in flight together.
-  __device__ int load_offset(int t, int t_end, int r) const {
-    return (t < t_end && in_line[r]) ? line_offset(t) + pos_off[r] : first;
-  }
-};
+// Offset of (line t, position p), or of the plane's first element for a slot
+// outside the chunk or the line. Every load of a tile is then unconditional,
+// so all of them are in flight together; the compute ignores those slots.
+__device__ inline int64_t slot_offset(const LineGeometry& geo, int64_t t, int64_t t_end, int64_t p) {
+  return (t < t_end && p < geo.length) ? geo.first + t * geo.line_stride + p * geo.pos_stride : geo.first;
+}
 
 // The forward's inputs at one position, as stored; converted when used.
 template <typename scalar_t>
@@ -109,32 +88,24 @@ struct ForwardSlot {
   scalar_t x, lam, g0, g1, g2;
 };
 
-// The three tap planes of a gate group.
-template <typename T>
-struct Taps {
-  T* k0;
-  T* k1;
-  T* k2;
-};
-
 template <typename scalar_t, int RPT, int K>
-__device__ inline void load_forward_tile(ForwardSlot<scalar_t> (&tile)[K][RPT], const ThreadSlots<RPT>& slots,
-                                         const scalar_t* xp, const scalar_t* lp, const Taps<const scalar_t>& taps,
-                                         int t0, int t_end) {
+__device__ inline void load_forward_tile(ForwardSlot<scalar_t> (&tile)[K][RPT], const scalar_t* xp,
+                                         const scalar_t* lp, const scalar_t* tap0, int64_t plane,
+                                         const LineGeometry& geo, int64_t t0, int64_t t_end) {
 #pragma unroll
   for (int s = 0; s < K; ++s) {
 #pragma unroll
     for (int r = 0; r < RPT; ++r) {
-      const int off = slots.load_offset(t0 + s, t_end, r);
-      tile[s][r] = {xp[off], lp[off], taps.k0[off], taps.k1[off], taps.k2[off]};
+      const int64_t off = slot_offset(geo, t0 + s, t_end, threadIdx.x + static_cast<int64_t>(r) * blockDim.x);
+      tile[s][r] = {xp[off], lp[off], tap0[off], tap0[off + plane], tap0[off + 2 * plane]};
     }
   }
 }
 
 // Gates of one slot in acc_t, normalised from logits when NORM.
 template <typename acc_t, bool NORM, typename scalar_t>
-__device__ inline void slot_gates(scalar_t l0, scalar_t l1, scalar_t l2, int p, int L, acc_t& g0, acc_t& g1,
-                                  acc_t& g2) {
+__device__ inline void slot_gates(scalar_t l0, scalar_t l1, scalar_t l2, int64_t p, int64_t L, acc_t& g0,
+                                  acc_t& g1, acc_t& g2) {
   g0 = static_cast<acc_t>(l0);
   g1 = static_cast<acc_t>(l1);
   g2 = static_cast<acc_t>(l2);
@@ -149,13 +120,11 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
   constexpr int K = forward_tile_lines<RPT>();
   const BlockTask task = decode_block(pb, chunks_per_plane);
   const LineGeometry geo = line_geometry(direction_of(pb, task.d), pb.H, pb.W);
-  const int L = static_cast<int>(geo.length);
-  const int lines = static_cast<int>(geo.lines);
-  const int clen = static_cast<int>(chunk_length(pb.chunk, geo.lines));
-  const int64_t t_begin64 = task.chunk_index * clen;
-  if (t_begin64 >= lines) return;  // this direction has fewer chunks than the widest one
-  const int t_begin = static_cast<int>(t_begin64);
-  const int t_end = t_begin + clen < lines ? t_begin + clen : lines;
+  const int64_t L = geo.length;
+  const int64_t clen = chunk_length(pb.chunk, geo.lines);
+  const int64_t t_begin = task.chunk_index * clen;
+  if (t_begin >= geo.lines) return;  // this direction has fewer chunks than the widest one
+  const int64_t t_end = t_begin + clen < geo.lines ? t_begin + clen : geo.lines;
 
   extern __shared__ unsigned char smem_raw[];
   // Two rows of the hidden state, each padded by one zero on both sides; row j
@@ -168,34 +137,32 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
   const scalar_t* lp = lam + pb.lam_plane(task.b, task.d, task.c);
   scalar_t* op = out + pb.out_plane(task.b, task.d, task.c);
   const scalar_t* tap0 = gates + pb.gate_plane(task.b, task.d, task.c / pb.channels_per_group(), 0);
-  const Taps<const scalar_t> taps{tap0, tap0 + pb.plane(), tap0 + 2 * pb.plane()};
-  const ThreadSlots<RPT> slots(geo);
+  const int64_t plane = pb.plane();
 
   // Software pipeline: the next tile's loads are issued before this tile's
   // lines are computed, so memory latency overlaps the recurrence.
   ForwardSlot<scalar_t> cur[K][RPT], next[K][RPT];
-  load_forward_tile<scalar_t, RPT, K>(cur, slots, xp, lp, taps, t_begin, t_end);
-  for (int t0 = t_begin; t0 < t_end; t0 += K) {
-    if (t0 + K < t_end) load_forward_tile<scalar_t, RPT, K>(next, slots, xp, lp, taps, t0 + K, t_end);
+  load_forward_tile<scalar_t, RPT, K>(cur, xp, lp, tap0, plane, geo, t_begin, t_end);
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += K) {
+    if (t0 + K < t_end) load_forward_tile<scalar_t, RPT, K>(next, xp, lp, tap0, plane, geo, t0 + K, t_end);
 #pragma unroll
     for (int s = 0; s < K; ++s) {
-      const int t = t0 + s;
+      const int64_t t = t0 + s;
       if (t >= t_end) break;  // uniform over the block
       acc_t* row = smem + (t & 1) * (L + 2) + 1;
       const acc_t* prev = smem + ((t & 1) ^ 1) * (L + 2);  // prev[p + k] is position p - 1 + k
       const bool first = t == t_begin;
-      const int line_off = slots.line_offset(t);
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
-        const int p = threadIdx.x + r * blockDim.x;
-        if (slots.in_line[r]) {
+        const int64_t p = threadIdx.x + static_cast<int64_t>(r) * blockDim.x;
+        if (p < L) {
           const ForwardSlot<scalar_t>& in = cur[s][r];
           acc_t g0, g1, g2;
           slot_gates<acc_t, NORM>(in.g0, in.g1, in.g2, p, L, g0, g1, g2);
           const acc_t lx = static_cast<acc_t>(in.lam) * static_cast<acc_t>(in.x);
           const acc_t v = first ? lx : propagate(lx, g0, g1, g2, prev + p);
           row[p] = v;
-          op[line_off + slots.pos_off[r]] = static_cast<scalar_t>(v);
+          op[geo.first + t * geo.line_stride + p * geo.pos_stride] = static_cast<scalar_t>(v);
         }
       }
       __syncthreads();
@@ -215,20 +182,21 @@ struct BackwardSlot {
 };
 
 template <typename scalar_t, int RPT, int K>
-__device__ inline void load_backward_tile(BackwardSlot<scalar_t> (&tile)[K][RPT], const ThreadSlots<RPT>& slots,
-                                          const scalar_t* ghp, const scalar_t* hp, const scalar_t* xp,
-                                          const scalar_t* lp, const Taps<const scalar_t>& taps, int t0, int t_hi,
-                                          int t_begin) {
+__device__ inline void load_backward_tile(BackwardSlot<scalar_t> (&tile)[K][RPT], const scalar_t* ghp,
+                                          const scalar_t* hp, const scalar_t* xp, const scalar_t* lp,
+                                          const scalar_t* tap0, int64_t plane, const LineGeometry& geo,
+                                          int64_t t0, int64_t t_hi, int64_t t_begin) {
 #pragma unroll
   for (int s = 0; s < K; ++s) {
 #pragma unroll
     for (int r = 0; r < RPT; ++r) {
-      const int t = t0 + s;
-      const int off = slots.load_offset(t, t_hi, r);
+      const int64_t t = t0 + s;
+      const int64_t p = threadIdx.x + static_cast<int64_t>(r) * blockDim.x;
+      const int64_t off = slot_offset(geo, t, t_hi, p);
       // The chunk's first line has no previous line, and slots outside the
       // tile none that exists: they read their own h (valid, unused).
-      const int prev_off = (t > t_begin && t < t_hi && slots.in_line[r]) ? off - slots.line_stride : off;
-      tile[s][r] = {ghp[off], xp[off], lp[off], taps.k0[off], taps.k1[off], taps.k2[off], hp[prev_off]};
+      const int64_t prev_off = (t > t_begin && t < t_hi && p < geo.length) ? off - geo.line_stride : off;
+      tile[s][r] = {ghp[off], xp[off], lp[off], tap0[off], tap0[off + plane], tap0[off + 2 * plane], hp[prev_off]};
     }
   }
 }
@@ -248,21 +216,19 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
   constexpr int K = backward_tile_lines<RPT>();
   const BlockTask task = decode_block(pb, chunks_per_plane);
   const LineGeometry geo = line_geometry(direction_of(pb, task.d), pb.H, pb.W);
-  const int L = static_cast<int>(geo.length);
-  const int lines = static_cast<int>(geo.lines);
-  const int clen = static_cast<int>(chunk_length(pb.chunk, geo.lines));
-  const int64_t t_begin64 = task.chunk_index * clen;
-  if (t_begin64 >= lines) return;
-  const int t_begin = static_cast<int>(t_begin64);
-  const int t_end = t_begin + clen < lines ? t_begin + clen : lines;
+  const int64_t L = geo.length;
+  const int64_t clen = chunk_length(pb.chunk, geo.lines);
+  const int64_t t_begin = task.chunk_index * clen;
+  if (t_begin >= geo.lines) return;
+  const int64_t t_end = t_begin + clen < geo.lines ? t_begin + clen : geo.lines;
 
   extern __shared__ unsigned char smem_raw[];
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
-  const int pitch = L + 2;
+  const int64_t pitch = L + 2;
   // Eight padded rows: v_k of parity j at row 3j + k, h[t-1] of parity j at
   // row 6 + j (j alternates with the line). Position p of a row is at
   // row * pitch + 1 + p.
-  for (int i = threadIdx.x; i < 8; i += blockDim.x) {
+  for (int64_t i = threadIdx.x; i < 8; i += blockDim.x) {
     smem[i * pitch] = acc_t(0);
     smem[i * pitch + L + 1] = acc_t(0);
   }
@@ -278,44 +244,40 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
   const int64_t plane = pb.plane();
   const int64_t tap_offset = pb.gate_plane(task.b, task.d, task.c / pb.channels_per_group(), 0);
   const scalar_t* tap0 = gates + tap_offset;
-  const Taps<const scalar_t> taps{tap0, tap0 + plane, tap0 + 2 * plane};
   dg_t* dg0 = static_cast<dg_t*>(dgates_raw) + tap_offset;
-  const Taps<dg_t> dtaps{dg0, dg0 + plane, dg0 + 2 * plane};
-  const ThreadSlots<RPT> slots(geo);
 
   // Tiles of K lines from the chunk's end backwards: [t0, t0 + K) clipped to
   // the chunk. The next (earlier) tile's loads fly while this one is computed.
-  auto tile_start = [&](int t_hi) { return t_hi - K > t_begin ? t_hi - K : t_begin; };
+  auto tile_start = [&](int64_t t_hi) { return t_hi - K > t_begin ? t_hi - K : t_begin; };
   BackwardSlot<scalar_t> cur[K][RPT], next[K][RPT];
-  load_backward_tile<scalar_t, RPT, K>(cur, slots, ghp, hp, xp, lp, taps, tile_start(t_end), t_end, t_begin);
-  for (int t_hi = t_end; t_hi > t_begin; t_hi -= K) {
-    const int t0 = tile_start(t_hi);
+  load_backward_tile<scalar_t, RPT, K>(cur, ghp, hp, xp, lp, tap0, plane, geo, tile_start(t_end), t_end, t_begin);
+  for (int64_t t_hi = t_end; t_hi > t_begin; t_hi -= K) {
+    const int64_t t0 = tile_start(t_hi);
     if (t0 > t_begin) {
-      load_backward_tile<scalar_t, RPT, K>(next, slots, ghp, hp, xp, lp, taps, tile_start(t0), t0, t_begin);
+      load_backward_tile<scalar_t, RPT, K>(next, ghp, hp, xp, lp, tap0, plane, geo, tile_start(t0), t0, t_begin);
     }
 #pragma unroll
     for (int s = K - 1; s >= 0; --s) {
-      const int t = t0 + s;
+      const int64_t t = t0 + s;
       if (t >= t_hi) continue;  // uniform over the block
-      const int j = t & 1;
+      const int64_t j = t & 1;
       acc_t* vc = smem + 3 * j * pitch + 1;  // v_k of this line at vc + k * pitch
       const acc_t* vn = smem + 3 * (j ^ 1) * pitch + 1;  // v_k of line t + 1
       acc_t* hcur = smem + (6 + j) * pitch + 1;
       const bool last = t == t_end - 1;
-      const int line_off = slots.line_offset(t);
       acc_t adj[RPT];
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
-        const int p = threadIdx.x + r * blockDim.x;
+        const int64_t p = threadIdx.x + static_cast<int64_t>(r) * blockDim.x;
         adj[r] = acc_t(0);
-        if (slots.in_line[r]) {
+        if (p < L) {
           const BackwardSlot<scalar_t>& in = cur[s][r];
           acc_t g0, g1, g2;
           slot_gates<acc_t, NORM>(in.g0, in.g1, in.g2, p, L, g0, g1, g2);
           const acc_t go = static_cast<acc_t>(in.go);
           const acc_t a = go + (last ? acc_t(0) : gather_adjoint(vn + p, vn + pitch + p, vn + 2 * pitch + p));
           adj[r] = a;
-          const int off = line_off + slots.pos_off[r];
+          const int64_t off = geo.first + t * geo.line_stride + p * geo.pos_stride;
           dxp[off] = static_cast<scalar_t>(static_cast<acc_t>(in.lam) * a);
           dlp[off] = static_cast<scalar_t>(static_cast<acc_t>(in.x) * a);
           vc[p] = g0 * a;
@@ -327,23 +289,23 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
       __syncthreads();
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
-        const int p = threadIdx.x + r * blockDim.x;
-        if (!slots.in_line[r]) continue;
-        const int off = line_off + slots.pos_off[r];
+        const int64_t p = threadIdx.x + static_cast<int64_t>(r) * blockDim.x;
+        if (p >= L) continue;
+        const int64_t off = geo.first + t * geo.line_stride + p * geo.pos_stride;
         if (t > t_begin) {
           const acc_t a = adj[r];
           const acc_t d0 = a * hcur[p - 1], d1 = a * hcur[p], d2 = a * hcur[p + 1];
           if constexpr (ATOMIC) {
-            atomicAdd(dtaps.k0 + off, d0);
-            atomicAdd(dtaps.k1 + off, d1);
-            atomicAdd(dtaps.k2 + off, d2);
+            atomicAdd(dg0 + off, d0);
+            atomicAdd(dg0 + off + plane, d1);
+            atomicAdd(dg0 + off + 2 * plane, d2);
           } else {
-            dtaps.k0[off] = static_cast<dg_t>(d0);
-            dtaps.k1[off] = static_cast<dg_t>(d1);
-            dtaps.k2[off] = static_cast<dg_t>(d2);
+            dg0[off] = static_cast<dg_t>(d0);
+            dg0[off + plane] = static_cast<dg_t>(d1);
+            dg0[off + 2 * plane] = static_cast<dg_t>(d2);
           }
         } else if (!ATOMIC) {  // the first line of a chunk has no previous line: its gates act on zeros
-          dtaps.k0[off] = dtaps.k1[off] = dtaps.k2[off] = static_cast<dg_t>(acc_t(0));
+          dg0[off] = dg0[off + plane] = dg0[off + 2 * plane] = static_cast<dg_t>(acc_t(0));
         }
       }
     }
@@ -374,8 +336,6 @@ Launch plan_launch(const ScanProblem& pb) {
   }
   TORCH_CHECK(plan.max_length <= kMaxLineLength, "gspn::scan (CUDA): lines of ", plan.max_length,
               " positions exceed the kernel's limit of ", kMaxLineLength, "; split the image");
-  TORCH_CHECK(pb.plane() < (int64_t(1) << 31), "gspn::scan (CUDA): an ", pb.H, "x", pb.W,
-              " plane has 2^31 elements or more (offsets inside a plane are 32-bit); split the image");
   while (static_cast<int64_t>(plan.rows_per_thread) * kMaxThreads < plan.max_length) plan.rows_per_thread *= 2;
   const int64_t per_thread = (plan.max_length + plan.rows_per_thread - 1) / plan.rows_per_thread;
   plan.threads = static_cast<int>(std::min<int64_t>(kMaxThreads, ((per_thread + 31) / 32) * 32));
