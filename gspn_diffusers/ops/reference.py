@@ -95,10 +95,11 @@ def normalize_gates_4dir(logits: torch.Tensor, directions: Sequence[str] = DIREC
     acc = accumulation_dtype(logits.dtype)
     height, width = logits.shape[-2:]
     # Row scans share one mask and column scans another.
-    kinds = {_scans_columns(d): None for d in directions}
-    for columns in kinds:
-        kinds[columns] = tap_mask(height, width, "lr" if columns else "tb", acc, logits.device)
-    mask = torch.stack([kinds[_scans_columns(d)] for d in directions]).unsqueeze(1)  # (D, 1, 3, H, W)
+    masks = {
+        columns: tap_mask(height, width, "lr" if columns else "tb", acc, logits.device)
+        for columns in {_scans_columns(d) for d in directions}
+    }
+    mask = torch.stack([masks[_scans_columns(d)] for d in directions]).unsqueeze(1)  # (D, 1, 3, H, W)
     return _normalize_masked(logits, mask)
 
 
