@@ -153,6 +153,11 @@ def _vae_encode(pipe, images: torch.Tensor, generator: torch.Generator) -> torch
     return ((latents - shift) * vae.config.scaling_factor).float().cpu()
 
 
+def teacher_latents_per_bucket(args) -> int:
+    """How many latents data-free distillation generates per resolution bucket."""
+    return args.num_teacher_latents or min(len(args.prompts), 1024)
+
+
 def build_training_data(pipe, family: Family, args, progress=None) -> TrainingData:
     """Text embeddings for every prompt (plus the empty prompt), and the
     latents of every bucket, from the source the arguments name. Call before
@@ -186,7 +191,7 @@ def build_training_data(pipe, family: Family, args, progress=None) -> TrainingDa
         has_images = True
     else:
         prompts = list(args.prompts)
-        count = args.num_teacher_latents or min(len(prompts), 1024)
+        count = teacher_latents_per_bucket(args)
         buckets = []
         for b, (width, height) in enumerate(sizes):
             ids = torch.arange(count) % len(prompts)

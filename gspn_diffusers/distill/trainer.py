@@ -29,7 +29,7 @@ import torch
 from . import losses
 from .config import describe, gspn_options, parse_args
 from .data import cache_key, load_cache, sample_batch, save_cache
-from .teacher import FeatureRecorder, build_training_data, family_of, teacher_mode
+from .teacher import FeatureRecorder, build_training_data, family_of, teacher_latents_per_bucket, teacher_mode
 
 CHECKPOINT_PREFIX = "checkpoint-"
 COMPLETE_MARKER = "complete"
@@ -138,7 +138,8 @@ def train(args) -> Path:
     with accelerator.main_process_first():
         data = load_cache(cache, key)
         if data is None:
-            total = (len(args.prompts) if args.train_data_dir is None else None)
+            generating = args.train_data_dir is None and args.data_free_latents == "trajectory"
+            total = teacher_latents_per_bucket(args) * len(args.resolutions) if generating else None
             bar = tqdm(desc="preparing latents", total=total, disable=not main)
             data = build_training_data(pipe, family, args, progress=bar.update)
             bar.close()
