@@ -18,6 +18,7 @@ time of copying its inputs once and >= 5x faster than the reference.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gspn_diffusers import ops  # noqa: E402
 from gspn_diffusers.ops import DIRECTIONS, gspn_scan, gspn_scan_4dir, load_backend, scan_reference  # noqa: E402
 from common import median_ms, save_json  # noqa: E402
 
@@ -39,6 +41,17 @@ def scan_bytes(channels: int, groups: int, side: int, itemsize: int, backward: b
     plane = side * side * itemsize
     forward = (3 * channels + 3 * groups) * plane
     return forward + (4 * channels + 6 * groups) * plane if backward else forward
+
+
+@contextlib.contextmanager
+def columns_as_rows(device: torch.device, threshold):
+    """Temporarily set the plane size from which column scans run as transposed row scans."""
+    saved = ops.COLUMNS_AS_ROWS_MIN_PIXELS.get(device.type)
+    ops.COLUMNS_AS_ROWS_MIN_PIXELS[device.type] = threshold
+    try:
+        yield
+    finally:
+        ops.COLUMNS_AS_ROWS_MIN_PIXELS[device.type] = saved
 
 
 def run(args) -> dict:
@@ -92,6 +105,12 @@ def run(args) -> dict:
                     g = logits[:, d].contiguous()
                     fwd = median_ms(device, lambda: gspn_scan(x, g, lam, direction, args.chunk, True), args.repeats)
                     row(f"fwd {direction}", fwd, fwd_bytes, x_inputs_copy=fwd / inputs_copy_ms)
+                    if direction == "lr" and ops.COLUMNS_AS_ROWS_MIN_PIXELS.get(device.type) is not None:
+                        # The route the column scans replaced (row scans of transposed planes).
+                        with columns_as_rows(device, None):
+                            strided = median_ms(device, lambda: gspn_scan(x, g, lam, direction, args.chunk, True),
+                                                args.repeats)
+                        row("fwd lr, strided kernel", strided, fwd_bytes)
                     xr, gr, lr = (t.detach().clone().requires_grad_() for t in (x, g, lam))
                     grad = torch.randn(shape, device=device, dtype=dtype, generator=gen)
 

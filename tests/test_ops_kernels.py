@@ -221,6 +221,34 @@ def test_long_scan_low_precision(device, dtype):
         assert_close_scaled(h, want, 4 * TOLERANCE[dtype], f"{direction} {dtype}")
 
 
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("directions,shared", [(DIRECTIONS, True), (("rl", "tb", "lr"), False), (("lr",), True)])
+@pytest.mark.parametrize("chunk,normalize", [(None, True), (3, False)])
+def test_column_scans_as_row_scans_of_the_transpose(device, monkeypatch, directions, shared, chunk, normalize):
+    """Column scans run as row scans of transposed planes (the CUDA route for
+    large planes) give the strided kernels' outputs and gradients."""
+    from gspn_diffusers import ops
+
+    x, gates, lam = make_inputs(2, 4, 2, 7, 5, torch.float64, device, "columns", dirs=len(directions), shared=shared)
+    if normalize:
+        gates = gates * 18 - 3  # logits
+    weights = torch.randn((2, len(directions), 4, 7, 5), generator=generator_for("weights"), dtype=torch.float64)
+
+    def run():
+        inputs = [t.clone().requires_grad_() for t in (x, gates, lam)]
+        h = gspn_scan_4dir(*inputs, chunk=chunk, normalize=normalize, directions=directions)
+        (h * weights.to(device)).sum().backward()
+        return [h.detach()] + [t.grad for t in inputs]
+
+    monkeypatch.setitem(ops.COLUMNS_AS_ROWS_MIN_PIXELS, device.type, None)
+    strided = run()
+    monkeypatch.setitem(ops.COLUMNS_AS_ROWS_MIN_PIXELS, device.type, 0)
+    transposed = run()
+    for what, got, want in zip(("h", "dx", "dgates", "dlam"), transposed, strided):
+        assert got.is_contiguous() or what != "h"
+        assert_close_scaled(got, want, 1e-12, what)
+
+
 # ---- torch.library integration ---------------------------------------------
 
 
@@ -233,7 +261,11 @@ def test_opcheck(device):
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
-def test_torch_compile_fullgraph(device):
+@pytest.mark.parametrize("columns_as_rows", [False, True])
+def test_torch_compile_fullgraph(device, columns_as_rows, monkeypatch):
+    from gspn_diffusers import ops
+
+    monkeypatch.setitem(ops.COLUMNS_AS_ROWS_MIN_PIXELS, device.type, 0 if columns_as_rows else None)
     x, gates, lam = make_inputs(1, 4, 2, 9, 7, torch.float32, device, "compile", dirs=4)
 
     def layer(x, logits, lam):
@@ -320,8 +352,8 @@ def test_cuda_offsets_beyond_int32(compiled_cuda):
     right, which it would not be with 32-bit offsets."""
     channels, side = 600, 2048  # 2.5e9 elements per tensor, 5 GB in float16
     free, _ = torch.cuda.mem_get_info()
-    if free < 20 * 2**30:
-        pytest.skip("needs 20 GiB of free GPU memory")
+    if free < 40 * 2**30:  # inputs, output, and transposed copies of both (columns run as rows)
+        pytest.skip("needs 40 GiB of free GPU memory")
     x = torch.empty(1, channels, side, side, device="cuda", dtype=torch.float16).normal_()
     lam = torch.empty_like(x).uniform_()
     logits = torch.randn(1, 1, 3, side, side, device="cuda", dtype=torch.float16)
