@@ -16,7 +16,7 @@ python -m gspn_diffusers.shapes.teacher --output_dir work/teacher --init_from wo
     --warmup_steps 0 --ema_decay 0.995 --eval_prompts 48
 python -m gspn_diffusers.shapes.prompts --count 512 --out work/prompts.txt
 python distill/distill.py --pretrained_model_name_or_path work/teacher --output_dir work/adapter \
-    --prompts_file work/prompts.txt --resolution 64 --max_train_steps 2000 --train_batch_size 16 \
+    --prompts_file work/prompts.txt --resolution 64 128 --max_train_steps 2000 --train_batch_size 16 \
     --learning_rate 1e-3 --lr_warmup_steps 50 --teacher_steps 20 --teacher_guidance_scale 2 \
     --checkpointing_steps 500 --report_to none --seed 0
 python -m gspn_diffusers.shapes.export work/teacher work/adapter gspn_diffusers/shapes/assets
