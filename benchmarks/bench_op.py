@@ -54,6 +54,64 @@ def columns_as_rows(device: torch.device, threshold):
         ops.COLUMNS_AS_ROWS_MIN_PIXELS[device.type] = saved
 
 
+def measure_size(args, device, dtype, gen, results, channels, groups, side, itemsize) -> None:
+    """Times every backend/direction row of one (C, G, side) and appends them to results."""
+    shape = (1, channels, side, side)
+    x = torch.randn(shape, device=device, dtype=dtype, generator=gen)
+    lam = torch.rand(shape, device=device, dtype=dtype, generator=gen)
+    logits = torch.randn((1, 4, groups, 3, side, side), device=device, dtype=dtype, generator=gen)
+    fwd_bytes = scan_bytes(channels, groups, side, itemsize, False)
+    bwd_bytes = scan_bytes(channels, groups, side, itemsize, True)
+    # Copy bandwidth on the same bytes: read + write of the forward inputs.
+    src = torch.empty(fwd_bytes // 2 // itemsize * 2, device=device, dtype=dtype)
+    dst = torch.empty_like(src)
+    copy_ms = median_ms(device, lambda: dst.copy_(src), args.repeats)
+    copy_gbs = 2 * src.numel() * itemsize / copy_ms / 1e6
+    inputs_copy = torch.empty((3 * channels + 3 * groups) * side * side, device=device, dtype=dtype)
+    inputs_dst = torch.empty_like(inputs_copy)
+    inputs_copy_ms = median_ms(device, lambda: inputs_dst.copy_(inputs_copy), args.repeats)
+
+    def row(what, ms, nbytes, **extra):
+        gbs = nbytes / ms / 1e6
+        entry = {"C": channels, "G": groups, "side": side, "what": what, "ms": ms,
+                 "GBps": gbs, "pct_copy": 100 * gbs / copy_gbs, **extra}
+        results["rows"].append(entry)
+        print(f"{channels:>4} {groups:>4} {side:>5} {what:<22} {ms:>10.3f} {gbs:>8.1f} {entry['pct_copy']:>5.0f}%")
+
+    row("copy (read+write)", copy_ms, 2 * src.numel() * itemsize, copy_GBps=copy_gbs)
+    row("copy inputs once", inputs_copy_ms, 2 * inputs_copy.numel() * itemsize)
+    for d, direction in enumerate(DIRECTIONS):
+        g = logits[:, d].contiguous()
+        fwd = median_ms(device, lambda: gspn_scan(x, g, lam, direction, args.chunk, True), args.repeats)
+        row(f"fwd {direction}", fwd, fwd_bytes, x_inputs_copy=fwd / inputs_copy_ms)
+        if direction == "lr" and ops.COLUMNS_AS_ROWS_MIN_PIXELS.get(device.type) is not None:
+            # The route the column scans replaced (row scans of transposed planes).
+            with columns_as_rows(device, None):
+                strided = median_ms(device, lambda: gspn_scan(x, g, lam, direction, args.chunk, True),
+                                    args.repeats)
+            row("fwd lr, strided kernel", strided, fwd_bytes)
+        xr, gr, lr = (t.detach().clone().requires_grad_() for t in (x, g, lam))
+        grad = torch.randn(shape, device=device, dtype=dtype, generator=gen)
+
+        def fwd_bwd():
+            gspn_scan(xr, gr, lr, direction, args.chunk, True).backward(grad)
+
+        both = median_ms(device, fwd_bwd, args.repeats)
+        row(f"bwd {direction}", both - fwd, bwd_bytes - fwd_bytes)
+        if args.reference and side <= args.reference_max_side:
+            ref = median_ms(device, lambda: scan_reference(x, g, lam, direction, args.chunk, True), 1)
+            row(f"reference fwd {direction}", ref, fwd_bytes, kernel_speedup=ref / fwd)
+    four = median_ms(device, lambda: gspn_scan_4dir(x, logits, lam, args.chunk, True), args.repeats)
+    row("fwd 4dir (one launch)", four, 4 * fwd_bytes - 3 * 2 * channels * side * side * itemsize)
+    gates = [logits[:, d].contiguous() for d in range(4)]
+    separate = median_ms(
+        device,
+        lambda: torch.stack([gspn_scan(x, gates[d], lam, dn, args.chunk, True) for d, dn in enumerate(DIRECTIONS)], 1),
+        args.repeats,
+    )
+    row("fwd 4 calls + stack", separate, 4 * fwd_bytes)
+
+
 def run(args) -> dict:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -77,63 +135,14 @@ def run(args) -> dict:
                 if need > args.max_gib:
                     print(f"{channels:>4} {groups:>4} {side:>5} skipped: needs ~{need:.1f} GiB > --max-gib")
                     continue
-                shape = (1, channels, side, side)
-                x = torch.randn(shape, device=device, dtype=dtype, generator=gen)
-                lam = torch.rand(shape, device=device, dtype=dtype, generator=gen)
-                logits = torch.randn((1, 4, groups, 3, side, side), device=device, dtype=dtype, generator=gen)
-                fwd_bytes = scan_bytes(channels, groups, side, itemsize, False)
-                bwd_bytes = scan_bytes(channels, groups, side, itemsize, True)
-                # Copy bandwidth on the same bytes: read + write of the forward inputs.
-                src = torch.empty(fwd_bytes // 2 // itemsize * 2, device=device, dtype=dtype)
-                dst = torch.empty_like(src)
-                copy_ms = median_ms(device, lambda: dst.copy_(src), args.repeats)
-                copy_gbs = 2 * src.numel() * itemsize / copy_ms / 1e6
-                inputs_copy = torch.empty((3 * channels + 3 * groups) * side * side, device=device, dtype=dtype)
-                inputs_dst = torch.empty_like(inputs_copy)
-                inputs_copy_ms = median_ms(device, lambda: inputs_dst.copy_(inputs_copy), args.repeats)
-
-                def row(what, ms, nbytes, **extra):
-                    gbs = nbytes / ms / 1e6
-                    entry = {"C": channels, "G": groups, "side": side, "what": what, "ms": ms,
-                             "GBps": gbs, "pct_copy": 100 * gbs / copy_gbs, **extra}
-                    results["rows"].append(entry)
-                    print(f"{channels:>4} {groups:>4} {side:>5} {what:<22} {ms:>10.3f} {gbs:>8.1f} {entry['pct_copy']:>5.0f}%")
-
-                row("copy (read+write)", copy_ms, 2 * src.numel() * itemsize, copy_GBps=copy_gbs)
-                row("copy inputs once", inputs_copy_ms, 2 * inputs_copy.numel() * itemsize)
-                for d, direction in enumerate(DIRECTIONS):
-                    g = logits[:, d].contiguous()
-                    fwd = median_ms(device, lambda: gspn_scan(x, g, lam, direction, args.chunk, True), args.repeats)
-                    row(f"fwd {direction}", fwd, fwd_bytes, x_inputs_copy=fwd / inputs_copy_ms)
-                    if direction == "lr" and ops.COLUMNS_AS_ROWS_MIN_PIXELS.get(device.type) is not None:
-                        # The route the column scans replaced (row scans of transposed planes).
-                        with columns_as_rows(device, None):
-                            strided = median_ms(device, lambda: gspn_scan(x, g, lam, direction, args.chunk, True),
-                                                args.repeats)
-                        row("fwd lr, strided kernel", strided, fwd_bytes)
-                    xr, gr, lr = (t.detach().clone().requires_grad_() for t in (x, g, lam))
-                    grad = torch.randn(shape, device=device, dtype=dtype, generator=gen)
-
-                    def fwd_bwd():
-                        gspn_scan(xr, gr, lr, direction, args.chunk, True).backward(grad)
-
-                    both = median_ms(device, fwd_bwd, args.repeats)
-                    row(f"bwd {direction}", both - fwd, bwd_bytes - fwd_bytes)
-                    if args.reference and side <= args.reference_max_side:
-                        ref = median_ms(device, lambda: scan_reference(x, g, lam, direction, args.chunk, True), 1)
-                        row(f"reference fwd {direction}", ref, fwd_bytes, kernel_speedup=ref / fwd)
-                four = median_ms(device, lambda: gspn_scan_4dir(x, logits, lam, args.chunk, True), args.repeats)
-                row("fwd 4dir (one launch)", four, 4 * fwd_bytes - 3 * 2 * channels * side * side * itemsize)
-                gates = [logits[:, d].contiguous() for d in range(4)]
-                separate = median_ms(
-                    device,
-                    lambda: torch.stack([gspn_scan(x, gates[d], lam, dn, args.chunk, True) for d, dn in enumerate(DIRECTIONS)], 1),
-                    args.repeats,
-                )
-                row("fwd 4 calls + stack", separate, 4 * fwd_bytes)
-                del x, lam, logits, src, dst, inputs_copy, inputs_dst
+                try:
+                    measure_size(args, device, dtype, gen, results, channels, groups, side, itemsize)
+                except torch.OutOfMemoryError:
+                    # the estimate above is rough (the backward's temporaries grow with G)
+                    print(f"{channels:>4} {groups:>4} {side:>5} skipped: out of device memory")
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+                save_json(args.json, results)  # after every size: a crash or time limit keeps what ran
     return results
 
 
