@@ -10,6 +10,8 @@ put on the include path for this check only.
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import shutil
 import subprocess
 import sys
@@ -22,23 +24,31 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90")
 
 
+def compile_one(nvcc: str, source: Path, flags: list) -> subprocess.CompletedProcess:
+    """nvcc -c of one source into a throw-away object file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{ROOT / 'csrc'}"]
+        if not any(Path(p, "c10/cuda/impl/cuda_cmake_macros.h").exists() for p in cpp_extension.include_paths()):
+            stub = Path(tmp, "stub", "c10", "cuda", "impl", "cuda_cmake_macros.h")
+            stub.parent.mkdir(parents=True)
+            stub.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+            includes.append(f"-I{Path(tmp, 'stub')}")
+        cmd = [nvcc, "-c", str(source), "-o", str(Path(tmp) / "out.o"), *ARCHS, *flags, *includes]
+        return subprocess.run(cmd, capture_output=True, text=True)
+
+
 def main() -> int:
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         print("check_cuda_compiles: nvcc not found, CUDA sources not compiled")
         return 0
     flags = list(cpp_extension.COMMON_NVCC_FLAGS) + ["-std=c++20", "-O3", "-DGSPN_WITH_CUDA", "-Xcompiler", "-fPIC"]
+    sources = sorted((ROOT / "csrc").glob("*.cu"))
+    # One nvcc per file on every core: the kernels are split by dtype for this.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        procs = list(pool.map(lambda source: compile_one(nvcc, source, flags), sources))
     failed = 0
-    for source in sorted((ROOT / "csrc").glob("*.cu")):
-        with tempfile.TemporaryDirectory() as tmp:
-            includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{ROOT / 'csrc'}"]
-            if not any(Path(p, "c10/cuda/impl/cuda_cmake_macros.h").exists() for p in cpp_extension.include_paths()):
-                stub = Path(tmp, "stub", "c10", "cuda", "impl", "cuda_cmake_macros.h")
-                stub.parent.mkdir(parents=True)
-                stub.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-                includes.append(f"-I{Path(tmp, 'stub')}")
-            cmd = [nvcc, "-c", str(source), "-o", str(Path(tmp) / "out.o"), *ARCHS, *flags, *includes]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+    for source, proc in zip(sources, procs):
         status = "ok" if proc.returncode == 0 else "FAILED"
         print(f"nvcc -c {source.relative_to(ROOT)}: {status}")
         if proc.returncode != 0:
