@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 
 import pytest
+import torch
 
 PROBE = textwrap.dedent(
     """
@@ -74,6 +76,20 @@ def test_build_is_cached(compiled_cpu):
     assert out["cpu"] == "compiled" and out["ok"] and out["warnings"] == []
     assert out["build_dir"] == str(compiled_cpu.build_dir)
     assert libs[0].stat().st_mtime_ns == before
+
+
+@pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()) or shutil.which("ldd") is None,
+    reason="OpenMP threading is checked on Linux builds of torch with OpenMP",
+)
+def test_cpu_kernels_use_torchs_openmp_runtime(compiled_cpu):
+    """Built without -fopenmp, at::parallel_for runs serially: the kernels must link
+    libgomp, and in-process that must resolve to the runtime torch loaded (one pool)."""
+    (lib,) = [p for p in compiled_cpu.build_dir.iterdir() if p.suffix == ".so"]
+    assert "libgomp" in subprocess.run(["ldd", str(lib)], capture_output=True, text=True).stdout
+    with open("/proc/self/maps") as maps:
+        runtimes = {line.split()[-1] for line in maps if "libgomp" in line}
+    assert len(runtimes) == 1, runtimes
 
 
 def test_cli_build_reports_backends(compiled_cpu):

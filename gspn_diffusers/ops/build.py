@@ -128,6 +128,16 @@ def _cpu_flags() -> list[str]:
     return [] if os.environ.get(ENV_NATIVE, "1") == "0" else ["-march=native"]
 
 
+def _openmp_flags() -> list[str]:
+    """-fopenmp where torch threads with OpenMP: ``at::parallel_for`` is inline
+    ATen code whose ``#pragma omp parallel`` is ignored without it, and the CPU
+    kernels then run on one thread whatever ``torch.get_num_threads()`` says.
+    The extension links the ``libgomp.so.1`` torch has already loaded."""
+    if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
+        return ["-fopenmp"]
+    return []
+
+
 def _cpu_signature() -> str:
     """What -march=native depends on: the machine and its instruction-set flags."""
     signature = platform.machine()
@@ -148,7 +158,7 @@ def _build_key(src: Path, with_cuda: bool) -> str:
         digest.update((src / name).read_bytes())
     # Paths too: ninja rebuilds when the command line (include and source paths)
     # changes, so two environments sharing one cache must not share a folder.
-    digest.update(repr((CFLAGS, _cpu_flags(), CUDA_CFLAGS, with_cuda, os.environ.get("TORCH_CUDA_ARCH_LIST"),
+    digest.update(repr((CFLAGS, _cpu_flags(), _openmp_flags(), CUDA_CFLAGS, with_cuda, os.environ.get("TORCH_CUDA_ARCH_LIST"),
                         str(src), str(Path(torch.__file__).parent), sys.executable)).encode())
     if _cpu_flags():
         digest.update(_cpu_signature().encode())
@@ -180,13 +190,14 @@ def _build_and_load(verbose: bool) -> BackendStatus:
     build_dir = cache_dir() / tag / key
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = [str(src / name) for name in SOURCES_CPU + (SOURCES_CUDA if with_cuda else ())]
-    cflags = list(CFLAGS) + _cpu_flags() + (["-DGSPN_WITH_CUDA"] if with_cuda else [])
+    cflags = list(CFLAGS) + _cpu_flags() + _openmp_flags() + (["-DGSPN_WITH_CUDA"] if with_cuda else [])
     try:
         cpp_extension.load(
             name=f"gspn_kernels_{key}",
             sources=sources,
             extra_cflags=cflags,
             extra_cuda_cflags=list(CUDA_CFLAGS),
+            extra_ldflags=_openmp_flags(),
             build_directory=str(build_dir),
             is_python_module=False,
             verbose=verbose,
