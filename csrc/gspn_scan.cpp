@@ -23,8 +23,11 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#define GSPN_SIMD_BLOCKS 1
+#else
+#define GSPN_SIMD_BLOCKS 0
 #endif
 
 #include "gspn_scan.h"
@@ -91,27 +94,35 @@ ScanProblem make_problem(const at::Tensor& x, const at::Tensor& gates, const at:
 // Row scans read their lines in place. Column scans ("lr"/"rl") stage a tile
 // of consecutive columns as line-major rows: a transpose. Element by element
 // that transpose costs a scalar load and store per value and dominated column
-// scans; fp32 tiles therefore go through registers in 16x16 blocks where the
-// CPU has AVX-512 (16 row loads, 64 shuffles, 16 stores), and only the ragged
-// edges (fewer than 16 lines or positions) take the scalar loops.
+// scans; fp32 tiles therefore go through registers in square blocks of one
+// vector's width: 16x16 with AVX-512 (16 row loads, 64 shuffles, 16 stores),
+// 8x8 with AVX2 (8 loads, 24 shuffles, 8 stores). Only the ragged edges
+// (fewer than a block of lines or positions) take the scalar loops.
 
 // Lines staged per tile. Column tiles are wider so that each row of the plane
 // is read as several consecutive cache lines, which the hardware prefetcher
 // follows; row tiles only need to amortise the gate staging.
 int64_t tile_lines(const LineGeometry& geo) { return geo.pos_stride == 1 ? 16 : 64; }
 
-// Column scans read and write 16 lines x 16 positions at a time when this is
-// true; the block's lines are consecutive columns of the plane.
+// Column scans read and write kBlock lines x kBlock positions at a time when
+// this is true; the block's lines are consecutive columns of the plane.
 bool column_blocks(const LineGeometry& geo) {
   return geo.pos_stride != 1 && (geo.line_stride == 1 || geo.line_stride == -1);
 }
 
 #if defined(__AVX512F__)
 constexpr bool kRegisterTranspose = true;
+constexpr int kBlock = 16;  // floats per vector
+using vec_t = __m512;
+inline vec_t vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, vec_t v) { _mm512_storeu_ps(p, v); }
+inline void vstream(float* p, vec_t v) { _mm512_stream_ps(p, v); }
+inline vec_t vmul(vec_t a, vec_t b) { return _mm512_mul_ps(a, b); }
+inline vec_t vadd(vec_t a, vec_t b) { return _mm512_add_ps(a, b); }
 
 // out(i, v): v holds element i of in(0), ..., in(15) -- a 16x16 transpose.
 template <typename In, typename Out>
-inline void transpose16(In&& in, Out&& out) {
+inline void transpose_block(In&& in, Out&& out) {
   __m512 r[16], t[16];
   for (int i = 0; i < 16; ++i) r[i] = in(i);
   for (int i = 0; i < 16; i += 2) {
@@ -137,26 +148,58 @@ inline void transpose16(In&& in, Out&& out) {
     out(i + 8, _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd));
   }
 }
+#elif defined(__AVX2__)
+constexpr bool kRegisterTranspose = true;
+constexpr int kBlock = 8;  // floats per vector
+using vec_t = __m256;
+inline vec_t vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, vec_t v) { _mm256_storeu_ps(p, v); }
+inline void vstream(float* p, vec_t v) { _mm256_stream_ps(p, v); }
+inline vec_t vmul(vec_t a, vec_t b) { return _mm256_mul_ps(a, b); }
+inline vec_t vadd(vec_t a, vec_t b) { return _mm256_add_ps(a, b); }
 
+// out(i, v): v holds element i of in(0), ..., in(7) -- an 8x8 transpose.
+template <typename In, typename Out>
+inline void transpose_block(In&& in, Out&& out) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = in(i);
+  for (int i = 0; i < 8; i += 2) {  // t[i] = r_i0 r_j0 r_i1 r_j1 | r_i4 r_j4 r_i5 r_j5 (j = i + 1)
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {  // r[i + k]: element k (and k + 4) of rows i..i+3
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int k = 0; k < 4; ++k) {
+    out(k, _mm256_permute2f128_ps(r[k], r[k + 4], 0x20));
+    out(k + 4, _mm256_permute2f128_ps(r[k], r[k + 4], 0x31));
+  }
+}
+#endif
+
+#if GSPN_SIMD_BLOCKS
 // Blocks of a column tile: calls block(plane offset of its top-left element,
 // buffer offset of its first line, buffer step between its memory columns)
-// for every whole 16x16 block; returns the lines and positions covered.
+// for every whole kBlock x kBlock block; returns the lines and positions covered.
 template <typename Block>
 std::pair<int64_t, int64_t> for_each_block(const LineGeometry& geo, int64_t t0, int64_t n, int64_t pitch,
                                            Block&& block) {
-  const int64_t lines = n / 16 * 16, positions = geo.length / 16 * 16;
+  const int64_t lines = n / kBlock * kBlock, positions = geo.length / kBlock * kBlock;
   const bool forward = geo.line_stride > 0;
   const int64_t step = forward ? pitch : -pitch;
-  // Positions outer: the blocks of one band of 16 memory rows are consecutive,
-  // so each row's segment of the tile (up to four cache lines) is read in one
-  // go, in address order, where the hardware prefetchers follow it. With lines
-  // outer every block jumps 16 rows (16 KB at W = 256), a stride no prefetcher
-  // tracks, and column scans waited on memory.
-  for (int64_t p = 0; p < positions; p += 16) {
-    for (int64_t q = 0; q < lines; q += 16) {
+  // Positions outer: the blocks of one band of kBlock memory rows are
+  // consecutive, so each row's segment of the tile (up to four cache lines) is
+  // read in one go, in address order, where the hardware prefetchers follow
+  // it. With lines outer every block jumps kBlock rows (16 KB at W = 256 with
+  // AVX-512), a stride no prefetcher tracks, and column scans waited on memory.
+  for (int64_t p = 0; p < positions; p += kBlock) {
+    for (int64_t q = 0; q < lines; q += kBlock) {
       // "rl" runs right to left: the block's leftmost memory column is its last line.
-      const int64_t column = geo.first + (forward ? t0 + q : -(t0 + q + 15));
-      const int64_t line0 = (forward ? q : q + 15) * pitch;
+      const int64_t column = geo.first + (forward ? t0 + q : -(t0 + q + kBlock - 1));
+      const int64_t line0 = (forward ? q : q + kBlock - 1) * pitch;
       block(column + p * geo.pos_stride, line0 + p, step);
     }
   }
@@ -196,12 +239,12 @@ void gather_lines(const scalar_t* plane, const LineGeometry& geo, int64_t t0, in
     return;
   }
   std::pair<int64_t, int64_t> done{0, 0};
-#if defined(__AVX512F__)
+#if GSPN_SIMD_BLOCKS
   if constexpr (fp32_blocks<scalar_t, acc_t>()) {
     if (column_blocks(geo)) {
       done = for_each_block(geo, t0, n, pitch, [&](int64_t at, int64_t line0, int64_t step) {
-        transpose16([&](int i) { return _mm512_loadu_ps(plane + at + i * geo.pos_stride); },
-                    [&](int j, __m512 v) { _mm512_storeu_ps(dst + line0 + j * step, v); });
+        transpose_block([&](int i) { return vload(plane + at + i * geo.pos_stride); },
+                        [&](int j, vec_t v) { vstore(dst + line0 + j * step, v); });
       });
     }
   }
@@ -216,16 +259,16 @@ template <typename scalar_t, typename acc_t>
 void gather_product(const scalar_t* x, const scalar_t* lam, const LineGeometry& geo, int64_t t0, int64_t n,
                     acc_t* dst, int64_t pitch) {
   std::pair<int64_t, int64_t> done{0, 0};
-#if defined(__AVX512F__)
+#if GSPN_SIMD_BLOCKS
   if constexpr (fp32_blocks<scalar_t, acc_t>()) {
     if (column_blocks(geo)) {
       done = for_each_block(geo, t0, n, pitch, [&](int64_t at, int64_t line0, int64_t step) {
-        transpose16(
+        transpose_block(
             [&](int i) {
               const int64_t k = at + i * geo.pos_stride;
-              return _mm512_mul_ps(_mm512_loadu_ps(lam + k), _mm512_loadu_ps(x + k));
+              return vmul(vload(lam + k), vload(x + k));
             },
-            [&](int j, __m512 v) { _mm512_storeu_ps(dst + line0 + j * step, v); });
+            [&](int j, vec_t v) { vstore(dst + line0 + j * step, v); });
       });
     }
   }
@@ -253,24 +296,25 @@ void scatter_lines(const acc_t* src, int64_t pitch, const LineGeometry& geo, int
     return;
   }
   std::pair<int64_t, int64_t> done{0, 0};
-#if defined(__AVX512F__)
+#if GSPN_SIMD_BLOCKS
   if constexpr (fp32_blocks<out_t, acc_t>()) {
     if (column_blocks(geo)) {
       done = for_each_block(geo, t0, n, pitch, [&](int64_t at, int64_t line0, int64_t step) {
-        // In: the block's 16 lines in memory-column order; out: its 16 memory rows.
-        transpose16([&](int j) { return _mm512_loadu_ps(src + line0 + j * step); },
-                    [&](int i, __m512 v) {
-                      float* row = plane + at + i * geo.pos_stride;
-                      if constexpr (Accumulate) {
-                        _mm512_storeu_ps(row, _mm512_add_ps(_mm512_loadu_ps(row), v));
-                      } else if (reinterpret_cast<uintptr_t>(row) % 64 == 0) {
-                        // A whole cache line of output nothing reads again here:
-                        // a streaming store skips the read-for-ownership.
-                        _mm512_stream_ps(row, v);
-                      } else {
-                        _mm512_storeu_ps(row, v);
-                      }
-                    });
+        // In: the block's lines in memory-column order; out: its memory rows.
+        transpose_block([&](int j) { return vload(src + line0 + j * step); },
+                        [&](int i, vec_t v) {
+                          float* row = plane + at + i * geo.pos_stride;
+                          if constexpr (Accumulate) {
+                            vstore(row, vadd(vload(row), v));
+                          } else if (reinterpret_cast<uintptr_t>(row) % sizeof(vec_t) == 0) {
+                            // Output nothing reads again here: a streaming store
+                            // skips the read-for-ownership (with AVX2 the next
+                            // block of the band writes the cache line's other half).
+                            vstream(row, v);
+                          } else {
+                            vstore(row, v);
+                          }
+                        });
       });
     }
   }
@@ -354,7 +398,7 @@ void for_each_task(const ScanProblem& pb, const CpuTasks& plan, Body&& body) {
       const TaskIndex ti = task_index(pb, plan, task);
       if (ti.c_end > ti.c_begin) body(ti, line_geometry(pb.dirs[ti.d], pb.H, pb.W), buf);
     }
-#if defined(__AVX512F__)
+#if GSPN_SIMD_BLOCKS
     _mm_sfence();  // streaming stores (scatter_lines) visible before the join
 #endif
   });
