@@ -45,6 +45,21 @@ def test_checker_at_high_resolution():
     assert adherence(big, [s.caption for s in scenes])["correct"] >= 0.97
 
 
+def test_checker_ignores_texture_inside_objects():
+    """Dark strokes inside an object (as generated images have) leave its shape alone."""
+    from gspn_diffusers.shapes.world import Scene, ShapeObject
+
+    scene = Scene((ShapeObject("green", "square", (1, 1)), ShapeObject("red", "circle", (0, 0))), (20, 20, 20), False, 0)
+    image = render(scene, 192)
+    green = np.all(image == np.array(COLOURS["green"], dtype=np.uint8), axis=-1)
+    ys, xs = np.nonzero(green)
+    cy, cx = int(ys.mean()), int(xs.mean())
+    assert xs.max() - xs.min() > 28  # the strokes below stay inside it
+    image[cy - 6:cy + 6, cx - 6:cx + 6] = 0  # a dark blotch and two strokes: 17 % of its area
+    image[[cy - 11, cy + 10], cx - 10:cx + 10] = 0
+    assert score(image, scene.caption).correct
+
+
 def test_checker_rejects_wrong_images():
     scenes = [sample_scene(i) for i in range(200)]
     images = [render(s) for s in scenes]

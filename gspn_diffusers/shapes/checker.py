@@ -1,8 +1,8 @@
 """Reads a shapes-world image back and scores it against its caption.
 
 Colour segmentation against the palette, connected components, a shape from
-how much of its bounding box a component fills (square ~1, circle ~pi/4,
-triangle ~1/2), and a grid cell from its centroid. Works at any resolution:
+how much of its bounding box a component fills once its holes are filled
+(square ~1, circle ~pi/4, triangle ~1/2), and a grid cell from its centroid. Works at any resolution:
 images are first resampled to a canonical size.
 """
 
@@ -70,9 +70,23 @@ def _components(mask: np.ndarray) -> List[np.ndarray]:
     return found
 
 
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with every background region it encloses set."""
+    padded = np.pad(mask, 1)
+    outside = np.zeros_like(padded)
+    for region in _components(~padded):
+        if (region == 0).any():  # touches the padding ring, so not enclosed
+            outside[region[:, 0], region[:, 1]] = True
+    return ~outside[1:-1, 1:-1]
+
+
 def _classify(pixels: np.ndarray) -> str:
     (y0, x0), (y1, x1) = pixels.min(0), pixels.max(0)
-    fill = len(pixels) / float((y1 - y0 + 1) * (x1 - x0 + 1))
+    box = np.zeros((y1 - y0 + 1, x1 - x0 + 1), dtype=bool)
+    box[pixels[:, 0] - y0, pixels[:, 1] - x0] = True
+    # Holes filled: a generated object's texture (darker strokes, a highlight
+    # off the palette) punches holes that would make a square read as a circle.
+    fill = _fill_holes(box).sum() / float(box.size)
     if fill > 0.88:
         return "square"
     return "circle" if fill > 0.64 else "triangle"
