@@ -227,7 +227,8 @@ void for_each_rest(const LineGeometry& geo, int64_t t0, int64_t n, std::pair<int
 // Tile line number of the i-th memory row of a row tile (n lines from t0):
 // row tiles are read and written in address order. "bt" lines run up the
 // plane, and taken in scan order they made "bt" 1.8x slower than "tb" even
-// without the recurrence: the prefetchers follow rows read downwards only.
+// without the recurrence: each row began where the prefetchers, running on
+// past the previous row's end, were not looking.
 inline int64_t row_in_address_order(const LineGeometry& geo, int64_t i, int64_t n) {
   return geo.line_stride > 0 ? i : n - 1 - i;
 }
