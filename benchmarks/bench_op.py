@@ -12,7 +12,8 @@ run; writes everything as JSON.
 
 Targets (issue 2): on an H100, forward >= 85% and backward >= 60% of copy
 bandwidth in every direction; on the CPU at 1x32x256x256, forward <= 3x the
-time of copying its inputs once and >= 5x faster than the reference.
+time of copying its inputs once and >= 5x faster than the reference. The
+run ends with which rows meet them (also the JSON's ``targets``).
 """
 
 from __future__ import annotations
@@ -112,6 +113,36 @@ def measure_size(args, device, dtype, gen, results, channels, groups, side, item
     row("fwd 4 calls + stack", separate, 4 * fwd_bytes)
 
 
+# Issue 2's targets: on a GPU, % of the copy bandwidth; on the CPU (at
+# 1x32x256x256 in the issue, checked here at every size measured) forward time
+# over one copy of its inputs, and speed-up over the reference.
+GPU_TARGETS = {"fwd": ("pct_copy", ">=", 85.0), "bwd": ("pct_copy", ">=", 60.0)}
+CPU_TARGETS = {"fwd": ("x_inputs_copy", "<=", 3.0), "reference fwd": ("kernel_speedup", ">=", 5.0)}
+
+
+def check_targets(results: dict, device_type: str) -> list:
+    """One verdict per measured row that a target applies to, printed as a summary."""
+    targets = GPU_TARGETS if device_type == "cuda" else CPU_TARGETS
+    verdicts = []
+    for r in results["rows"]:
+        for prefix, (key, op, bound) in targets.items():
+            kind, _, direction = r["what"].rpartition(" ")
+            if kind != prefix or direction not in DIRECTIONS or key not in r:
+                continue
+            value = r[key]
+            met = value >= bound if op == ">=" else value <= bound
+            verdicts.append({"C": r["C"], "G": r["G"], "side": r["side"], "what": r["what"], "metric": key,
+                             "value": value, "target": f"{op} {bound:g}", "met": met})
+    if verdicts:
+        print(f"# targets ({'H100: % of copy bandwidth' if device_type == 'cuda' else 'CPU'}): "
+              f"{sum(v['met'] for v in verdicts)} of {len(verdicts)} met")
+        for v in verdicts:
+            if not v["met"]:
+                print(f"  missed: C={v['C']} G={v['G']} side={v['side']} {v['what']}: "
+                      f"{v['metric']} {v['value']:.2f}, target {v['target']}")
+    return verdicts
+
+
 def run(args) -> dict:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -143,6 +174,7 @@ def run(args) -> dict:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 save_json(args.json, results)  # after every size: a crash or time limit keeps what ran
+    results["targets"] = check_targets(results, device.type)
     return results
 
 

@@ -22,10 +22,17 @@ def test_bench_op_writes_json(tmp_path, compiled_cpu):
     out = tmp_path / "op.json"
     run("bench_op.py", "--device", "cpu", "--channels", "4", "--sides", "16", "--groups", "1", "C",
         "--repeats", "1", "--json", str(out))
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
     whats = {r["what"] for r in rows}
     assert {"fwd tb", "bwd rl", "fwd 4dir (one launch)", "reference fwd lr", "copy inputs once"} <= whats
     assert all(r["ms"] > 0 and r["GBps"] > 0 for r in rows)
+    # the CPU targets: forward vs one copy of its inputs, and vs the reference, per direction and G
+    verdicts = {(v["G"], v["what"]): v for v in result["targets"]}
+    assert len(verdicts) == 2 * 2 * 4
+    v = verdicts[(4, "fwd lr")]
+    assert v["target"] == "<= 3" and v["met"] == (v["value"] <= 3)
+    assert v["value"] == next(r["x_inputs_copy"] for r in rows if r["G"] == 4 and r["what"] == "fwd lr")
 
 
 def test_bench_unet_quick_writes_json(tmp_path):
