@@ -92,6 +92,31 @@ def test_cpu_kernels_use_torchs_openmp_runtime(compiled_cpu):
     assert len(runtimes) == 1, runtimes
 
 
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and torch.backends.openmp.is_available()),
+                    reason="-fopenmp is only used on Linux builds of torch with OpenMP")
+def test_build_without_openmp_runtime_falls_back_to_one_thread(tmp_path, compiled_cpu):
+    """A compiler that cannot do -fopenmp (clang without libomp) still gets working
+    kernels, with one warning; later processes do not retry the failing build."""
+    log = tmp_path / "openmp-attempts"
+    wrapper = tmp_path / "c++"
+    wrapper.write_text(textwrap.dedent(f"""\
+        #!/bin/sh
+        for a in "$@"; do
+          if [ "$a" = "-fopenmp" ]; then echo x >> {log}; echo "fatal: no OpenMP runtime" >&2; exit 1; fi
+        done
+        exec c++ "$@"
+        """))
+    wrapper.chmod(0o755)
+    env = {"GSPN_BACKEND": "compiled", "CXX": str(wrapper), "GSPN_CACHE_DIR": str(tmp_path / "cache")}
+    for attempt in range(2):
+        proc, out = run_probe(env)
+        assert out is not None, proc.stderr
+        assert out["cpu"] == "compiled" and out["ok"]
+        assert len(out["warnings"]) == 1, out["warnings"]
+        assert "without -fopenmp" in out["warnings"][0] and "CXX=g++" in out["warnings"][0]
+        assert log.read_text().count("x") == 1  # the first process tried once; the second not at all
+
+
 def test_cli_build_reports_backends(compiled_cpu):
     proc = subprocess.run(
         [sys.executable, "-m", "gspn_diffusers.cli", "build"], capture_output=True, text=True, timeout=600

@@ -150,7 +150,7 @@ def _cpu_signature() -> str:
     return signature
 
 
-def _build_key(src: Path, with_cuda: bool) -> str:
+def _build_key(src: Path, with_cuda: bool, openmp: list[str]) -> str:
     digest = hashlib.sha256()
     names = HEADERS + SOURCES_CPU + (SOURCES_CUDA if with_cuda else ())
     for name in names:
@@ -158,7 +158,7 @@ def _build_key(src: Path, with_cuda: bool) -> str:
         digest.update((src / name).read_bytes())
     # Paths too: ninja rebuilds when the command line (include and source paths)
     # changes, so two environments sharing one cache must not share a folder.
-    digest.update(repr((CFLAGS, _cpu_flags(), _openmp_flags(), CUDA_CFLAGS, with_cuda, os.environ.get("TORCH_CUDA_ARCH_LIST"),
+    digest.update(repr((CFLAGS, _cpu_flags(), openmp, CUDA_CFLAGS, with_cuda, os.environ.get("TORCH_CUDA_ARCH_LIST"),
                         str(src), str(Path(torch.__file__).parent), sys.executable)).encode())
     if _cpu_flags():
         digest.update(_cpu_signature().encode())
@@ -178,26 +178,61 @@ def _check_toolchain() -> None:
         raise ExtensionBuildError("ninja is not installed. Fix: `pip install ninja`")
 
 
+# Written into the build folder of a build that failed with OpenMP flags, so
+# later processes go straight to the build without them.
+OPENMP_FAILED_MARKER = "openmp-build-failed"
+
+
 def _build_and_load(verbose: bool) -> BackendStatus:
+    _check_toolchain()
+    openmp = _openmp_flags()
+    if not openmp:
+        return _compile(openmp, verbose)
+    try:
+        return _compile(openmp, verbose)
+    except ExtensionBuildError as exc:
+        try:
+            status = _compile([], verbose)
+        except ExtensionBuildError:
+            raise exc from None
+        (_build_dir(openmp) / OPENMP_FAILED_MARKER).write_text(str(exc))
+        # Typically clang without its OpenMP runtime: the kernels still work.
+        warnings.warn(
+            "gspn-diffusers: the GSPN kernels built only without -fopenmp, so the CPU kernels run on one "
+            f"thread. Fix: build with g++ (CXX=g++) or install the compiler's OpenMP runtime (e.g. libomp-dev). "
+            f"The failed build: {str(exc).splitlines()[0]}",
+            GSPNBuildWarning,
+            stacklevel=4,
+        )
+        return status
+
+
+def _build_dir(openmp: list[str]) -> Path:
+    """<cache>/<torch and CUDA version>/<hash of sources and flags>."""
+    with_cuda, _ = _cuda_buildable()
+    tag = f"torch{torch.__version__}" + (f"-cuda{torch.version.cuda}" if with_cuda else "")
+    return cache_dir() / tag.replace("+", "_") / _build_key(csrc_dir(), with_cuda, openmp)
+
+
+def _compile(openmp: list[str], verbose: bool) -> BackendStatus:
     from torch.utils import cpp_extension
 
-    _check_toolchain()
     src = csrc_dir()
     with_cuda, cuda_reason = _cuda_buildable()
-    key = _build_key(src, with_cuda)
-    tag = f"torch{torch.__version__}" + (f"-cuda{torch.version.cuda}" if with_cuda else "")
-    tag = tag.replace("+", "_")
-    build_dir = cache_dir() / tag / key
+    build_dir = _build_dir(openmp)
+    key = build_dir.name
     build_dir.mkdir(parents=True, exist_ok=True)
+    if openmp and (build_dir / OPENMP_FAILED_MARKER).exists():
+        raise ExtensionBuildError(f"building with {' '.join(openmp)} failed before in {build_dir}")
     sources = [str(src / name) for name in SOURCES_CPU + (SOURCES_CUDA if with_cuda else ())]
-    cflags = list(CFLAGS) + _cpu_flags() + _openmp_flags() + (["-DGSPN_WITH_CUDA"] if with_cuda else [])
+    cflags = list(CFLAGS) + _cpu_flags() + openmp + (["-DGSPN_WITH_CUDA"] if with_cuda else [])
     try:
         cpp_extension.load(
             name=f"gspn_kernels_{key}",
             sources=sources,
             extra_cflags=cflags,
             extra_cuda_cflags=list(CUDA_CFLAGS),
-            extra_ldflags=_openmp_flags(),
+            extra_ldflags=list(openmp),  # torch appends its own flags to this list in place
             build_directory=str(build_dir),
             is_python_module=False,
             verbose=verbose,
