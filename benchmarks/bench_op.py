@@ -134,7 +134,7 @@ def check_targets(results: dict, device_type: str) -> list:
             verdicts.append({"C": r["C"], "G": r["G"], "side": r["side"], "what": r["what"], "metric": key,
                              "value": value, "target": f"{op} {bound:g}", "met": met})
     if verdicts:
-        print(f"# targets ({'H100: % of copy bandwidth' if device_type == 'cuda' else 'CPU'}): "
+        print(f"# targets ({'GPU, set for an H100' if device_type == 'cuda' else 'CPU'}): "
               f"{sum(v['met'] for v in verdicts)} of {len(verdicts)} met")
         for v in verdicts:
             if not v["met"]:

@@ -2,8 +2,8 @@
 
 Colour segmentation against the palette, connected components, a shape from
 how much of its bounding box a component fills once its holes are filled
-(square ~1, circle ~pi/4, triangle ~1/2), and a grid cell from its centroid. Works at any resolution:
-images are first resampled to a canonical size.
+(square ~1, circle ~pi/4, triangle ~1/2), and a grid cell from its centroid.
+Works at any resolution: images are first resampled to a canonical size.
 """
 
 from __future__ import annotations
