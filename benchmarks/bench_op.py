@@ -127,14 +127,13 @@ def check_targets(results: dict, device_type: str) -> list:
     targets = GPU_TARGETS if device_type == "cuda" else CPU_TARGETS
     verdicts = []
     for r in results["rows"]:
-        for prefix, (key, op, bound) in targets.items():
-            kind, _, direction = r["what"].rpartition(" ")
-            if kind != prefix or direction not in DIRECTIONS or key not in r:
-                continue
-            value = r[key]
-            met = value >= bound if op == ">=" else value <= bound
-            verdicts.append({"C": r["C"], "G": r["G"], "side": r["side"], "what": r["what"], "metric": key,
-                             "value": value, "target": f"{op} {bound:g}", "met": met})
+        kind, _, direction = r["what"].rpartition(" ")
+        if kind not in targets or direction not in DIRECTIONS or targets[kind][0] not in r:
+            continue
+        key, op, bound = targets[kind]
+        met = r[key] >= bound if op == ">=" else r[key] <= bound
+        verdicts.append({"C": r["C"], "G": r["G"], "side": r["side"], "what": r["what"], "metric": key,
+                         "value": r[key], "target": f"{op} {bound:g}", "met": met})
     if verdicts:
         print(f"# targets ({'GPU, set for an H100' if device_type == 'cuda' else 'CPU'}): "
               f"{sum(v['met'] for v in verdicts)} of {len(verdicts)} met")
