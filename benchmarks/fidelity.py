@@ -12,8 +12,8 @@ same seeds. At 4x and 8x the native size: the staged high-resolution pipeline
 sub-latents by default: on this model latent upscaling loses the layout, see
 BENCHMARKS.md) vs generating directly at that size, all with the student, and
 the staged pipeline without dilated sampling, without its skip residual
-(plain re-noising) and with the other upscale mode (the last two in the full
-run only): adherence and duplicated objects per image. Prints a table, writes JSON (keys
+(plain re-noising) and with the other upscale mode (in the full run only):
+adherence and duplicated objects per image. Prints a table, writes JSON (keys
 teacher_adherence, student_adherence, highres_adherence, direct_adherence,
 the last two at the largest scale measured) and a PNG grid.
 
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
                         help="sub-latent side of the high-res pipeline's dilated sampling (0: off); 32 latent "
                              "cells = the 128-pixel scenes the teacher learnt")
     parser.add_argument("--quick", action="store_true",
-                        help="24 prompts, 4x only, fewer steps, one ablation: minutes on a CPU")
+                        help="24 prompts, 4x only, 15 steps, no ablations: under 5 minutes on a 2-core CPU")
     parser.add_argument("--json", type=Path, default=Path("bench_results/fidelity.json"))
     parser.add_argument("--grid", type=Path, default=None, help="PNG grid (default: next to the JSON)")
     args = parser.parse_args(argv)
@@ -73,17 +73,25 @@ def main(argv=None) -> int:
     base = pipe._base_pipeline()  # the plain text-to-image call over the same modules
     base.set_progress_bar_config(disable=True)
 
-    def direct(size):
-        return generate(base, prompts, seeds, size, args.steps, args.guidance_scale, batch=8)
+    seconds = {}  # wall time of each row, to see where a run's minutes go
 
-    def staged(size, mode=args.upscale_mode, skip_residual=True, dilated=args.dilated_sampling_size):
-        return generate(pipe, prompts, seeds, size, args.steps, args.guidance_scale, batch=4, upscale_mode=mode,
-                        skip_residual=skip_residual, dilated_sampling=bool(dilated),
-                        dilated_sampling_size=dilated or None)
+    def timed(key, make):
+        start = time.perf_counter()
+        images = make()
+        seconds[key] = time.perf_counter() - start
+        return images
 
-    teacher = direct(native)
+    def direct(key, size):
+        return timed(key, lambda: generate(base, prompts, seeds, size, args.steps, args.guidance_scale, batch=8))
+
+    def staged(key, size, mode=args.upscale_mode, skip_residual=True, dilated=args.dilated_sampling_size):
+        return timed(key, lambda: generate(pipe, prompts, seeds, size, args.steps, args.guidance_scale, batch=4,
+                                           upscale_mode=mode, skip_residual=skip_residual,
+                                           dilated_sampling=bool(dilated), dilated_sampling_size=dilated or None))
+
+    teacher = direct("teacher", native)
     apply_gspn(pipe, adapter=args.adapter)
-    student = direct(native)
+    student = direct("student", native)
     results = {
         "prompts": len(prompts), "steps": args.steps, "guidance_scale": args.guidance_scale, "native": native,
         "teacher": adherence(teacher, prompts), "student": adherence(student, prompts),
@@ -93,19 +101,20 @@ def main(argv=None) -> int:
     grid_rows = [teacher[:8], student[:8]]
     other = "latent" if args.upscale_mode == "pixel" else "pixel"
     # the staged pipeline with one part changed: (JSON key, table row, settings)
-    ablations = [("highres_no_dilated_sampling", "no dilated sampling", dict(dilated=0))] \
-        if args.dilated_sampling_size else []
+    ablations = []
     if not args.quick:
+        if args.dilated_sampling_size:
+            ablations += [("highres_no_dilated_sampling", "no dilated sampling", dict(dilated=0))]
         ablations += [("highres_no_skip_residual", "no skip residual", dict(skip_residual=False)),
                       (f"highres_{other}_upscale", f"{other} upscale", dict(mode=other))]
     for scale in args.scales:
         size = native * scale
-        highres = staged(size)
-        plain = direct(size)
+        highres = staged(f"highres {scale}x", size)
+        plain = direct(f"direct {scale}x", size)
         entry = {"size": size, "upscale_mode": args.upscale_mode,
                  "dilated_sampling_size": args.dilated_sampling_size, "highres": adherence(highres, prompts)}
         for key, _, settings in ablations:
-            entry[key] = adherence(staged(size, **settings), prompts)
+            entry[key] = adherence(staged(f"{key} {scale}x", size, **settings), prompts)
         entry["direct"] = adherence(plain, prompts)
         results["scales"][str(scale)] = entry
         grid_rows += [[np.asarray(_thumb(i, native)) for i in highres[:8]],
@@ -118,16 +127,17 @@ def main(argv=None) -> int:
         direct_adherence=results["scales"][largest]["direct"]["correct"],
         largest_scale=int(largest),
         seconds=time.perf_counter() - started,
+        row_seconds=seconds,
     )
-    print(f"{'':>22} {'correct':>8} {'count':>6} {'colour':>6} {'shape':>6} {'place':>6} {'dup/img':>7}")
-    rows = [("teacher (native)", results["teacher"]), ("student (native)", results["student"])]
+    print(f"{'':>22} {'correct':>8} {'count':>6} {'colour':>6} {'shape':>6} {'place':>6} {'dup/img':>7} {'s':>5}")
+    rows = [("teacher (native)", results["teacher"], "teacher"), ("student (native)", results["student"], "student")]
     for scale, entry in results["scales"].items():
-        rows += [(f"high-res {scale}x", entry["highres"])]
-        rows += [(f"  {name} {scale}x", entry[key]) for key, name, _ in ablations]
-        rows += [(f"direct {scale}x", entry["direct"])]
-    for name, r in rows:
+        rows += [(f"high-res {scale}x", entry["highres"], f"highres {scale}x")]
+        rows += [(f"  {name} {scale}x", entry[key], f"{key} {scale}x") for key, name, _ in ablations]
+        rows += [(f"direct {scale}x", entry["direct"], f"direct {scale}x")]
+    for name, r, key in rows:
         print(f"{name:>22} {r['correct']:>8.2f} {r['count']:>6.2f} {r['colours']:>6.2f} {r['shapes']:>6.2f} "
-              f"{r['positions']:>6.2f} {r['duplicates_per_image']:>7.2f}")
+              f"{r['positions']:>6.2f} {r['duplicates_per_image']:>7.2f} {seconds[key]:>5.0f}")
     print(f"teacher-student mean |diff| {results['teacher_student_mean_abs_diff']:.3f}; {results['seconds']:.0f} s")
     save_json(args.json, results)
     grid = args.grid or args.json.with_suffix(".png")
