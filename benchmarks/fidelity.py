@@ -54,6 +54,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dilated_sampling_size", type=int, default=32,
                         help="sub-latent side of the high-res pipeline's dilated sampling (0: off); 32 latent "
                              "cells = the 128-pixel scenes the teacher learnt")
+    parser.add_argument("--stage_growth", type=float, default=2.0,
+                        help="side growth per high-res stage (8 at 8x: one upscaling stage, one VAE round trip)")
     parser.add_argument("--quick", action="store_true",
                         help="24 prompts, 4x only, 15 steps, no ablations: under 5 minutes on a 2-core CPU")
     parser.add_argument("--json", type=Path, default=Path("bench_results/fidelity.json"))
@@ -87,6 +89,7 @@ def main(argv=None) -> int:
     def staged(key, size, mode=args.upscale_mode, skip_residual=True, dilated=args.dilated_sampling_size):
         return timed(key, lambda: generate(pipe, prompts, seeds, size, args.steps, args.guidance_scale, batch=4,
                                            upscale_mode=mode, skip_residual=skip_residual,
+                                           stage_growth=args.stage_growth,
                                            dilated_sampling=bool(dilated), dilated_sampling_size=dilated or None))
 
     teacher = direct("teacher", native)
@@ -111,7 +114,7 @@ def main(argv=None) -> int:
         size = native * scale
         highres = staged(f"highres {scale}x", size)
         plain = direct(f"direct {scale}x", size)
-        entry = {"size": size, "upscale_mode": args.upscale_mode,
+        entry = {"size": size, "upscale_mode": args.upscale_mode, "stage_growth": args.stage_growth,
                  "dilated_sampling_size": args.dilated_sampling_size, "highres": adherence(highres, prompts)}
         for key, _, settings in ablations:
             entry[key] = adherence(staged(f"{key} {scale}x", size, **settings), prompts)

@@ -50,7 +50,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         args.prompt, width=args.width, height=args.height, negative_prompt=args.negative_prompt,
         num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
         generator=torch.Generator(device).manual_seed(args.seed), stage_strengths=args.strengths,
-        stage_steps=args.stage_steps, skip_residual=not args.no_skip_residual, upscale_mode=args.upscale_mode,
+        stage_steps=args.stage_steps, stage_growth=args.stage_growth, skip_residual=not args.no_skip_residual, upscale_mode=args.upscale_mode,
         dilated_sampling=args.dilated_sampling, dilated_sampling_size=args.dilated_sampling_size,
         vae_tile_size=args.vae_tile, offload_vae_while_denoising=args.offload_vae,
         return_stage_images=args.save_stages is not None,
@@ -94,6 +94,8 @@ def _add_generate(sub) -> None:
     gen.add_argument("--guidance_scale", type=float, default=7.5)
     gen.add_argument("--strengths", type=float, nargs="+", default=None, help="per-stage re-noising strength")
     gen.add_argument("--stage_steps", type=int, nargs="+", default=None, help="per-stage nominal steps")
+    gen.add_argument("--stage_growth", type=float, default=2.0,
+                     help="side growth per stage (larger: fewer stages, fewer VAE round trips with pixel upscaling)")
     gen.add_argument("--no_skip_residual", action="store_true", help="plain re-noising, no DemoFusion skip residual")
     gen.add_argument("--upscale_mode", choices=["latent", "pixel"], default="latent")
     gen.add_argument("--dilated_sampling", action="store_true",

@@ -74,6 +74,22 @@ def test_default_plan_keeps_aspect_and_native_area():
         plan_stages(2048, 2048, 512, 8, 30, stage_strengths=[0.3])
 
 
+def test_stage_growth_sets_how_many_stages():
+    sides = lambda growth, target: [s.width for s in plan_stages(target, target, 64, 8, 15, stage_growth=growth)]  # noqa: E731
+    assert sides(2, 512) == [64, 128, 256, 512]
+    assert sides(8, 512) == [64, 512]
+    assert sides(4, 1024) == [64, 256, 1024]
+    assert sides(4, 512) == [64, 128, 512]  # the first step takes the remainder
+    with pytest.raises(ValueError, match="stage_growth=1 must be > 1"):
+        plan_stages(512, 512, 64, 8, 15, stage_growth=1)
+
+
+def test_stage_growth_reaches_the_pipeline(base, adapter):
+    out = run(load(base, adapter), 256, 256, stage_growth=4, upscale_mode="pixel")
+    assert [(s.width, s.height) for s in out.stages] == [(64, 64), (256, 256)]
+    assert out.images.shape == (1, 256, 256, 3) and np.isfinite(out.images).all()
+
+
 def test_seeds_reproduce(base, adapter):
     pipe = load(base, adapter)
     a, b, c = (run(pipe, 128, 128, seed=s).images for s in (1, 1, 2))

@@ -281,6 +281,7 @@ class GSPNHighResPipeline(DiffusionPipeline):
         stage_sizes: Optional[Sequence[Tuple[int, int]]] = None,
         stage_strengths: Optional[Sequence[float]] = None,
         stage_steps: Optional[Sequence[int]] = None,
+        stage_growth: float = 2.0,
         skip_residual: bool = True,
         skip_residual_power: float = 3.0,
         dilated_sampling: bool = False,
@@ -310,7 +311,9 @@ class GSPNHighResPipeline(DiffusionPipeline):
             width, height: target size in pixels (rounded to the latent factor
                 with a warning; at least the native area).
             stage_sizes / stage_strengths / stage_steps: override the plan of
-                :func:`~gspn_diffusers.pipelines.stages.plan_stages`.
+                :func:`~gspn_diffusers.pipelines.stages.plan_stages`;
+                ``stage_growth``: side growth per stage of the default plan
+                (2; larger = fewer stages, fewer VAE round trips in pixel mode).
             skip_residual: DemoFusion's skip residual (layout from the previous
                 stage); ``skip_residual_power`` shapes its decay.
             dilated_sampling: DemoFusion's dilated sampling in upscaling stages
@@ -335,7 +338,7 @@ class GSPNHighResPipeline(DiffusionPipeline):
         if upscale_mode not in ("latent", "pixel"):
             raise ValueError(f"upscale_mode={upscale_mode!r}: use 'latent' or 'pixel'")
         stages = plan_stages(width, height, self.native_size, self.vae_scale_factor, num_inference_steps,
-                             stage_sizes, stage_strengths, stage_steps)
+                             stage_sizes, stage_strengths, stage_steps, stage_growth)
         self._warn_without_gspn(width, height)
         unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
         if unknown:

@@ -2,12 +2,12 @@
 denoises at, from how much noise, with how many steps.
 
 Stage 0 generates at the base model's native pixel area with the target's
-aspect ratio. Each later stage grows the image by about 2x per side (the last
-step may be smaller) until the exact target, and re-noises the upscaled
-previous result to a strength that falls as the image grows: fine detail
-needs less noise than layout, and a high strength at 8K would re-invent the
-layout the earlier stages fixed (the published recipe: about 0.4 at 2K, down
-to 0.1-0.3 at 8K-16K).
+aspect ratio. Each later stage grows the image by about ``stage_growth`` per
+side (2 by default; the first step takes the remainder) until the exact
+target, and re-noises the upscaled previous result to a strength that falls
+as the image grows: fine detail needs less noise than layout, and a high
+strength at 8K would re-invent the layout the earlier stages fixed (the
+published recipe: about 0.4 at 2K, down to 0.1-0.3 at 8K-16K).
 """
 
 from __future__ import annotations
@@ -52,12 +52,18 @@ def plan_stages(
     stage_sizes: Optional[Sequence[Tuple[int, int]]] = None,
     stage_strengths: Optional[Sequence[float]] = None,
     stage_steps: Optional[Sequence[int]] = None,
+    stage_growth: float = 2.0,
 ) -> List[Stage]:
-    """The stages from the native size to ``width x height``.
+    """The stages from the native size to ``width x height``, each about
+    ``stage_growth`` x the previous side (fewer, larger steps mean fewer VAE
+    round trips with pixel-space upscaling).
 
-    Raises ValueError for a target smaller than the native area or overrides
-    of the wrong length; sizes must already be multiples of ``multiple``.
+    Raises ValueError for a target smaller than the native area, a growth of
+    at most 1, or overrides of the wrong length; sizes must already be
+    multiples of ``multiple``.
     """
+    if not stage_growth > 1:
+        raise ValueError(f"stage_growth={stage_growth} must be > 1 (2 doubles the side at each stage)")
     if width * height < native * native * 0.99 and not stage_sizes:
         raise ValueError(
             f"target {width}x{height} is smaller than the base model's native {native}x{native}: "
@@ -72,11 +78,9 @@ def plan_stages(
         base = (round_to_multiple(native * math.sqrt(aspect), multiple),
                 round_to_multiple(native / math.sqrt(aspect), multiple))
         growth = max(width / base[0], height / base[1])
-        count = max(0, math.ceil(math.log2(growth) - 0.1)) if growth > 1.05 else 0
-        sizes = [
-            (round_to_multiple(width / 2 ** (count - k), multiple), round_to_multiple(height / 2 ** (count - k), multiple))
-            for k in range(count)
-        ]
+        count = max(0, math.ceil(math.log(growth, stage_growth) - 0.1)) if growth > 1.05 else 0
+        shrink = [stage_growth ** (count - k) for k in range(count)]
+        sizes = [(round_to_multiple(width / f, multiple), round_to_multiple(height / f, multiple)) for f in shrink]
         sizes = [base] + [s for s in sizes if s[0] > base[0] or s[1] > base[1]] + [(width, height)]
         if len(sizes) >= 2 and sizes[0] == sizes[1]:
             sizes = sizes[1:]
