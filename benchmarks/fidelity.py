@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gspn_diffusers import GSPNHighResPipeline, apply_gspn  # noqa: E402
+from gspn_diffusers.cpu_allocator import keep_freed_cpu_memory  # noqa: E402
 from gspn_diffusers.shapes import adherence, held_out_scenes  # noqa: E402
 from gspn_diffusers.shapes.assets import ADAPTER_DIR, TEACHER_DIR  # noqa: E402
 from gspn_diffusers.shapes.teacher import GUIDANCE_SCALE, generate  # noqa: E402
@@ -63,6 +64,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.prompts, args.scales, args.steps = min(args.prompts, 24), [4], min(args.steps, 15)
+    keep_freed_cpu_memory()
     started = time.perf_counter()
     scenes = held_out_scenes(args.prompts)
     prompts = [s.caption for s in scenes]

@@ -37,9 +37,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__
+    from .cpu_allocator import keep_freed_cpu_memory
     from .pipelines import GSPNHighResPipeline, save_png
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        keep_freed_cpu_memory()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(
         args.dtype, torch.float16 if device == "cuda" else torch.float32)
     started = time.perf_counter()
