@@ -8,9 +8,10 @@ at many times the native size? Offline, checked automatically.
 Teacher vs student at the native size: prompt adherence (fully correct,
 and per aspect) and the mean absolute teacher-student pixel difference for the
 same seeds. At 4x and 8x the native size: the staged high-resolution pipeline
-(pixel-space upscaling between stages and dilated sampling over 32x32
-sub-latents by default: on this model latent upscaling loses the layout, see
-BENCHMARKS.md) vs generating directly at that size, all with the student, and
+(pixel-space upscaling between stages, doubling the side per stage below 8x
+and one upscaling stage from 8x, and dilated sampling over 32x32 sub-latents
+by default: on this model latent upscaling loses the layout and each VAE
+round trip loses objects, see BENCHMARKS.md) vs generating directly at that size, all with the student, and
 the staged pipeline without dilated sampling, without its skip residual
 (plain re-noising) and with the other upscale mode (in the full run only):
 adherence and duplicated objects per image. Prints a table, writes JSON (keys
@@ -55,8 +56,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dilated_sampling_size", type=int, default=32,
                         help="sub-latent side of the high-res pipeline's dilated sampling (0: off); 32 latent "
                              "cells = the 128-pixel scenes the teacher learnt")
-    parser.add_argument("--stage_growth", type=float, default=2.0,
-                        help="side growth per high-res stage (8 at 8x: one upscaling stage, one VAE round trip)")
+    parser.add_argument("--stage_growth", type=float, nargs="+", default=None,
+                        help="side growth per high-res stage, one value for every scale or one per --scales "
+                             "entry (default: 2 below 8x; from 8x one upscaling stage, one VAE round trip, "
+                             "which kept more objects at 8x and fewer at 4x, see BENCHMARKS.md)")
     parser.add_argument("--quick", action="store_true",
                         help="24 prompts, 4x only, 15 steps, no ablations: under 5 minutes on a 2-core CPU")
     parser.add_argument("--json", type=Path, default=Path("bench_results/fidelity.json"))
@@ -64,6 +67,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.prompts, args.scales, args.steps = min(args.prompts, 24), [4], min(args.steps, 15)
+    growth = args.stage_growth or [2.0 if scale < 8 else float(scale) for scale in args.scales]
+    if len(growth) not in (1, len(args.scales)):
+        parser.error(f"--stage_growth has {len(growth)} values for the scales {args.scales}: give one value "
+                     "for every scale or one per scale")
+    growth = dict(zip(args.scales, growth * len(args.scales) if len(growth) == 1 else growth))
     keep_freed_cpu_memory()
     started = time.perf_counter()
     scenes = held_out_scenes(args.prompts)
@@ -88,10 +96,10 @@ def main(argv=None) -> int:
     def direct(key, size):
         return timed(key, lambda: generate(base, prompts, seeds, size, args.steps, args.guidance_scale, batch=8))
 
-    def staged(key, size, mode=args.upscale_mode, skip_residual=True, dilated=args.dilated_sampling_size):
-        return timed(key, lambda: generate(pipe, prompts, seeds, size, args.steps, args.guidance_scale, batch=4,
-                                           upscale_mode=mode, skip_residual=skip_residual,
-                                           stage_growth=args.stage_growth,
+    def staged(key, scale, mode=args.upscale_mode, skip_residual=True, dilated=args.dilated_sampling_size):
+        return timed(key, lambda: generate(pipe, prompts, seeds, native * scale, args.steps, args.guidance_scale,
+                                           batch=4, upscale_mode=mode, skip_residual=skip_residual,
+                                           stage_growth=growth[scale],
                                            dilated_sampling=bool(dilated), dilated_sampling_size=dilated or None))
 
     teacher = direct("teacher", native)
@@ -114,12 +122,12 @@ def main(argv=None) -> int:
                       (f"highres_{other}_upscale", f"{other} upscale", dict(mode=other))]
     for scale in args.scales:
         size = native * scale
-        highres = staged(f"highres {scale}x", size)
+        highres = staged(f"highres {scale}x", scale)
         plain = direct(f"direct {scale}x", size)
-        entry = {"size": size, "upscale_mode": args.upscale_mode, "stage_growth": args.stage_growth,
+        entry = {"size": size, "upscale_mode": args.upscale_mode, "stage_growth": growth[scale],
                  "dilated_sampling_size": args.dilated_sampling_size, "highres": adherence(highres, prompts)}
         for key, _, settings in ablations:
-            entry[key] = adherence(staged(f"{key} {scale}x", size, **settings), prompts)
+            entry[key] = adherence(staged(f"{key} {scale}x", scale, **settings), prompts)
         entry["direct"] = adherence(plain, prompts)
         results["scales"][str(scale)] = entry
         grid_rows += [[np.asarray(_thumb(i, native)) for i in highres[:8]],

@@ -82,3 +82,9 @@ def test_fidelity_quick_writes_json(tmp_path):
     assert set(result["row_seconds"]) == {"teacher", "student", "highres 4x", "direct 4x"}
     assert all(s > 0 for s in result["row_seconds"].values())
     assert out.with_suffix(".png").exists()
+
+
+def test_fidelity_refuses_stage_growth_that_does_not_match_the_scales():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), "--scales", "4", "8", "16",
+                           "--stage_growth", "2", "8"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--stage_growth has 2 values for the scales [4, 8, 16]" in proc.stderr
