@@ -16,7 +16,9 @@ assets=$(python -c "from gspn_diffusers.shapes.assets import TEACHER_DIR, ADAPTE
 import sys; sys.exit('embedded model missing: see gspn_diffusers/shapes/assets/README.md') if not available() else print(TEACHER_DIR, ADAPTER_DIR)")
 read -r teacher adapter <<<"$assets"
 mkdir -p out
+# One upscaling stage (--stage_growth 8): every pixel-upscaling stage is a VAE
+# round trip, and on this model each one loses objects (BENCHMARKS.md, fidelity).
 gspn-diffusers generate --model "$teacher" --adapter "$adapter" --prompt "$prompt" \
-    --width "$width" --height "$height" --steps 25 --guidance_scale 2 --upscale_mode pixel \
+    --width "$width" --height "$height" --steps 25 --guidance_scale 2 --upscale_mode pixel --stage_growth 8 \
     --dilated_sampling --dilated_sampling_size 32 --vae_tile 32 --out out/demo.png --save_stages out/demo-stages
 echo "image: $(pwd)/out/demo.png"
