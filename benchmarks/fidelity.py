@@ -11,10 +11,11 @@ same seeds. At 4x and 8x the native size: the staged high-resolution pipeline
 (pixel-space upscaling between stages, doubling the side per stage below 8x
 and one upscaling stage from 8x, and dilated sampling over 32x32 sub-latents
 by default: on this model latent upscaling loses the layout and each VAE
-round trip loses objects, see BENCHMARKS.md) vs generating directly at that size, all with the student, and
-the staged pipeline without dilated sampling, without its skip residual
-(plain re-noising) and with the other upscale mode (in the full run only):
-adherence and duplicated objects per image. Prints a table, writes JSON (keys
+round trip loses objects, see BENCHMARKS.md) vs generating directly at that
+size, all with the student, and the staged pipeline without dilated
+sampling, without its skip residual (plain re-noising) and with the other
+upscale mode (in the full run only): adherence and duplicated objects per
+image. Prints a table (with each row's seconds), writes JSON (keys
 teacher_adherence, student_adherence, highres_adherence, direct_adherence,
 the last two at the largest scale measured) and a PNG grid.
 
@@ -67,11 +68,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.prompts, args.scales, args.steps = min(args.prompts, 24), [4], min(args.steps, 15)
-    growth = args.stage_growth or [2.0 if scale < 8 else float(scale) for scale in args.scales]
-    if len(growth) not in (1, len(args.scales)):
-        parser.error(f"--stage_growth has {len(growth)} values for the scales {args.scales}: give one value "
+    growths = args.stage_growth or [2.0 if scale < 8 else float(scale) for scale in args.scales]
+    if len(growths) not in (1, len(args.scales)):
+        parser.error(f"--stage_growth has {len(growths)} values for the scales {args.scales}: give one value "
                      "for every scale or one per scale")
-    growth = dict(zip(args.scales, growth * len(args.scales) if len(growth) == 1 else growth))
+    growth = dict(zip(args.scales, growths * len(args.scales) if len(growths) == 1 else growths))
     keep_freed_cpu_memory()
     started = time.perf_counter()
     scenes = held_out_scenes(args.prompts)

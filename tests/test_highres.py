@@ -75,7 +75,9 @@ def test_default_plan_keeps_aspect_and_native_area():
 
 
 def test_stage_growth_sets_how_many_stages():
-    sides = lambda growth, target: [s.width for s in plan_stages(target, target, 64, 8, 15, stage_growth=growth)]  # noqa: E731
+    def sides(growth, target):
+        return [s.width for s in plan_stages(target, target, 64, 8, 15, stage_growth=growth)]
+
     assert sides(2, 512) == [64, 128, 256, 512]
     assert sides(8, 512) == [64, 512]
     assert sides(4, 1024) == [64, 256, 1024]
