@@ -10,11 +10,12 @@ and per aspect) and the mean absolute teacher-student pixel difference for the
 same seeds. At 4x and 8x the native size: the staged high-resolution pipeline
 (pixel-space upscaling between stages, doubling the side per stage below 8x
 and one upscaling stage from 8x, and dilated sampling over 32x32 sub-latents
-by default: on this model latent upscaling loses the layout and each VAE
-round trip loses objects, see BENCHMARKS.md) vs generating directly at that
-size, all with the student, and the staged pipeline without dilated
-sampling, without its skip residual (plain re-noising) and with the other
-upscale mode (in the full run only): adherence and duplicated objects per
+and the wavelet colour fix by default: on this model latent upscaling loses
+the layout, each VAE round trip loses objects and large stages drift in
+colour, see BENCHMARKS.md) vs generating directly at that size, all with the
+student, and the staged pipeline without dilated sampling, without the colour
+fix, without its skip residual (plain re-noising) and with the other upscale
+mode (in the full run only): adherence and duplicated objects per
 image. Prints a table (with each row's seconds), writes JSON (keys
 teacher_adherence, student_adherence, highres_adherence, direct_adherence,
 the last two at the largest scale measured) and a PNG grid.
@@ -61,6 +62,9 @@ def main(argv=None) -> int:
                         help="side growth per high-res stage, one value for every scale or one per --scales "
                              "entry (default: 2 below 8x; from 8x one upscaling stage, one VAE round trip, "
                              "which kept more objects at 8x and fewer at 4x, see BENCHMARKS.md)")
+    parser.add_argument("--no_color_fix", action="store_true",
+                        help="high-res stages without the wavelet colour fix (on by default here: at 8x the "
+                             "denoiser's colour drift pushed objects across palette boundaries)")
     parser.add_argument("--quick", action="store_true",
                         help="24 prompts, 4x only, 15 steps, no ablations: under 5 minutes on a 2-core CPU")
     parser.add_argument("--json", type=Path, default=Path("bench_results/fidelity.json"))
@@ -97,10 +101,11 @@ def main(argv=None) -> int:
     def direct(key, size):
         return timed(key, lambda: generate(base, prompts, seeds, size, args.steps, args.guidance_scale, batch=8))
 
-    def staged(key, scale, mode=args.upscale_mode, skip_residual=True, dilated=args.dilated_sampling_size):
+    def staged(key, scale, mode=args.upscale_mode, skip_residual=True, dilated=args.dilated_sampling_size,
+               color_fix=not args.no_color_fix):
         return timed(key, lambda: generate(pipe, prompts, seeds, native * scale, args.steps, args.guidance_scale,
                                            batch=4, upscale_mode=mode, skip_residual=skip_residual,
-                                           stage_growth=growth[scale],
+                                           stage_growth=growth[scale], color_fix=color_fix,
                                            dilated_sampling=bool(dilated), dilated_sampling_size=dilated or None))
 
     teacher = direct("teacher", native)
@@ -119,6 +124,8 @@ def main(argv=None) -> int:
     if not args.quick:
         if args.dilated_sampling_size:
             ablations += [("highres_no_dilated_sampling", "no dilated sampling", dict(dilated=0))]
+        if not args.no_color_fix:
+            ablations += [("highres_no_color_fix", "no colour fix", dict(color_fix=False))]
         ablations += [("highres_no_skip_residual", "no skip residual", dict(skip_residual=False)),
                       (f"highres_{other}_upscale", f"{other} upscale", dict(mode=other))]
     for scale in args.scales:
@@ -126,7 +133,8 @@ def main(argv=None) -> int:
         highres = staged(f"highres {scale}x", scale)
         plain = direct(f"direct {scale}x", size)
         entry = {"size": size, "upscale_mode": args.upscale_mode, "stage_growth": growth[scale],
-                 "dilated_sampling_size": args.dilated_sampling_size, "highres": adherence(highres, prompts)}
+                 "dilated_sampling_size": args.dilated_sampling_size, "color_fix": not args.no_color_fix,
+                 "highres": adherence(highres, prompts)}
         for key, _, settings in ablations:
             entry[key] = adherence(staged(f"{key} {scale}x", scale, **settings), prompts)
         entry["direct"] = adherence(plain, prompts)

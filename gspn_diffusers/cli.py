@@ -54,7 +54,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
         generator=torch.Generator(device).manual_seed(args.seed), stage_strengths=args.strengths,
         stage_steps=args.stage_steps, stage_growth=args.stage_growth, skip_residual=not args.no_skip_residual,
-        upscale_mode=args.upscale_mode,
+        upscale_mode=args.upscale_mode, color_fix=args.color_fix,
         dilated_sampling=args.dilated_sampling, dilated_sampling_size=args.dilated_sampling_size,
         vae_tile_size=args.vae_tile, offload_vae_while_denoising=args.offload_vae,
         return_stage_images=args.save_stages is not None,
@@ -70,7 +70,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         "prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed, "model": args.model,
         "adapter": args.adapter, "guidance_scale": args.guidance_scale, "num_inference_steps": args.steps,
         "skip_residual": not args.no_skip_residual, "upscale_mode": args.upscale_mode,
-        "dilated_sampling": args.dilated_sampling, "stages": stages,
+        "color_fix": args.color_fix, "dilated_sampling": args.dilated_sampling, "stages": stages,
         "software": f"gspn-diffusers {__version__}",
     }
     if args.save_stages is not None:
@@ -102,6 +102,8 @@ def _add_generate(sub) -> None:
                      help="side growth per stage (larger: fewer stages, fewer VAE round trips with pixel upscaling)")
     gen.add_argument("--no_skip_residual", action="store_true", help="plain re-noising, no DemoFusion skip residual")
     gen.add_argument("--upscale_mode", choices=["latent", "pixel"], default="latent")
+    gen.add_argument("--color_fix", action="store_true",
+                     help="each upscaling stage keeps its input's colours and adds only finer detail")
     gen.add_argument("--dilated_sampling", action="store_true",
                      help="DemoFusion's dilated sampling in large stages (up to 2x the UNet work there)")
     gen.add_argument("--dilated_sampling_size", type=int, default=None,

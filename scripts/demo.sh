@@ -18,7 +18,9 @@ read -r teacher adapter <<<"$assets"
 mkdir -p out
 # One upscaling stage (--stage_growth 8): every pixel-upscaling stage is a VAE
 # round trip, and on this model each one loses objects (BENCHMARKS.md, fidelity).
+# --color_fix: the 512-px stage keeps the 64-px image's colours, adds the detail.
 gspn-diffusers generate --model "$teacher" --adapter "$adapter" --prompt "$prompt" \
     --width "$width" --height "$height" --steps 25 --guidance_scale 2 --upscale_mode pixel --stage_growth 8 \
+    --color_fix \
     --dilated_sampling --dilated_sampling_size 32 --vae_tile 32 --out out/demo.png --save_stages out/demo-stages
 echo "image: $(pwd)/out/demo.png"

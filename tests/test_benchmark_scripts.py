@@ -76,6 +76,7 @@ def test_fidelity_quick_writes_json(tmp_path):
     assert result["largest_scale"] == 4 and result["prompts"] == 2
     entry = result["scales"]["4"]
     assert entry["upscale_mode"] == "pixel" and entry["dilated_sampling_size"] == 32 and entry["stage_growth"] == 2
+    assert entry["color_fix"] is True
     # quick mode runs no ablation (the full run: no dilated sampling, no skip residual, the other upscale mode)
     assert not any(key.startswith("highres_") for key in entry)
     # where the minutes go: one wall time per table row

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import tiny_pipelines
 from gspn_diffusers import GSPNHighResPipeline, apply_gspn, save_gspn_adapter
 from gspn_diffusers.pipelines import plan_stages, read_png_metadata, save_png
+from gspn_diffusers.pipelines.color_fix import lowpass
 from gspn_diffusers.pipelines.highres import chunked_feed_forward, dilation_factor, from_dilated, to_dilated
 from gspn_diffusers.pipelines.vae_tiling import vae_decode, vae_encode
 
@@ -237,6 +238,23 @@ def test_pixel_upscale_mode(base, adapter):
     assert out.images.shape == (1, 128, 128, 3) and np.isfinite(out.images).all()
 
 
+def test_color_fix_keeps_the_previous_stage_colours(base, adapter):
+    """With color_fix an upscaling stage's low band is its input's: far closer
+    to the upscaled previous stage than without, in both upscale modes."""
+    pipe = load(base, adapter)
+    for mode in ("pixel", "latent"):
+        distance = {}
+        for flag in (True, False):
+            out = run(pipe, 128, 128, upscale_mode=mode, color_fix=flag, return_stage_images=True,
+                      stage_strengths=[1.0, 0.8])
+            first = torch.from_numpy(out.stage_images[0]).permute(0, 3, 1, 2)
+            final = torch.from_numpy(out.images).permute(0, 3, 1, 2)
+            up = F.interpolate(first, size=(128, 128), mode="bicubic", align_corners=False)
+            distance[flag] = float((lowpass(final, 1) - lowpass(up, 1)).abs().mean())
+            np.testing.assert_allclose(out.stage_images[-1], out.images, atol=1e-6)
+        assert distance[True] < 0.3 * distance[False], (mode, distance)
+
+
 def test_callbacks_and_progress_bars(base, adapter):
     pipe = load(base, adapter)
     stream = io.StringIO()
@@ -322,13 +340,13 @@ def test_cli_generate_writes_png_with_metadata(base, adapter, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "gspn_diffusers.cli", "generate", "--model", str(base), "--adapter", str(adapter),
          "--prompt", PROMPT, "--width", "128", "--height", "96", "--steps", "4", "--seed", "3", "--out", str(out),
-         "--save_stages", str(stages)],
+         "--save_stages", str(stages), "--color_fix"],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stage 1" in proc.stdout and "wrote" in proc.stdout
     meta = read_png_metadata(out)
-    assert meta["prompt"] == PROMPT and meta["seed"] == 3 and meta["model"] == str(base)
+    assert meta["prompt"] == PROMPT and meta["seed"] == 3 and meta["model"] == str(base) and meta["color_fix"]
     planned = [s.width for s in plan_stages(128, 96, 64, 2, 4)]
     assert meta["adapter"] == str(adapter) and [s["width"] for s in meta["stages"]] == planned
     assert sorted(p.name for p in stages.iterdir()) == ["stage-1.png", "stage-2.png"]

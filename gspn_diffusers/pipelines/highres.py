@@ -10,7 +10,9 @@ decays from 1 to 0 over the stage, so early steps keep the layout and late
 steps add detail. Optionally (``dilated_sampling``, DemoFusion's global path)
 the UNet also denoises the interleaved sub-latents of a large stage, each
 about the native size, where objects have the scale the model knows; their
-prediction is blended in with a weight that decays the same way.
+prediction is blended in with a weight that decays the same way. With
+``color_fix`` an upscaling stage keeps its input's low frequencies and adds
+only finer detail (``color_fix.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..integration import apply_gspn, gspn_state
+from .color_fix import wavelet_color_fix
 from .stages import Stage, plan_stages, round_to_multiple
 from .vae_tiling import vae_decode, vae_encode
 
@@ -225,22 +228,33 @@ class GSPNHighResPipeline(DiffusionPipeline):
 
     # ---- latents <-> images -------------------------------------------------
 
-    def decode(self, latents: torch.Tensor, tile: Optional[int], overlap: int) -> torch.Tensor:
-        """Latents to images in [-1, 1] (tiled above ``tile`` latent cells), on the CPU."""
-        return vae_decode(self.vae, latents / self.vae.config.scaling_factor, tile, overlap, torch.device("cpu"))
+    def decode(self, latents: torch.Tensor, tile: Optional[int], overlap: int,
+               color_reference: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Latents to images in [-1, 1] (tiled above ``tile`` latent cells), on
+        the CPU; with the low band of ``color_reference`` (a smaller image of the
+        same scene) when given (:mod:`~gspn_diffusers.pipelines.color_fix`)."""
+        images = vae_decode(self.vae, latents / self.vae.config.scaling_factor, tile, overlap, torch.device("cpu"))
+        if color_reference is not None:
+            images = wavelet_color_fix(images, color_reference).clamp(-1, 1)
+        return images
 
     def upscale(self, latents: torch.Tensor, width: int, height: int, mode: str, tile: Optional[int],
-                overlap: int) -> torch.Tensor:
+                overlap: int, color_reference: Optional[torch.Tensor] = None,
+                keep_image: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The previous stage's latents at the next stage's size: bicubic in latent
-        space, or (``mode="pixel"``) decode, bicubic in pixels, encode again."""
+        space, or (``mode="pixel"``) decode (colour-fixed against
+        ``color_reference``), bicubic in pixels, encode again. Also returns the
+        previous stage's decoded image when ``keep_image`` (the next colour
+        reference; in latent mode that costs a decode), else None."""
         size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
         if mode == "latent":
-            return F.interpolate(latents.float(), size=size, mode="bicubic", align_corners=False).to(latents.dtype)
-        images = self.decode(latents, tile, overlap)
-        images = F.interpolate(images, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
+            image = self.decode(latents, tile, overlap, color_reference) if keep_image else None
+            return F.interpolate(latents.float(), size=size, mode="bicubic", align_corners=False).to(latents.dtype), image
+        image = self.decode(latents, tile, overlap, color_reference)
+        images = F.interpolate(image, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
         encoded = vae_encode(self.vae, images, tile * self.vae_scale_factor if tile else None,
                              overlap * self.vae_scale_factor, latents.device)
-        return (encoded * self.vae.config.scaling_factor).to(latents.dtype)
+        return (encoded * self.vae.config.scaling_factor).to(latents.dtype), image if keep_image else None
 
     # ---- checks ---------------------------------------------------------------
 
@@ -288,6 +302,7 @@ class GSPNHighResPipeline(DiffusionPipeline):
         dilated_sampling_power: float = 1.0,
         dilated_sampling_size: Optional[int] = None,
         upscale_mode: str = "latent",
+        color_fix: bool = False,
         sequential_cfg_above: int = 2048 * 2048,
         feed_forward_chunk_above: int = 2048 * 2048,
         feed_forward_chunk_tokens: int = 65536,
@@ -324,6 +339,12 @@ class GSPNHighResPipeline(DiffusionPipeline):
                 Costs up to twice the UNet work of those stages.
             upscale_mode: ``"latent"`` (bicubic latents) or ``"pixel"`` (decode,
                 upscale, encode; sharper, costs two tiled VAE passes).
+            color_fix: each upscaling stage's output keeps the low frequencies
+                (down to about one pixel of the smaller image) of the image it
+                started from and takes only finer detail from the denoiser
+                (:mod:`~gspn_diffusers.pipelines.color_fix`): no colour drift
+                at large sizes. In latent mode it costs one more VAE decode,
+                of the last stage's input.
             sequential_cfg_above: above this many pixels the two CFG halves run
                 one after the other; ``feed_forward_chunk_above`` /
                 ``feed_forward_chunk_tokens``: chunk the transformer
@@ -353,6 +374,7 @@ class GSPNHighResPipeline(DiffusionPipeline):
         reports: List[StageReport] = []
         stage_images: List[Any] = []
         latents = None
+        color_reference = None  # the image the current stage started from, for color_fix
         global_step = 0
         vae_home = self.vae.device
         for index, stage in enumerate(stages):
@@ -361,13 +383,21 @@ class GSPNHighResPipeline(DiffusionPipeline):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             try:
+                reference = None
+                if index > 0:
+                    # Latent mode decodes a stage's input only where its output is decoded.
+                    keep = color_fix and (upscale_mode == "pixel" or return_stage_images or index == len(stages) - 1)
+                    if upscale_mode == "pixel" or keep:
+                        self.vae.to(vae_home)
+                    reference, color_reference = self.upscale(latents, stage.width, stage.height, upscale_mode,
+                                                              vae_tile_size, vae_tile_overlap, color_reference, keep)
                 latents, global_step = self._run_stage(
-                    stage, index, latents, batch, dtype, device, generator, cond, uncond, guidance_scale,
+                    stage, index, reference, batch, dtype, device, generator, cond, uncond, guidance_scale,
                     skip_residual, skip_residual_power,
                     dilated_sampling_size or self.unet.config.sample_size if dilated_sampling else None,
-                    dilated_sampling_power, upscale_mode, sequential_cfg_above, feed_forward_chunk_above,
-                    feed_forward_chunk_tokens, vae_tile_size, vae_tile_overlap, offload_vae_while_denoising,
-                    callback_on_step_end, global_step, overall, len(stages), vae_home)
+                    dilated_sampling_power, sequential_cfg_above, feed_forward_chunk_above,
+                    feed_forward_chunk_tokens, offload_vae_while_denoising,
+                    callback_on_step_end, global_step, overall, len(stages))
             except torch.cuda.OutOfMemoryError as exc:
                 raise RuntimeError(
                     f"out of GPU memory in stage {index + 1}/{len(stages)} ({stage.width}x{stage.height}). Try: "
@@ -375,24 +405,26 @@ class GSPNHighResPipeline(DiffusionPipeline):
                     "offload_vae_while_denoising=True, a smaller vae_tile_size, or a smaller target"
                 ) from exc
             if return_stage_images:
-                stage_images.append(self._to_output(latents, output_type, vae_tile_size, vae_tile_overlap, vae_home))
+                stage_images.append(self._to_output(latents, output_type, vae_tile_size, vae_tile_overlap, vae_home,
+                                                    color_reference))
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             reports.append(StageReport(index, stage.width, stage.height, stage.strength, stage.denoising_steps,
                                        time.perf_counter() - started, peak))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         overall.close()
-        images = self._to_output(latents, output_type, vae_tile_size, vae_tile_overlap, vae_home)
+        images = self._to_output(latents, output_type, vae_tile_size, vae_tile_overlap, vae_home, color_reference)
         self.maybe_free_model_hooks()
         if not return_dict:
             return images, reports
         return GSPNHighResPipelineOutput(images=images, stages=reports,
                                          stage_images=stage_images if return_stage_images else None)
 
-    def _run_stage(self, stage: Stage, index, latents, batch, dtype, device, generator, cond, uncond, guidance_scale,
-                   skip_residual, skip_power, dilated_size, dilated_power, upscale_mode, sequential_cfg_above,
-                   ff_chunk_above, ff_chunk_tokens,
-                   vae_tile, vae_overlap, offload_vae, callback, global_step, overall, num_stages, vae_home):
+    def _run_stage(self, stage: Stage, index, reference, batch, dtype, device, generator, cond, uncond,
+                   guidance_scale, skip_residual, skip_power, dilated_size, dilated_power, sequential_cfg_above,
+                   ff_chunk_above, ff_chunk_tokens, offload_vae, callback, global_step, overall, num_stages):
+        """Denoises one stage from noise (``reference`` None) or from its
+        upscaled input ``reference`` re-noised to the stage's strength."""
         pixels = stage.width * stage.height
         shape = (batch, self.unet.config.in_channels, stage.height // self.vae_scale_factor,
                  stage.width // self.vae_scale_factor)
@@ -402,13 +434,9 @@ class GSPNHighResPipeline(DiffusionPipeline):
         if hasattr(self.scheduler, "set_begin_index"):
             self.scheduler.set_begin_index(start)
         noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        reference = None
-        if index == 0:
+        if reference is None:
             latents = noise * self.scheduler.init_noise_sigma
         else:
-            if upscale_mode == "pixel":
-                self.vae.to(vae_home)
-            reference = self.upscale(latents, stage.width, stage.height, upscale_mode, vae_tile, vae_overlap)
             latents = self.scheduler.add_noise(reference, noise, timesteps[:1])
         if offload_vae:
             self.vae.to("cpu")
@@ -442,10 +470,10 @@ class GSPNHighResPipeline(DiffusionPipeline):
         del reference, noise
         return latents, global_step
 
-    def _to_output(self, latents, output_type, tile, overlap, vae_home):
+    def _to_output(self, latents, output_type, tile, overlap, vae_home, color_reference=None):
         if output_type == "latent":
             return latents
         if self.vae.device != vae_home:
             self.vae.to(vae_home)
-        images = self.decode(latents, tile, overlap)
+        images = self.decode(latents, tile, overlap, color_reference)
         return self.image_processor.postprocess(images, output_type=output_type)
