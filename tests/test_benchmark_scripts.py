@@ -58,15 +58,20 @@ def test_bench_e2e_quick_writes_json(tmp_path):
     assert all(r["seconds"] > 0 and r["stages"] for r in rows)
 
 
-def test_fidelity_quick_writes_json(tmp_path):
-    """On a tiny random teacher: the mechanics, not the scores."""
+def tiny_teacher_and_adapter(tmp_path):
+    """A tiny random SD-like teacher and an untrained GSPN adapter for it, saved."""
     import tiny_pipelines
     from gspn_diffusers import apply_gspn, save_gspn_adapter
 
     teacher = tiny_pipelines.build_sd(tmp_path / "teacher", sample_size=32)
     pipe = tiny_pipelines.load("sd", teacher)
     apply_gspn(pipe)
-    adapter = save_gspn_adapter(pipe, tmp_path / "adapter")
+    return teacher, save_gspn_adapter(pipe, tmp_path / "adapter")
+
+
+def test_fidelity_quick_writes_json(tmp_path):
+    """On a tiny random teacher: the mechanics, not the scores."""
+    teacher, adapter = tiny_teacher_and_adapter(tmp_path)
     out = tmp_path / "fidelity.json"
     run("fidelity.py", "--quick", "--prompts", "2", "--steps", "2", "--teacher", str(teacher), "--adapter", str(adapter),
         "--json", str(out))
@@ -77,12 +82,24 @@ def test_fidelity_quick_writes_json(tmp_path):
     entry = result["scales"]["4"]
     assert entry["upscale_mode"] == "pixel" and entry["dilated_sampling_size"] == 32 and entry["stage_growth"] == 2
     assert entry["color_fix"] is True
-    # quick mode runs no ablation (the full run: no dilated sampling, no skip residual, the other upscale mode)
+    # quick mode runs no ablation (the full run: no dilated sampling, no colour fix, no skip residual,
+    # the other upscale mode)
     assert not any(key.startswith("highres_") for key in entry)
     # where the minutes go: one wall time per table row
     assert set(result["row_seconds"]) == {"teacher", "student", "highres 4x", "direct 4x"}
     assert all(s > 0 for s in result["row_seconds"].values())
     assert out.with_suffix(".png").exists()
+
+
+def test_fidelity_without_ablations_measures_the_scales_asked(tmp_path):
+    teacher, adapter = tiny_teacher_and_adapter(tmp_path)
+    out = tmp_path / "fidelity.json"
+    run("fidelity.py", "--no_ablations", "--scales", "2", "--prompts", "1", "--steps", "2", "--no_color_fix",
+        "--teacher", str(teacher), "--adapter", str(adapter), "--json", str(out))
+    result = json.loads(out.read_text())
+    entry = result["scales"]["2"]
+    assert result["largest_scale"] == 2 and entry["color_fix"] is False
+    assert not any(key.startswith("highres_") for key in entry)
 
 
 def test_fidelity_refuses_stage_growth_that_does_not_match_the_scales():
