@@ -205,6 +205,24 @@ def test_normalised_gates_cannot_blow_up(device, direction):
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_fused_normalisation_at_extreme_logits(device, dtype):
+    """Saturated logits (|l| up to 200, where exp overflows float32 and all
+    three sigmoids can underflow to below the normaliser's floor) give the
+    reference's gates: finite, and the floor taken where the taps vanish."""
+    gen = generator_for("extreme", dtype)
+    values = torch.tensor([-200.0, -90.0, -40.0, -10.0, 0.0, 10.0, 40.0, 90.0, 200.0], dtype=torch.float64)
+    logits = values[torch.randint(len(values), (1, 2, 3, 9, 11), generator=gen)]
+    logits[..., :3, :] = -200.0  # every tap vanishes: the eps floor
+    x = torch.randn(1, 2, 9, 11, generator=gen, dtype=torch.float64)
+    lam = torch.rand(1, 2, 9, 11, generator=gen, dtype=torch.float64)
+    for direction in DIRECTIONS:
+        h = gspn_scan(*(t.to(device=device, dtype=dtype) for t in (x, logits, lam)), direction, normalize=True)
+        want = scan_reference(x, logits, lam, direction, normalize=True)
+        assert_close_scaled(h, want, TOLERANCE[dtype], f"{direction} {dtype}")
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_long_scan_low_precision(device, dtype):
     """4096 sequential lines in half precision: finite and close to float64."""
