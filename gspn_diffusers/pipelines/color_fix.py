@@ -41,8 +41,8 @@ def fix_levels(size: int, reference_size: int) -> int:
 
 def wavelet_color_fix(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """``images`` (B, C, H, W) with the low band of ``reference`` (B, C, h, w),
-    a smaller image of the same scene, bicubically upsampled. Values stay in
-    the range of the inputs' scale (callers clamp)."""
+    a smaller image of the same scene, bicubically upsampled. Not clamped:
+    callers clamp to their value range."""
     if images.dim() != 4 or reference.dim() != 4 or images.shape[:2] != reference.shape[:2]:
         raise ValueError(f"wavelet_color_fix: images {tuple(images.shape)} and reference {tuple(reference.shape)} "
                          "must both be (B, C, H, W) with the same B and C")

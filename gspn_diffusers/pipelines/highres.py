@@ -248,13 +248,14 @@ class GSPNHighResPipeline(DiffusionPipeline):
         reference; in latent mode that costs a decode), else None."""
         size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
         if mode == "latent":
-            image = self.decode(latents, tile, overlap, color_reference) if keep_image else None
-            return F.interpolate(latents.float(), size=size, mode="bicubic", align_corners=False).to(latents.dtype), image
-        image = self.decode(latents, tile, overlap, color_reference)
-        images = F.interpolate(image, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
-        encoded = vae_encode(self.vae, images, tile * self.vae_scale_factor if tile else None,
+            previous = self.decode(latents, tile, overlap, color_reference) if keep_image else None
+            upscaled = F.interpolate(latents.float(), size=size, mode="bicubic", align_corners=False)
+            return upscaled.to(latents.dtype), previous
+        previous = self.decode(latents, tile, overlap, color_reference)
+        upscaled = F.interpolate(previous, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
+        encoded = vae_encode(self.vae, upscaled, tile * self.vae_scale_factor if tile else None,
                              overlap * self.vae_scale_factor, latents.device)
-        return (encoded * self.vae.config.scaling_factor).to(latents.dtype), image if keep_image else None
+        return (encoded * self.vae.config.scaling_factor).to(latents.dtype), previous if keep_image else None
 
     # ---- checks ---------------------------------------------------------------
 
