@@ -55,5 +55,7 @@ def wavelet_color_fix(images: torch.Tensor, reference: torch.Tensor) -> torch.Te
             image = images[b:b + 1, c:c + 1].float()
             ref = F.interpolate(reference[b:b + 1, c:c + 1].float(), size=images.shape[-2:], mode="bicubic",
                                 align_corners=False)
-            out[b:b + 1, c:c + 1] = image - lowpass(image, levels) + lowpass(ref, levels)
+            # lowpass is linear (replicate padding included): one pass over the
+            # difference instead of one over each image
+            out[b:b + 1, c:c + 1] = image + lowpass(ref - image, levels)
     return out

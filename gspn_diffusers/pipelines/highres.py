@@ -399,6 +399,7 @@ class GSPNHighResPipeline(DiffusionPipeline):
                     dilated_sampling_power, sequential_cfg_above, feed_forward_chunk_above,
                     feed_forward_chunk_tokens, offload_vae_while_denoising,
                     callback_on_step_end, global_step, overall, len(stages))
+                reference = None  # the stage is done with it: not held through the decodes
             except torch.cuda.OutOfMemoryError as exc:
                 raise RuntimeError(
                     f"out of GPU memory in stage {index + 1}/{len(stages)} ({stage.width}x{stage.height}). Try: "
@@ -468,7 +469,7 @@ class GSPNHighResPipeline(DiffusionPipeline):
                 bar.update()
                 overall.update()
         bar.close()
-        del reference, noise
+        del noise
         return latents, global_step
 
     def _to_output(self, latents, output_type, tile, overlap, vae_home, color_reference=None):
