@@ -75,42 +75,115 @@ __device__ inline int direction_of(const ScanProblem& pb, int64_t d) {
   return d == 0 ? pb.dirs[0] : d == 1 ? pb.dirs[1] : d == 2 ? pb.dirs[2] : pb.dirs[3];
 }
 
-// Offset of (line t, position p), or of the plane's first element for a slot
-// outside the chunk or the line. Every load of a tile is then unconditional,
-// so all of them are in flight together; the compute ignores those slots.
-__device__ inline int64_t slot_offset(const LineGeometry& geo, int64_t t, int64_t t_end, int64_t p) {
-  return (t < t_end && p < geo.length) ? geo.first + t * geo.line_stride + p * geo.pos_stride : geo.first;
-}
+// Where a thread's RPT positions sit in a line: p = threadIdx.x + r * blockDim.x,
+// its offset from the line's start (0 for a slot past the line's end, which
+// then reads the line's first element: valid, unused), and which of its taps
+// have a neighbour. Offsets inside one (H, W) plane are 32-bit (the host
+// checks H * W < 2^31; plane starts stay 64-bit), so a load costs one
+// multiply-add into a 64-bit address: with 64-bit offsets the address
+// arithmetic was more than half of the kernels' instructions.
+template <int RPT>
+struct ThreadSlots {
+  int pos[RPT];
+  int offset[RPT];
+  bool live[RPT], has_before[RPT], has_after[RPT];
 
-// The forward's inputs at one position, as stored; converted when used.
+  __device__ ThreadSlots(int64_t length, int64_t pos_stride) {
+#pragma unroll
+    for (int r = 0; r < RPT; ++r) {
+      pos[r] = static_cast<int>(threadIdx.x + r * blockDim.x);
+      live[r] = pos[r] < length;
+      offset[r] = live[r] ? static_cast<int>(pos[r] * pos_stride) : 0;
+      has_before[r] = pos[r] > 0;
+      has_after[r] = pos[r] < length - 1;
+    }
+  }
+};
+
+// The forward's inputs at one position, as stored; converted when prepared.
 template <typename scalar_t>
 struct ForwardSlot {
   scalar_t x, lam, g0, g1, g2;
 };
 
+// p, hidden from the optimiser: without it nvcc folds each plane's 64-bit
+// start into every load's address (a 64-bit add, a sign extension and a
+// scaling per load) instead of one multiply-add onto a pointer in a register.
+// The pointer then loses its known address space, so accesses through it go
+// through load_global / store_global to stay global-memory instructions.
+template <typename T>
+__device__ inline T* opaque(T* p) {
+  asm("" : "+l"(p));
+  return p;
+}
+
+template <typename T>
+__device__ inline T load_global(const T* p) {
+  return __ldg(p);
+}
+__device__ inline c10::Half load_global(const c10::Half* p) {
+  return c10::Half(__ldg(reinterpret_cast<const unsigned short*>(p)), c10::Half::from_bits());
+}
+__device__ inline c10::BFloat16 load_global(const c10::BFloat16* p) {
+  return c10::BFloat16(__ldg(reinterpret_cast<const unsigned short*>(p)), c10::BFloat16::from_bits());
+}
+
+// Plain st.global / red.global: the intrinsics (__stwb, atomicAdd) on a
+// pointer of unknown space gave strong-ordered or generic stores and a
+// compare-and-swap loop for the add.
+__device__ inline void store_global(float* p, float v) { asm volatile("st.global.f32 [%0], %1;" ::"l"(p), "f"(v)); }
+__device__ inline void store_global(double* p, double v) { asm volatile("st.global.f64 [%0], %1;" ::"l"(p), "d"(v)); }
+__device__ inline void store_global(c10::Half* p, c10::Half v) {
+  asm volatile("st.global.b16 [%0], %1;" ::"l"(p), "h"(v.x));
+}
+__device__ inline void store_global(c10::BFloat16* p, c10::BFloat16 v) {
+  asm volatile("st.global.b16 [%0], %1;" ::"l"(p), "h"(v.x));
+}
+__device__ inline void add_global(float* p, float v) { asm volatile("red.global.add.f32 [%0], %1;" ::"l"(p), "f"(v)); }
+__device__ inline void add_global(double* p, double v) {
+  asm volatile("red.global.add.f64 [%0], %1;" ::"l"(p), "d"(v));
+}
+
+// Offset of line t's first position inside its plane (32-bit, see ThreadSlots).
+__device__ inline int line_offset(const LineGeometry& geo, int64_t t) {
+  return static_cast<int>(geo.first + t * geo.line_stride);
+}
+
+// Lines t0 .. t0 + K - 1 of the forward's inputs; lines past t_last (the
+// chunk's last) re-read t_last (valid, unused), so every load is unconditional.
 template <typename scalar_t, int RPT, int K>
 __device__ inline void load_forward_tile(ForwardSlot<scalar_t> (&tile)[K][RPT], const scalar_t* xp,
-                                         const scalar_t* lp, const scalar_t* tap0, int64_t plane,
-                                         const LineGeometry& geo, int64_t t0, int64_t t_end) {
+                                         const scalar_t* lp, const scalar_t* g0p, const scalar_t* g1p,
+                                         const scalar_t* g2p, const LineGeometry& geo,
+                                         const ThreadSlots<RPT>& slots, int64_t t0, int64_t t_last) {
 #pragma unroll
   for (int s = 0; s < K; ++s) {
+    const int line = line_offset(geo, t0 + s < t_last ? t0 + s : t_last);
 #pragma unroll
     for (int r = 0; r < RPT; ++r) {
-      const int64_t off = slot_offset(geo, t0 + s, t_end, threadIdx.x + static_cast<int64_t>(r) * blockDim.x);
-      tile[s][r] = {xp[off], lp[off], tap0[off], tap0[off + plane], tap0[off + 2 * plane]};
+      const int o = line + slots.offset[r];
+      tile[s][r] = {load_global(xp + o), load_global(lp + o), load_global(g0p + o), load_global(g1p + o),
+                    load_global(g2p + o)};
     }
   }
 }
 
 // Gates of one slot in acc_t, normalised from logits when NORM.
 template <typename acc_t, bool NORM, typename scalar_t>
-__device__ inline void slot_gates(scalar_t l0, scalar_t l1, scalar_t l2, int64_t p, int64_t L, acc_t& g0,
-                                  acc_t& g1, acc_t& g2) {
+__device__ inline void slot_gates(scalar_t l0, scalar_t l1, scalar_t l2, bool has_before, bool has_after,
+                                  acc_t& g0, acc_t& g1, acc_t& g2) {
   g0 = static_cast<acc_t>(l0);
   g1 = static_cast<acc_t>(l1);
   g2 = static_cast<acc_t>(l2);
-  if (NORM) normalize_taps<acc_t>(g0, g1, g2, p > 0, p < L - 1, g0, g1, g2);
+  if (NORM) normalize_taps<acc_t>(g0, g1, g2, has_before, has_after, g0, g1, g2);
 }
+
+// One position's forward step, everything that does not depend on the
+// previous line already computed: h = lx + g0 * h[p-1] + g1 * h[p] + g2 * h[p+1].
+template <typename acc_t>
+struct ForwardStep {
+  acc_t lx, g0, g1, g2;
+};
 
 template <typename scalar_t, typename acc_t, int RPT, bool NORM>
 __global__ void __launch_bounds__(kMaxThreads)
@@ -120,11 +193,12 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
   constexpr int K = forward_tile_lines<RPT>();
   const BlockTask task = decode_block(pb, chunks_per_plane);
   const LineGeometry geo = line_geometry(direction_of(pb, task.d), pb.H, pb.W);
-  const int64_t L = geo.length;
+  const int L = static_cast<int>(geo.length);
   const int64_t clen = chunk_length(pb.chunk, geo.lines);
   const int64_t t_begin = task.chunk_index * clen;
   if (t_begin >= geo.lines) return;  // this direction has fewer chunks than the widest one
   const int64_t t_end = t_begin + clen < geo.lines ? t_begin + clen : geo.lines;
+  const ThreadSlots<RPT> slots(L, geo.pos_stride);
 
   extern __shared__ unsigned char smem_raw[];
   // Two rows of the hidden state, each padded by one zero on both sides; row j
@@ -133,44 +207,52 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
   if (threadIdx.x == 0) smem[0] = smem[L + 1] = smem[L + 2] = smem[2 * L + 3] = acc_t(0);
 
-  const scalar_t* xp = x + pb.x_plane(task.b, task.d, task.c);
-  const scalar_t* lp = lam + pb.lam_plane(task.b, task.d, task.c);
-  scalar_t* op = out + pb.out_plane(task.b, task.d, task.c);
-  const scalar_t* tap0 = gates + pb.gate_plane(task.b, task.d, task.c / pb.channels_per_group(), 0);
-  const int64_t plane = pb.plane();
+  const scalar_t* xp = opaque(x + pb.x_plane(task.b, task.d, task.c));
+  const scalar_t* lp = opaque(lam + pb.lam_plane(task.b, task.d, task.c));
+  scalar_t* op = opaque(out + pb.out_plane(task.b, task.d, task.c));
+  const scalar_t* g0p = gates + pb.gate_plane(task.b, task.d, task.c / pb.channels_per_group(), 0);
+  const scalar_t *g1p = opaque(g0p + pb.plane()), *g2p = opaque(g0p + 2 * pb.plane());
+  g0p = opaque(g0p);
 
   // Software pipeline: the next tile's loads are issued before this tile's
-  // lines are computed, so memory latency overlaps the recurrence.
-  ForwardSlot<scalar_t> cur[K][RPT], next[K][RPT];
-  load_forward_tile<scalar_t, RPT, K>(cur, xp, lp, tap0, plane, geo, t_begin, t_end);
+  // lines are computed, so memory latency overlaps the recurrence. A tile's
+  // gates are normalised and lam * x formed for all its K * RPT slots before
+  // its first line: independent work that then overlaps, where computed inside
+  // the line loop it sat on the per-line critical path between barriers.
+  ForwardSlot<scalar_t> next[K][RPT];
+  load_forward_tile<scalar_t, RPT, K>(next, xp, lp, g0p, g1p, g2p, geo, slots, t_begin, t_end - 1);
   for (int64_t t0 = t_begin; t0 < t_end; t0 += K) {
-    if (t0 + K < t_end) load_forward_tile<scalar_t, RPT, K>(next, xp, lp, tap0, plane, geo, t0 + K, t_end);
+    ForwardStep<acc_t> step[K][RPT];
+#pragma unroll
+    for (int s = 0; s < K; ++s) {
+#pragma unroll
+      for (int r = 0; r < RPT; ++r) {
+        const ForwardSlot<scalar_t>& in = next[s][r];
+        slot_gates<acc_t, NORM>(in.g0, in.g1, in.g2, slots.has_before[r], slots.has_after[r], step[s][r].g0,
+                                step[s][r].g1, step[s][r].g2);
+        step[s][r].lx = static_cast<acc_t>(in.lam) * static_cast<acc_t>(in.x);
+      }
+    }
+    if (t0 + K < t_end) load_forward_tile<scalar_t, RPT, K>(next, xp, lp, g0p, g1p, g2p, geo, slots, t0 + K, t_end - 1);
 #pragma unroll
     for (int s = 0; s < K; ++s) {
       const int64_t t = t0 + s;
       if (t >= t_end) break;  // uniform over the block
       acc_t* row = smem + (t & 1) * (L + 2) + 1;
       const acc_t* prev = smem + ((t & 1) ^ 1) * (L + 2);  // prev[p + k] is position p - 1 + k
+      const int line = line_offset(geo, t);
       const bool first = t == t_begin;
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
-        const int64_t p = threadIdx.x + static_cast<int64_t>(r) * blockDim.x;
-        if (p < L) {
-          const ForwardSlot<scalar_t>& in = cur[s][r];
-          acc_t g0, g1, g2;
-          slot_gates<acc_t, NORM>(in.g0, in.g1, in.g2, p, L, g0, g1, g2);
-          const acc_t lx = static_cast<acc_t>(in.lam) * static_cast<acc_t>(in.x);
-          const acc_t v = first ? lx : propagate(lx, g0, g1, g2, prev + p);
+        if (slots.live[r]) {
+          const int p = slots.pos[r];
+          const ForwardStep<acc_t>& st = step[s][r];
+          const acc_t v = first ? st.lx : propagate(st.lx, st.g0, st.g1, st.g2, prev + p);
           row[p] = v;
-          op[geo.first + t * geo.line_stride + p * geo.pos_stride] = static_cast<scalar_t>(v);
+          store_global(op + line + slots.offset[r], static_cast<scalar_t>(v));
         }
       }
       __syncthreads();
-    }
-#pragma unroll
-    for (int s = 0; s < K; ++s) {
-#pragma unroll
-      for (int r = 0; r < RPT; ++r) cur[s][r] = next[s][r];
     }
   }
 }
@@ -181,25 +263,37 @@ struct BackwardSlot {
   scalar_t go, x, lam, g0, g1, g2, hprev;
 };
 
+// Lines t0 .. t0 + K - 1 of the backward's inputs, clipped to t_last as in
+// the forward. The chunk's first line has no previous line: it reads its own
+// h for hprev (valid, unused).
 template <typename scalar_t, int RPT, int K>
 __device__ inline void load_backward_tile(BackwardSlot<scalar_t> (&tile)[K][RPT], const scalar_t* ghp,
                                           const scalar_t* hp, const scalar_t* xp, const scalar_t* lp,
-                                          const scalar_t* tap0, int64_t plane, const LineGeometry& geo,
-                                          int64_t t0, int64_t t_hi, int64_t t_begin) {
+                                          const scalar_t* g0p, const scalar_t* g1p, const scalar_t* g2p,
+                                          const LineGeometry& geo, const ThreadSlots<RPT>& slots, int64_t t0,
+                                          int64_t t_last, int64_t t_begin) {
 #pragma unroll
   for (int s = 0; s < K; ++s) {
+    const int64_t t = t0 + s < t_last ? t0 + s : t_last;
+    const int line = line_offset(geo, t);
+    const int prev_line = t > t_begin ? line_offset(geo, t - 1) : line;
 #pragma unroll
     for (int r = 0; r < RPT; ++r) {
-      const int64_t t = t0 + s;
-      const int64_t p = threadIdx.x + static_cast<int64_t>(r) * blockDim.x;
-      const int64_t off = slot_offset(geo, t, t_hi, p);
-      // The chunk's first line has no previous line, and slots outside the
-      // tile none that exists: they read their own h (valid, unused).
-      const int64_t prev_off = (t > t_begin && t < t_hi && p < geo.length) ? off - geo.line_stride : off;
-      tile[s][r] = {ghp[off], xp[off], lp[off], tap0[off], tap0[off + plane], tap0[off + 2 * plane], hp[prev_off]};
+      const int o = line + slots.offset[r];
+      tile[s][r] = {load_global(ghp + o), load_global(xp + o),  load_global(lp + o),
+                    load_global(g0p + o), load_global(g1p + o), load_global(g2p + o),
+                    load_global(hp + prev_line + slots.offset[r])};
     }
   }
 }
+
+// One position's backward inputs with its gates already in acc_t (normalised
+// when NORM), ready for the line loop.
+template <typename scalar_t, typename acc_t>
+struct BackwardStep {
+  scalar_t go, x, lam, hprev;
+  acc_t g0, g1, g2;
+};
 
 // The adjoint scan of one chunk, lines in reverse. Shared memory holds, for the
 // line processed last (t+1), v_k = g_k * a for k = 0..2, and for the current
@@ -216,103 +310,119 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
   constexpr int K = backward_tile_lines<RPT>();
   const BlockTask task = decode_block(pb, chunks_per_plane);
   const LineGeometry geo = line_geometry(direction_of(pb, task.d), pb.H, pb.W);
-  const int64_t L = geo.length;
+  const int L = static_cast<int>(geo.length);
   const int64_t clen = chunk_length(pb.chunk, geo.lines);
   const int64_t t_begin = task.chunk_index * clen;
   if (t_begin >= geo.lines) return;
   const int64_t t_end = t_begin + clen < geo.lines ? t_begin + clen : geo.lines;
+  const ThreadSlots<RPT> slots(L, geo.pos_stride);
 
   extern __shared__ unsigned char smem_raw[];
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
-  const int64_t pitch = L + 2;
+  const int pitch = L + 2;
   // Eight padded rows: v_k of parity j at row 3j + k, h[t-1] of parity j at
   // row 6 + j (j alternates with the line). Position p of a row is at
   // row * pitch + 1 + p.
-  for (int64_t i = threadIdx.x; i < 8; i += blockDim.x) {
+  for (int i = threadIdx.x; i < 8; i += blockDim.x) {
     smem[i * pitch] = acc_t(0);
     smem[i * pitch + L + 1] = acc_t(0);
   }
   __syncthreads();
 
   const int64_t plane_out = pb.out_plane(task.b, task.d, task.c);
-  const scalar_t* ghp = grad_h + plane_out;
-  const scalar_t* hp = h + plane_out;
-  const scalar_t* xp = x + pb.x_plane(task.b, task.d, task.c);
-  const scalar_t* lp = lam + pb.lam_plane(task.b, task.d, task.c);
-  scalar_t* dxp = dx + plane_out;
-  scalar_t* dlp = dlam + plane_out;
+  const scalar_t* ghp = opaque(grad_h + plane_out);
+  const scalar_t* hp = opaque(h + plane_out);
+  const scalar_t* xp = opaque(x + pb.x_plane(task.b, task.d, task.c));
+  const scalar_t* lp = opaque(lam + pb.lam_plane(task.b, task.d, task.c));
+  scalar_t* dxp = opaque(dx + plane_out);
+  scalar_t* dlp = opaque(dlam + plane_out);
   const int64_t plane = pb.plane();
   const int64_t tap_offset = pb.gate_plane(task.b, task.d, task.c / pb.channels_per_group(), 0);
-  const scalar_t* tap0 = gates + tap_offset;
-  dg_t* dg0 = static_cast<dg_t*>(dgates_raw) + tap_offset;
+  const scalar_t *g0p = opaque(gates + tap_offset), *g1p = opaque(gates + tap_offset + plane),
+                 *g2p = opaque(gates + tap_offset + 2 * plane);
+  dg_t* dg_base = static_cast<dg_t*>(dgates_raw) + tap_offset;
+  dg_t *dg0 = opaque(dg_base), *dg1 = opaque(dg_base + plane), *dg2 = opaque(dg_base + 2 * plane);
 
-  // Tiles of K lines from the chunk's end backwards: [t0, t0 + K) clipped to
-  // the chunk. The next (earlier) tile's loads fly while this one is computed.
+  // Tiles of K lines from the chunk's end backwards: [t0, t_hi) clipped to
+  // the chunk. The next (earlier) tile's loads fly while this one is
+  // computed; a tile's gates are prepared for all its slots before its first
+  // line, as in the forward.
   auto tile_start = [&](int64_t t_hi) { return t_hi - K > t_begin ? t_hi - K : t_begin; };
-  BackwardSlot<scalar_t> cur[K][RPT], next[K][RPT];
-  load_backward_tile<scalar_t, RPT, K>(cur, ghp, hp, xp, lp, tap0, plane, geo, tile_start(t_end), t_end, t_begin);
+  BackwardSlot<scalar_t> next[K][RPT];
+  load_backward_tile<scalar_t, RPT, K>(next, ghp, hp, xp, lp, g0p, g1p, g2p, geo, slots, tile_start(t_end),
+                                       t_end - 1, t_begin);
   for (int64_t t_hi = t_end; t_hi > t_begin; t_hi -= K) {
     const int64_t t0 = tile_start(t_hi);
+    BackwardStep<scalar_t, acc_t> step[K][RPT];
+#pragma unroll
+    for (int s = 0; s < K; ++s) {
+#pragma unroll
+      for (int r = 0; r < RPT; ++r) {
+        const BackwardSlot<scalar_t>& in = next[s][r];
+        BackwardStep<scalar_t, acc_t>& st = step[s][r];
+        st.go = in.go;
+        st.x = in.x;
+        st.lam = in.lam;
+        st.hprev = in.hprev;
+        slot_gates<acc_t, NORM>(in.g0, in.g1, in.g2, slots.has_before[r], slots.has_after[r], st.g0, st.g1, st.g2);
+      }
+    }
     if (t0 > t_begin) {
-      load_backward_tile<scalar_t, RPT, K>(next, ghp, hp, xp, lp, tap0, plane, geo, tile_start(t0), t0, t_begin);
+      load_backward_tile<scalar_t, RPT, K>(next, ghp, hp, xp, lp, g0p, g1p, g2p, geo, slots, tile_start(t0), t0 - 1,
+                                           t_begin);
     }
 #pragma unroll
     for (int s = K - 1; s >= 0; --s) {
       const int64_t t = t0 + s;
       if (t >= t_hi) continue;  // uniform over the block
-      const int64_t j = t & 1;
+      const int j = static_cast<int>(t & 1);
       acc_t* vc = smem + 3 * j * pitch + 1;  // v_k of this line at vc + k * pitch
       const acc_t* vn = smem + 3 * (j ^ 1) * pitch + 1;  // v_k of line t + 1
       acc_t* hcur = smem + (6 + j) * pitch + 1;
+      const int line = line_offset(geo, t);
       const bool last = t == t_end - 1;
       acc_t adj[RPT];
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
-        const int64_t p = threadIdx.x + static_cast<int64_t>(r) * blockDim.x;
         adj[r] = acc_t(0);
-        if (p < L) {
-          const BackwardSlot<scalar_t>& in = cur[s][r];
-          acc_t g0, g1, g2;
-          slot_gates<acc_t, NORM>(in.g0, in.g1, in.g2, p, L, g0, g1, g2);
-          const acc_t go = static_cast<acc_t>(in.go);
+        if (slots.live[r]) {
+          const int p = slots.pos[r], o = line + slots.offset[r];
+          const BackwardStep<scalar_t, acc_t>& st = step[s][r];
+          const acc_t go = static_cast<acc_t>(st.go);
           const acc_t a = go + (last ? acc_t(0) : gather_adjoint(vn + p, vn + pitch + p, vn + 2 * pitch + p));
           adj[r] = a;
-          const int64_t off = geo.first + t * geo.line_stride + p * geo.pos_stride;
-          dxp[off] = static_cast<scalar_t>(static_cast<acc_t>(in.lam) * a);
-          dlp[off] = static_cast<scalar_t>(static_cast<acc_t>(in.x) * a);
-          vc[p] = g0 * a;
-          vc[pitch + p] = g1 * a;
-          vc[2 * pitch + p] = g2 * a;
-          hcur[p] = static_cast<acc_t>(in.hprev);
+          store_global(dxp + o, static_cast<scalar_t>(static_cast<acc_t>(st.lam) * a));
+          store_global(dlp + o, static_cast<scalar_t>(static_cast<acc_t>(st.x) * a));
+          vc[p] = st.g0 * a;
+          vc[pitch + p] = st.g1 * a;
+          vc[2 * pitch + p] = st.g2 * a;
+          hcur[p] = static_cast<acc_t>(st.hprev);
         }
       }
       __syncthreads();
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
-        const int64_t p = threadIdx.x + static_cast<int64_t>(r) * blockDim.x;
-        if (p >= L) continue;
-        const int64_t off = geo.first + t * geo.line_stride + p * geo.pos_stride;
+        if (!slots.live[r]) continue;
+        const int p = slots.pos[r], o = line + slots.offset[r];
         if (t > t_begin) {
           const acc_t a = adj[r];
           const acc_t d0 = a * hcur[p - 1], d1 = a * hcur[p], d2 = a * hcur[p + 1];
           if constexpr (ATOMIC) {
-            atomicAdd(dg0 + off, d0);
-            atomicAdd(dg0 + off + plane, d1);
-            atomicAdd(dg0 + off + 2 * plane, d2);
+            add_global(dg0 + o, d0);
+            add_global(dg1 + o, d1);
+            add_global(dg2 + o, d2);
           } else {
-            dg0[off] = static_cast<dg_t>(d0);
-            dg0[off + plane] = static_cast<dg_t>(d1);
-            dg0[off + 2 * plane] = static_cast<dg_t>(d2);
+            store_global(dg0 + o, static_cast<dg_t>(d0));
+            store_global(dg1 + o, static_cast<dg_t>(d1));
+            store_global(dg2 + o, static_cast<dg_t>(d2));
           }
         } else if (!ATOMIC) {  // the first line of a chunk has no previous line: its gates act on zeros
-          dg0[off] = dg0[off + plane] = dg0[off + 2 * plane] = static_cast<dg_t>(acc_t(0));
+          const dg_t zero = static_cast<dg_t>(acc_t(0));
+          store_global(dg0 + o, zero);
+          store_global(dg1 + o, zero);
+          store_global(dg2 + o, zero);
         }
       }
-    }
-#pragma unroll
-    for (int s = 0; s < K; ++s) {
-#pragma unroll
-      for (int r = 0; r < RPT; ++r) cur[s][r] = next[s][r];
     }
   }
 }
@@ -334,6 +444,9 @@ Launch plan_launch(const ScanProblem& pb) {
     plan.chunks_per_plane = std::max(plan.chunks_per_plane, (geo.lines + clen - 1) / clen);
     plan.max_length = std::max(plan.max_length, geo.length);
   }
+  TORCH_CHECK(pb.plane() < (int64_t(1) << 31), "gspn::scan (CUDA): a ", pb.H, "x", pb.W, " plane has ",
+              pb.plane(), " elements; the kernels address within one plane in 32 bits (2^31 elements): "
+              "split the image");
   TORCH_CHECK(plan.max_length <= kMaxLineLength, "gspn::scan (CUDA): lines of ", plan.max_length,
               " positions exceed the kernel's limit of ", kMaxLineLength, "; split the image");
   while (static_cast<int64_t>(plan.rows_per_thread) * kMaxThreads < plan.max_length) plan.rows_per_thread *= 2;

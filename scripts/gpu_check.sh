@@ -7,6 +7,12 @@
 #   bash scripts/gpu_check.sh build tests op   # some: build tests op unet distill e2e
 #   bash scripts/gpu_check.sh quick            # every stage, sizes that fit ~4 min of a lease
 #
+# A/B of kernel changes in the same call: put the commit to compare against
+# in .baseline/ (git-ignored; carry it with the call), e.g.
+#   rm -rf .baseline && mkdir .baseline && git archive HEAD csrc gspn_diffusers benchmarks | tar -x -C .baseline
+# The build stage then builds it too (in parallel) and the operator benchmark
+# runs once for each tree, on the same card (bench_op_cuda_baseline.json).
+#
 # Everything printed goes to $OUT/gpu_check.log (the device tool's output
 # folder; bench_results/ elsewhere), each benchmark's JSON beside it.
 # The device machines have no diffusers: wheels in .whl/ (see the device
@@ -47,12 +53,29 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, report time a
     echo "== $name: exit $rc after $(( $(date +%s) - start )) s$( ((rc == 124)) && echo ' (TIMED OUT)')"
 }
 
+baseline=""
+[[ -d .baseline/csrc && -d .baseline/gspn_diffusers ]] && baseline=$PWD/.baseline
+baseline_build=""
+if want build && [[ -n $baseline ]]; then  # in the background, beside the main build, with its own cache
+    export MAX_JOBS=8
+    (cd "$baseline" && timeout 300 env GSPN_CACHE_DIR=/tmp/gspn_cache_baseline PYTHONPATH="$baseline:${PYTHONPATH#*:}" \
+        python3 -m gspn_diffusers.cli build > "$out/build_baseline.log" 2>&1) &
+    baseline_build=$!
+fi
 want build && stage build 300 python3 -m gspn_diffusers.cli build
+if [[ -n $baseline_build ]]; then
+    wait "$baseline_build"
+    echo "== baseline build: exit $? ($(tail -1 "$out/build_baseline.log"))"
+fi
 want tests && stage "CUDA tests" 240 python3 -m pytest -q -rfE -p no:cacheprovider -n 8 -k cuda \
     tests/test_ops_kernels.py tests/test_layer.py
-want op && stage "operator benchmark" 240 python3 benchmarks/bench_op.py --device cuda --dtype float16 \
-    --channels 32 320 --groups 1 C --sides $op_sides --max-gib 60 --repeats 5 --no-reference \
-    --json "$out/bench_op_cuda.json"
+op_args="--device cuda --dtype float16 --channels 32 320 --groups 1 C --sides $op_sides --max-gib 60 --repeats 5 --no-reference"
+want op && stage "operator benchmark" 240 python3 benchmarks/bench_op.py $op_args --json "$out/bench_op_cuda.json"
+if want op && [[ -n $baseline ]]; then
+    GSPN_CACHE_DIR=/tmp/gspn_cache_baseline PYTHONPATH="$baseline:${PYTHONPATH#*:}" \
+        stage "operator benchmark, baseline tree" 240 python3 "$baseline/benchmarks/bench_op.py" $op_args \
+        --json "$out/bench_op_cuda_baseline.json"
+fi
 want unet && stage "UNet step benchmark" 300 python3 benchmarks/bench_unet.py --models sd15 sdxl \
     $unet_args --json "$out/bench_unet.json"
 want e2e && stage "end-to-end high-resolution benchmark" 300 python3 benchmarks/bench_e2e.py \
