@@ -40,6 +40,8 @@ void scan_forward_cuda(const at::Tensor& x, const at::Tensor& gates, const at::T
 void scan_backward_cuda(const at::Tensor& grad_h, const at::Tensor& h, const at::Tensor& x,
                         const at::Tensor& gates, const at::Tensor& lam, at::Tensor& dx,
                         at::Tensor& dgates, at::Tensor& dlam, const ScanProblem& pb);
+at::Tensor normalize_backward_cuda(const at::Tensor& logits, const at::Tensor& dgates, const ScanProblem& pb);
+at::Tensor contiguous_cuda(const at::Tensor& t);
 #endif
 
 namespace {
@@ -655,39 +657,35 @@ at::Tensor normalize_backward_cpu(const at::Tensor& logits, const at::Tensor& dg
   return out;
 }
 
-// The same chain rule as elementwise ATen ops (the CUDA path); it mirrors
-// gspn_diffusers.ops.reference.normalize_gates.
+// Chain rule from the normalised gates' gradients to the logits' (fused
+// normalisation); dgates in the logits' dtype or in float32 (shared groups).
 at::Tensor normalize_backward(const at::Tensor& logits, const at::Tensor& dgates, const ScanProblem& pb) {
-  if (!logits.is_cuda()) {
-    at::Tensor out;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "gspn_normalize_backward_cpu",
-                                    [&] { out = normalize_backward_cpu<scalar_t>(logits, dgates, pb); });
-    return out;
+  if (logits.is_cuda()) {
+#ifdef GSPN_WITH_CUDA
+    return normalize_backward_cuda(logits, dgates, pb);
+#else
+    TORCH_CHECK(false, "gspn::scan_backward: this build has no CUDA kernels");
+#endif
   }
-  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor s = at::sigmoid(logits.to(acc));
-  at::Tensor mask = at::ones({pb.D, 3, pb.H, pb.W}, s.options());
-  for (int64_t d = 0; d < pb.D; ++d) {
-    // Positions run along W for row scans and along H for column scans.
-    const bool rows = pb.dirs[d] == kTopBottom || pb.dirs[d] == kBottomTop;
-    const int64_t axis = rows ? 1 : 0;  // of an (H, W) plane
-    mask[d][0].select(axis, 0).zero_();
-    mask[d][2].select(axis, (rows ? pb.W : pb.H) - 1).zero_();
-  }
-  mask = mask.unsqueeze(0).unsqueeze(2);  // (1, D, 1, 3, H, W)
-  const at::Tensor sm = s * mask;
-  const at::Tensor sum = sm.sum(3, true);
-  const at::Tensor denom = sum.clamp_min(kGateEps);
-  const at::Tensor g = sm / denom;
-  const at::Tensor dg = dgates.to(acc);
-  const at::Tensor inner = (dg * g).sum(3, true) * (sum > kGateEps).to(acc);
-  return ((dg - inner) / denom * mask * s * (1 - s)).to(logits.scalar_type());
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "gspn_normalize_backward_cpu",
+                                  [&] { out = normalize_backward_cpu<scalar_t>(logits, dgates, pb); });
+  return out;
+}
+
+// t with contiguous (H, W) planes for the kernels. On CUDA, transposed views
+// (the column-scan route of gspn_diffusers.ops) take a tiled transpose.
+at::Tensor dense(const at::Tensor& t) {
+#ifdef GSPN_WITH_CUDA
+  if (t.is_cuda()) return contiguous_cuda(t);
+#endif
+  return t.contiguous();
 }
 
 at::Tensor scan_forward(const at::Tensor& x_in, const at::Tensor& gates_in, const at::Tensor& lam_in,
                         at::IntArrayRef directions, int64_t chunk, bool normalize) {
   const ScanProblem pb = make_problem(x_in, gates_in, lam_in, directions, chunk, normalize);
-  const at::Tensor x = x_in.contiguous(), gates = gates_in.contiguous(), lam = lam_in.contiguous();
+  const at::Tensor x = dense(x_in), gates = dense(gates_in), lam = dense(lam_in);
   at::Tensor out = at::empty({pb.B, pb.D, pb.C, pb.H, pb.W}, x.options());
   if (out.numel() == 0) return out;
   if (x.is_cuda()) {
@@ -713,8 +711,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_backward(
   const std::vector<int64_t> full{pb.B, pb.D, pb.C, pb.H, pb.W};
   TORCH_CHECK(grad_h_in.sizes() == at::IntArrayRef(full) && h_in.sizes() == at::IntArrayRef(full),
               "gspn::scan_backward: grad_h and h must be (B, D, C, H, W)");
-  const at::Tensor grad_h = grad_h_in.contiguous().to(x_in.scalar_type()), h = h_in.contiguous();
-  const at::Tensor x = x_in.contiguous(), gates = gates_in.contiguous(), lam = lam_in.contiguous();
+  const at::Tensor grad_h = dense(grad_h_in).to(x_in.scalar_type()), h = dense(h_in);
+  const at::Tensor x = dense(x_in), gates = dense(gates_in), lam = dense(lam_in);
   // Per-direction gradients of x and lam; shared inputs are summed over D below.
   at::Tensor dx = at::empty(full, x.options());
   at::Tensor dlam = at::empty(full, x.options());

@@ -427,6 +427,36 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
   }
 }
 
+// Chain rule of the fused gate normalisation, one thread per position of a
+// gate set (b, d, g) = blockIdx.y (+ multiples of gridDim.y): reads the three
+// logits and the normalised gates' gradients, writes the logits' gradients.
+// One pass, where the chain of ATen ops it replaces made a dozen float32
+// temporaries the size of the gates (and was most of the backward at G = C).
+template <typename scalar_t, typename dg_t>
+__global__ void normalize_backward_kernel(const scalar_t* __restrict__ logits, const dg_t* __restrict__ dgates,
+                                          scalar_t* __restrict__ dlogits, const ScanProblem pb, int64_t sets) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t plane = pb.plane();  // < 2^31 (plan_launch checks it), so 32-bit index arithmetic
+  const int j = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (j >= plane) return;
+  const int W = static_cast<int>(pb.W), i = j / W, k = j - i * W;  // row and column of the position
+  for (int64_t set = blockIdx.y; set < sets; set += gridDim.y) {
+    const int dir = direction_of(pb, (static_cast<int>(set) / static_cast<int>(pb.G)) % static_cast<int>(pb.D));
+    const bool rows = dir == kTopBottom || dir == kBottomTop;  // positions run along W, else along H
+    const bool before = rows ? k > 0 : i > 0;
+    const bool after = rows ? k < W - 1 : i < pb.H - 1;
+    const int64_t o = set * 3 * plane + j;
+    acc_t d0, d1, d2;
+    normalize_taps_backward<acc_t>(static_cast<acc_t>(logits[o]), static_cast<acc_t>(logits[o + plane]),
+                                   static_cast<acc_t>(logits[o + 2 * plane]), before, after,
+                                   static_cast<acc_t>(dgates[o]), static_cast<acc_t>(dgates[o + plane]),
+                                   static_cast<acc_t>(dgates[o + 2 * plane]), d0, d1, d2);
+    dlogits[o] = static_cast<scalar_t>(d0);
+    dlogits[o + plane] = static_cast<scalar_t>(d1);
+    dlogits[o + 2 * plane] = static_cast<scalar_t>(d2);
+  }
+}
+
 // Launch geometry shared by both passes.
 struct Launch {
   int64_t chunks_per_plane;
@@ -532,12 +562,39 @@ void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Te
   });
 }
 
-// One line per dtype file: instantiates both launches for SCALAR.
+// dgates is in scalar_t (per-channel gates) or in acc_t (shared groups).
+template <typename scalar_t>
+void launch_normalize_backward(const at::Tensor& logits, const at::Tensor& dgates, at::Tensor& dlogits,
+                               const ScanProblem& pb) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t sets = pb.B * pb.D * pb.G;
+  constexpr int threads = 256;
+  const dim3 grid(static_cast<unsigned>((pb.plane() + threads - 1) / threads),
+                  static_cast<unsigned>(std::min<int64_t>(sets, 65535)));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto launch = [&](auto* dg) {
+    normalize_backward_kernel<<<grid, threads, 0, stream>>>(logits.data_ptr<scalar_t>(), dg,
+                                                            dlogits.data_ptr<scalar_t>(), pb, sets);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (dgates.scalar_type() == logits.scalar_type()) {
+    launch(static_cast<const scalar_t*>(dgates.data_ptr()));
+  } else {
+    TORCH_CHECK(dgates.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
+                "gspn::scan_backward (CUDA): gate gradients in ", dgates.scalar_type(), " for ",
+                logits.scalar_type(), " logits");
+    launch(static_cast<const acc_t*>(dgates.data_ptr()));
+  }
+}
+
+// One line per dtype file: instantiates the launches for SCALAR.
 #define GSPN_INSTANTIATE_CUDA_LAUNCHES(SCALAR)                                                                  \
   template void launch_forward<SCALAR>(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,   \
                                        const ScanProblem&);                                                    \
   template void launch_backward<SCALAR>(const at::Tensor&, const at::Tensor&, const at::Tensor&,               \
                                         const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,        \
-                                        at::Tensor&, const ScanProblem&, bool);
+                                        at::Tensor&, const ScanProblem&, bool);                               \
+  template void launch_normalize_backward<SCALAR>(const at::Tensor&, const at::Tensor&, at::Tensor&,           \
+                                                  const ScanProblem&);
 
 }  // namespace gspn

@@ -6,6 +6,7 @@
 #   bash scripts/gpu_check.sh                  # every stage, full sizes (~15 min)
 #   bash scripts/gpu_check.sh build tests op   # some: build tests op unet distill e2e
 #   bash scripts/gpu_check.sh quick            # every stage, sizes that fit ~4 min of a lease
+#   bash scripts/gpu_check.sh quick build op   # those stages at the quick sizes
 #
 # A/B of kernel changes in the same call: put the commit to compare against
 # in .baseline/ (git-ignored; carry it with the call), e.g.
@@ -25,8 +26,9 @@ exec > >(tee "$out/gpu_check.log") 2>&1
 stages="${*:-build tests op unet distill e2e}"
 op_sides="256 512 1024 2048 4096" unet_args="--sizes 1024 2048 4096 8192 --sd15-extra 16384 --repeats 3"
 e2e_args="" distill_args=""
-if [[ " $stages " == *" quick "* ]]; then
-    stages="build tests op unet e2e distill"
+if [[ " $stages " == *" quick "* ]]; then  # quick sizes; of the stages named with it, else all
+    stages="${stages/quick/}"
+    [[ -z "${stages// /}" ]] && stages="build tests op unet e2e distill"
     op_sides="256 1024 2048 4096" unet_args="--sizes 1024 2048 4096 8192 --sd15-extra 16384 --repeats 2"
     e2e_args="--models sd15 --sizes 4096 --sd15-extra --sdpa-max-px 2048" distill_args="--repeats 3"
 fi

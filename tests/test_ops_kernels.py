@@ -182,6 +182,49 @@ def test_backward_matches_reference_autograd(device, dtype, height, width, group
         assert_close_scaled(got.grad, want.grad, rtol, f"grad {name}")
 
 
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("groups", [1, 4])
+def test_fused_normalisation_backward_low_precision(device, dtype, groups):
+    """The logits' gradients of the fused normalisation (the CUDA chain-rule
+    kernel reads the gate gradients in the input dtype at G = C and from the
+    float32 buffer of shared groups) against autograd through the reference."""
+    x, _, lam = make_inputs(3, 4, groups, 17, 23, dtype, device, "fused bwd", groups, dirs=4)
+    logits = torch.randn(3, 4, groups, 3, 17, 23, generator=generator_for("fused logits", groups), dtype=torch.float64)
+    logits = (logits * 3).to(device=device, dtype=dtype)
+    grad = torch.randn(3, 4, 4, 17, 23, generator=generator_for("fused grad", groups), dtype=torch.float64)
+    inputs = [t.detach().requires_grad_() for t in (x, logits, lam)]
+    gspn_scan_4dir(*inputs, normalize=True).backward(grad.to(device=device, dtype=dtype))
+    ref_inputs = [t.detach().double().cpu().requires_grad_() for t in (x, logits, lam)]
+    scan_directions_reference(*ref_inputs, DIRECTIONS, None, True).backward(grad)
+    rtol = {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
+    for name, got, want in zip(("x", "logits", "lam"), inputs, ref_inputs):
+        assert_close_scaled(got.grad, want.grad, rtol, f"grad {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+def test_transposed_view_inputs(device, dtype):
+    """Inputs that are transposed views of contiguous planes (how column scans
+    of large planes reach the op; CUDA copies them with its own tiled
+    transpose), with strided leading dims and planes that are not whole
+    32x32 tiles, give exactly the results of contiguous inputs."""
+    x, gates, lam = make_inputs(3, 4, 2, 47, 33, dtype, device, "views", dirs=4, shared=False)
+    views = [t[:, 1:3].transpose(-1, -2) for t in (x, gates, lam)]  # (3, 2, ..., 33, 47), batch stride of 4 dirs
+    assert not views[0].is_contiguous() and views[0].stride(-2) == 1
+    dense = [t.contiguous() for t in views]
+    for normalize in (False, True):
+        args = ([0, 1], 5, normalize)
+        got = torch.ops.gspn.scan(*views, *args)
+        want = torch.ops.gspn.scan(*dense, *args)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        grad_h = torch.randn_like(got).transpose(-1, -2).contiguous().transpose(-1, -2)  # a transposed view too
+        got_grads = torch.ops.gspn.scan_backward(grad_h, got, *views, *args)
+        want_grads = torch.ops.gspn.scan_backward(grad_h.contiguous(), want, *dense, *args)
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
 # ---- stability --------------------------------------------------------------
 
 
