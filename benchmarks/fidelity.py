@@ -4,6 +4,7 @@ at many times the native size? Offline, checked automatically.
 
     python benchmarks/fidelity.py                     # full: 200 held-out prompts, 4x and 8x
     python benchmarks/fidelity.py --quick --json out.json
+    python benchmarks/fidelity.py --device cuda       # the full run in minutes on a GPU
 
 Teacher vs student at the native size: prompt adherence (fully correct,
 and per aspect) and the mean absolute teacher-student pixel difference for the
@@ -67,6 +68,8 @@ def main(argv=None) -> int:
                              "denoiser's colour drift pushed objects across palette boundaries)")
     parser.add_argument("--no_ablations", action="store_true",
                         help="only the high-res pipeline as configured and direct generation at each scale")
+    parser.add_argument("--device", default="cpu",
+                        help="where the pipelines run (float32 everywhere, so figures compare across devices)")
     parser.add_argument("--quick", action="store_true",
                         help="24 prompts, 4x only, 15 steps, no ablations: under 5 minutes on a 2-core CPU")
     parser.add_argument("--json", type=Path, default=Path("bench_results/fidelity.json"))
@@ -85,8 +88,8 @@ def main(argv=None) -> int:
     prompts = [s.caption for s in scenes]
     seeds = list(range(len(prompts)))
 
-    # fp32 on the CPU: the embedded teacher is stored in fp16
-    pipe = GSPNHighResPipeline.from_pretrained(args.teacher, torch_dtype=torch.float32)
+    # fp32 on every device: the embedded teacher is stored in fp16
+    pipe = GSPNHighResPipeline.from_pretrained(args.teacher, torch_dtype=torch.float32).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     native = pipe.native_size
     base = pipe._base_pipeline()  # the plain text-to-image call over the same modules
@@ -114,7 +117,7 @@ def main(argv=None) -> int:
     apply_gspn(pipe, adapter=args.adapter)
     student = direct("student", native)
     results = {
-        "prompts": len(prompts), "steps": args.steps, "guidance_scale": args.guidance_scale, "native": native,
+        "device": str(args.device), "prompts": len(prompts), "steps": args.steps, "guidance_scale": args.guidance_scale, "native": native,
         "teacher": adherence(teacher, prompts), "student": adherence(student, prompts),
         "teacher_student_mean_abs_diff": float(np.mean([np.abs(a.astype(float) - b) for a, b in zip(teacher, student)]) / 255),
         "scales": {},

@@ -22,7 +22,12 @@
 // - Coalescing: for "tb"/"bt" consecutive threads read consecutive addresses of
 //   a row. For "lr"/"rl" a thread reads a tile's consecutive columns of its
 //   row, so a fetched 32-byte sector serves the next loads of the same thread.
-// - 64-bit offsets everywhere (a 16K-pixel layer exceeds 2^31 elements).
+// - Plane starts are 64-bit (a 16K-pixel layer exceeds 2^31 elements); offsets
+//   inside one plane are 32-bit (see ThreadSlots).
+// - In float the gate sigmoid and normalisation use __expf and approximate
+//   reciprocals (gspn_scan.h), and a tile's gates are prepared before its
+//   lines, so a line's critical path between barriers is 3 shared loads,
+//   3 FMAs and two stores.
 #pragma once
 
 #include <ATen/ATen.h>

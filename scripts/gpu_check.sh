@@ -4,7 +4,7 @@
 # so that a hang or a slow stage still leaves the others' results.
 #
 #   bash scripts/gpu_check.sh                  # every stage, full sizes (~15 min)
-#   bash scripts/gpu_check.sh build tests op   # some: build tests op unet distill e2e
+#   bash scripts/gpu_check.sh build tests op   # some: build tests op unet distill e2e fidelity
 #   bash scripts/gpu_check.sh quick            # every stage, sizes that fit ~4 min of a lease
 #   bash scripts/gpu_check.sh quick build op   # those stages at the quick sizes
 #
@@ -84,4 +84,8 @@ want e2e && stage "end-to-end high-resolution benchmark" 300 python3 benchmarks/
     $e2e_args --json "$out/bench_e2e.json"
 want distill && stage "distillation step benchmark" 150 python3 benchmarks/bench_distill.py \
     $distill_args --json "$out/bench_distill.json"
+# Not in the default set: the shapes-world fidelity run of issue 6 at full
+# size (200 prompts, 25 steps, 4x and 8x, with ablations), hours on a CPU.
+want fidelity && stage "fidelity benchmark (full)" 420 python3 benchmarks/fidelity.py --device cuda \
+    --json "$out/fidelity.json"
 echo "== done"

@@ -78,7 +78,7 @@ def test_fidelity_quick_writes_json(tmp_path):
     result = json.loads(out.read_text())
     for key in ("teacher_adherence", "student_adherence", "highres_adherence", "direct_adherence"):
         assert 0.0 <= result[key] <= 1.0
-    assert result["largest_scale"] == 4 and result["prompts"] == 2
+    assert result["largest_scale"] == 4 and result["prompts"] == 2 and result["device"] == "cpu"
     entry = result["scales"]["4"]
     assert entry["upscale_mode"] == "pixel" and entry["dilated_sampling_size"] == 32 and entry["stage_growth"] == 2
     assert entry["color_fix"] is True
