@@ -51,6 +51,8 @@ def main(argv=None) -> int:
     parser.add_argument("--teacher", type=Path, default=TEACHER_DIR)
     parser.add_argument("--adapter", type=Path, default=ADAPTER_DIR)
     parser.add_argument("--prompts", type=int, default=200, help="held-out prompts (seeds follow them)")
+    parser.add_argument("--first_prompt", type=int, default=0,
+                        help="skip this many held-out prompts (and seeds): a large run split into parts on a CPU")
     parser.add_argument("--scales", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance_scale", type=float, default=GUIDANCE_SCALE)
@@ -84,9 +86,11 @@ def main(argv=None) -> int:
     growth = dict(zip(args.scales, growths * len(args.scales) if len(growths) == 1 else growths))
     keep_freed_cpu_memory()
     started = time.perf_counter()
-    scenes = held_out_scenes(args.prompts)
+    if args.first_prompt < 0:
+        parser.error(f"--first_prompt must be >= 0, got {args.first_prompt}")
+    scenes = held_out_scenes(args.first_prompt + args.prompts)[args.first_prompt:]
     prompts = [s.caption for s in scenes]
-    seeds = list(range(len(prompts)))
+    seeds = list(range(args.first_prompt, args.first_prompt + len(prompts)))
 
     # fp32 on every device: the embedded teacher is stored in fp16
     pipe = GSPNHighResPipeline.from_pretrained(args.teacher, torch_dtype=torch.float32).to(args.device)
@@ -117,7 +121,7 @@ def main(argv=None) -> int:
     apply_gspn(pipe, adapter=args.adapter)
     student = direct("student", native)
     results = {
-        "device": str(args.device), "prompts": len(prompts), "steps": args.steps, "guidance_scale": args.guidance_scale, "native": native,
+        "device": str(args.device), "prompts": len(prompts), "first_prompt": args.first_prompt, "steps": args.steps, "guidance_scale": args.guidance_scale, "native": native,
         "teacher": adherence(teacher, prompts), "student": adherence(student, prompts),
         "teacher_student_mean_abs_diff": float(np.mean([np.abs(a.astype(float) - b) for a, b in zip(teacher, student)]) / 255),
         "scales": {},

@@ -94,12 +94,19 @@ def test_fidelity_quick_writes_json(tmp_path):
 def test_fidelity_without_ablations_measures_the_scales_asked(tmp_path):
     teacher, adapter = tiny_teacher_and_adapter(tmp_path)
     out = tmp_path / "fidelity.json"
-    run("fidelity.py", "--no_ablations", "--scales", "2", "--prompts", "1", "--steps", "2", "--no_color_fix",
-        "--teacher", str(teacher), "--adapter", str(adapter), "--json", str(out))
+    run("fidelity.py", "--no_ablations", "--scales", "2", "--prompts", "1", "--first_prompt", "3", "--steps", "2",
+        "--no_color_fix", "--teacher", str(teacher), "--adapter", str(adapter), "--json", str(out))
     result = json.loads(out.read_text())
     entry = result["scales"]["2"]
     assert result["largest_scale"] == 2 and entry["color_fix"] is False
+    assert result["prompts"] == 1 and result["first_prompt"] == 3  # a later part of a split run
     assert not any(key.startswith("highres_") for key in entry)
+
+
+def test_fidelity_refuses_a_negative_first_prompt():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), "--first_prompt", "-1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--first_prompt must be >= 0, got -1" in proc.stderr
 
 
 def test_fidelity_refuses_stage_growth_that_does_not_match_the_scales():
