@@ -109,8 +109,10 @@ def _check_inputs(x, gates, lam, num_dirs: Optional[int]) -> None:
 # threads touch 32 rows: on an H200 they ran 3-10x slower than row scans
 # (BENCHMARKS.md). From this many pixels per plane they run instead as row
 # scans ("tb", "bt") of the transposed planes: the transposing copies cost far
-# less than the strided reads. A device type missing here (the CPU kernels
-# transpose tiles themselves) or None keeps the strided kernel.
+# less than the strided reads (the op copies the transposed input views with
+# its own tiled transpose; the output's transpose back is still an ATen copy).
+# A device type missing here (the CPU kernels transpose tiles themselves) or
+# None keeps the strided kernel.
 COLUMNS_AS_ROWS_MIN_PIXELS = {"cuda": 128 * 128}
 _ROW_SCAN_OF_COLUMN_SCAN = {2: 0, 3: 1}  # "lr" is "tb" of the transpose, "rl" is "bt"
 
