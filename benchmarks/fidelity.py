@@ -84,10 +84,10 @@ def main(argv=None) -> int:
         parser.error(f"--stage_growth has {len(growths)} values for the scales {args.scales}: give one value "
                      "for every scale or one per scale")
     growth = dict(zip(args.scales, growths * len(args.scales) if len(growths) == 1 else growths))
-    keep_freed_cpu_memory()
-    started = time.perf_counter()
     if args.first_prompt < 0:
         parser.error(f"--first_prompt must be >= 0, got {args.first_prompt}")
+    keep_freed_cpu_memory()
+    started = time.perf_counter()
     scenes = held_out_scenes(args.first_prompt + args.prompts)[args.first_prompt:]
     prompts = [s.caption for s in scenes]
     seeds = list(range(args.first_prompt, args.first_prompt + len(prompts)))
@@ -121,7 +121,8 @@ def main(argv=None) -> int:
     apply_gspn(pipe, adapter=args.adapter)
     student = direct("student", native)
     results = {
-        "device": str(args.device), "prompts": len(prompts), "first_prompt": args.first_prompt, "steps": args.steps, "guidance_scale": args.guidance_scale, "native": native,
+        "device": str(args.device), "prompts": len(prompts), "first_prompt": args.first_prompt,
+        "steps": args.steps, "guidance_scale": args.guidance_scale, "native": native,
         "teacher": adherence(teacher, prompts), "student": adherence(student, prompts),
         "teacher_student_mean_abs_diff": float(np.mean([np.abs(a.astype(float) - b) for a, b in zip(teacher, student)]) / 255),
         "scales": {},
