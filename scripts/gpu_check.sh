@@ -4,7 +4,7 @@
 # so that a hang or a slow stage still leaves the others' results.
 #
 #   bash scripts/gpu_check.sh                  # every stage, full sizes (~15 min)
-#   bash scripts/gpu_check.sh build tests op   # some: build tests op unet distill e2e fidelity
+#   bash scripts/gpu_check.sh build tests op   # some: build tests op unet distill e2e fidelity shapes
 #   bash scripts/gpu_check.sh quick            # every stage, sizes that fit ~4 min of a lease
 #   bash scripts/gpu_check.sh quick build op   # those stages at the quick sizes
 #
@@ -88,4 +88,23 @@ want distill && stage "distillation step benchmark" 150 python3 benchmarks/bench
 # size (200 prompts, 25 steps, 4x and 8x, with ablations), hours on a CPU.
 want fidelity && stage "fidelity benchmark (full)" 420 python3 benchmarks/fidelity.py --device cuda \
     --json "$out/fidelity.json"
+# Not in the default set either: re-train the shapes-world teacher and its
+# adapter with the GPU recipe (scripts/reproduce_shapes.sh --gpu), for issue 6's
+# teacher adherence. What it made comes back as $out/shapes.tar: the exported
+# assets (fp16, ~14 MB) and the quick fidelity JSON and grid, or, when a stage ran out
+# of time, the last saved 64 px teacher (fp16) so the run is not lost.
+if want shapes; then
+    export SHAPES_WORK=/tmp/shapes_work SHAPES_ASSETS=/tmp/shapes_assets
+    stage "shapes-world teacher and adapter (GPU recipe)" "${SHAPES_LIMIT:-480}" \
+        bash scripts/reproduce_shapes.sh --gpu --no-setup
+    if [[ ! -f $SHAPES_ASSETS/gspn_adapter/gspn_adapter.safetensors ]]; then
+        for stage_dir in teacher teacher-64; do
+            if [[ -f $SHAPES_WORK/$stage_dir/model_index.json ]]; then
+                python3 -m gspn_diffusers.shapes.export "$SHAPES_WORK/$stage_dir" - "$SHAPES_ASSETS" && break
+            fi
+        done
+    fi
+    cp "$SHAPES_WORK"/fidelity_quick.{json,png} "$SHAPES_ASSETS"/ 2>/dev/null
+    tar -cf "$out/shapes.tar" -C "$SHAPES_ASSETS" . && echo "== shapes: $(tar -tf "$out/shapes.tar" | wc -l) entries in shapes.tar"
+fi
 echo "== done"

@@ -114,6 +114,22 @@ def test_teacher_recipe_builds_the_documented_architecture():
     assert ids.shape[1] == MAX_TOKENS
 
 
+def test_training_batches_are_the_same_rendered_ahead_by_workers():
+    from gspn_diffusers.shapes.teacher import _step_batches, world_batch
+
+    sizes = [(64, 3), (128, 2)]
+    inline = list(_step_batches(4, sizes, rank=1, workers=0, device="cpu"))
+    ahead = list(_step_batches(4, sizes, rank=1, workers=2, device="cpu"))
+    assert len(inline) == len(ahead) == 4
+    for step, (a, b) in enumerate(zip(inline, ahead)):
+        for index, ((side, count), (images, captions), (images2, captions2)) in enumerate(zip(sizes, a, b)):
+            want_images, want_captions = world_batch(step, count, 1, stream=0 if index == 0 else 10 + index,
+                                                     size=side)
+            assert images.shape == (count, 3, side, side)
+            assert torch.equal(images, want_images) and torch.equal(images2, want_images)
+            assert list(captions) == list(captions2) == want_captions
+
+
 def test_teacher_stages_chain_through_a_saved_vae(tmp_path):
     from safetensors.torch import load_file
 
@@ -125,6 +141,13 @@ def test_teacher_stages_chain_through_a_saved_vae(tmp_path):
     first, second = (load_file(p / "vae" / "diffusion_pytorch_model.safetensors") for p in (vae_only, teacher))
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     assert (teacher / "unet" / "diffusion_pytorch_model.safetensors").exists()
+
+    from gspn_diffusers.shapes.export import export
+
+    export(teacher, None, tmp_path / "assets")  # a run stopped before distillation: the teacher alone
+    unet = load_file(tmp_path / "assets" / "teacher" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in unet.values()} == {torch.float16}
+    assert not (tmp_path / "assets" / "gspn_adapter").exists()
 
 
 def test_teacher_continues_at_several_scales(tmp_path):
@@ -138,7 +161,7 @@ def test_teacher_continues_at_several_scales(tmp_path):
             parse_sizes(bad)
     first = train_teacher(tmp_path / "first", vae_steps=1, unet_steps=1, batch_size=2, eval_prompts=0)
     second = train_teacher(tmp_path / "second", init_from=first, unet_steps=1, sizes=[(64, 2), (128, 1)],
-                           vae_multiscale_steps=2, eval_prompts=0, warmup_steps=0)
+                           vae_multiscale_steps=2, eval_prompts=0, warmup_steps=0, data_workers=1)
     vae1, vae2 = (load_file(p / "vae" / "diffusion_pytorch_model.safetensors") for p in (first, second))
     changed = {k.split(".")[0] for k in vae1 if not torch.equal(vae1[k], vae2[k])}
     assert changed == {"encoder", "quant_conv"}, "the multi-scale stage trains the encoder only"

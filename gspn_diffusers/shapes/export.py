@@ -2,6 +2,8 @@
 package's embedded assets.
 
     python -m gspn_diffusers.shapes.export TEACHER_DIR ADAPTER_DIR gspn_diffusers/shapes/assets
+
+ADAPTER_DIR ``-`` exports the teacher alone (a run stopped before distillation).
 """
 
 from __future__ import annotations
@@ -9,12 +11,14 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 
-def export(teacher: Path, adapter: Path, assets: Path) -> None:
-    """Write ``assets/teacher`` (fp16 weights) and ``assets/gspn_adapter``."""
+def export(teacher: Path, adapter: Optional[Path], assets: Path) -> None:
+    """Write ``assets/teacher`` (fp16 weights) and, unless ``adapter`` is None,
+    ``assets/gspn_adapter``."""
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(teacher, torch_dtype=torch.float16)
@@ -22,6 +26,9 @@ def export(teacher: Path, adapter: Path, assets: Path) -> None:
     if target.exists():
         shutil.rmtree(target)
     pipe.save_pretrained(target, safe_serialization=True)
+    if adapter is None:
+        print(f"exported the teacher alone to {assets}")
+        return
     out = assets / "gspn_adapter"
     out.mkdir(parents=True, exist_ok=True)
     for name in ("gspn_adapter.json", "gspn_adapter.safetensors"):
@@ -30,4 +37,6 @@ def export(teacher: Path, adapter: Path, assets: Path) -> None:
 
 
 if __name__ == "__main__":
-    export(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
+    if len(sys.argv) != 4:
+        sys.exit("usage: python -m gspn_diffusers.shapes.export TEACHER_DIR ADAPTER_DIR|- ASSETS_DIR")
+    export(Path(sys.argv[1]), None if sys.argv[2] == "-" else Path(sys.argv[2]), Path(sys.argv[3]))
