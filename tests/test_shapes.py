@@ -60,6 +60,27 @@ def test_checker_ignores_texture_inside_objects():
     assert score(image, scene.caption).correct
 
 
+def test_checker_reads_squares_with_pinched_sides():
+    """Generated squares often have concave sides (they fill 0.80-0.88 of their
+    bounding box, like a circle's 0.79): full corners still make them squares,
+    and a circle or a triangle of the same size stays what it is."""
+    size, half = 96, 14.0
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    dy, dx = np.abs(y - 48), np.abs(x - 48)
+    # each side bows inwards by 13 % of the half-width at its middle
+    pinched = (dy <= half - 0.13 * half * np.cos(np.pi * dx / (2 * half))) & (dx <= half - 0.13 * half * np.cos(
+        np.pi * dy / (2 * half)))
+    circle = (y - 48) ** 2 + (x - 48) ** 2 <= half ** 2
+    top, bottom = 48 - half, 48 + half * 0.9
+    t = np.clip((y - top) / (bottom - top), 0, 1)
+    triangle = (y >= top) & (y <= bottom) & (dx <= t * half)
+    assert 0.75 < pinched.sum() / (2 * half) ** 2 < 0.88  # box fill alone would call it a circle
+    for mask, shape in ((pinched, "square"), (circle, "circle"), (triangle, "triangle")):
+        image = np.full((size, size, 3), 20, dtype=np.uint8)
+        image[mask] = COLOURS["blue"]
+        assert score(image, f"a blue {shape} in the center").correct, shape
+
+
 def test_checker_rejects_wrong_images():
     scenes = [sample_scene(i) for i in range(200)]
     images = [render(s) for s in scenes]

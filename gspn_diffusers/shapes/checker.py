@@ -1,9 +1,10 @@
 """Reads a shapes-world image back and scores it against its caption.
 
 Colour segmentation against the palette, connected components, a shape from
-how much of its bounding box a component fills once its holes are filled
-(square ~1, circle ~pi/4, triangle ~1/2), and a grid cell from its centroid.
-Works at any resolution: images are first resampled to a canonical size.
+which corners of its bounding box a component fills once its holes are filled
+(a square all four, a triangle - apex up - the bottom two, a circle none), and
+a grid cell from its centroid. Works at any resolution: images are first
+resampled to a canonical size.
 """
 
 from __future__ import annotations
@@ -80,16 +81,31 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return ~outside[1:-1, 1:-1]
 
 
+def _corner_fill(box: np.ndarray, fraction: float = 0.2):
+    """Mean fill of the two top and the two bottom corner patches of ``box``
+    (each ``fraction`` of its height and width)."""
+    a, b = max(1, round(box.shape[0] * fraction)), max(1, round(box.shape[1] * fraction))
+    top = (box[:a, :b].mean() + box[:a, -b:].mean()) / 2
+    bottom = (box[-a:, :b].mean() + box[-a:, -b:].mean()) / 2
+    return float(top), float(bottom)
+
+
 def _classify(pixels: np.ndarray) -> str:
     (y0, x0), (y1, x1) = pixels.min(0), pixels.max(0)
     box = np.zeros((y1 - y0 + 1, x1 - x0 + 1), dtype=bool)
     box[pixels[:, 0] - y0, pixels[:, 1] - x0] = True
     # Holes filled: a generated object's texture (darker strokes, a highlight
     # off the palette) punches holes that would make a square read as a circle.
-    fill = _fill_holes(box).sum() / float(box.size)
-    if fill > 0.88:
-        return "square"
-    return "circle" if fill > 0.64 else "triangle"
+    # Corners, not the fill of the whole box: generated squares often have
+    # pinched sides (box fill 0.80-0.88, where a circle's is 0.70-0.82) but
+    # full corners. On 96 held-out prompts of the embedded teacher (seeds
+    # 200-295, not the benchmark's), corner patches filled 0.64-0.95 (10th-90th
+    # percentile) for squares, 0.03-0.24 for circles; triangles' top corners
+    # stay empty. Misread objects: 31 of 191 by box fill, 2 by corners.
+    top, bottom = _corner_fill(_fill_holes(box))
+    if top < 0.3 and bottom - top > 0.4:
+        return "triangle"
+    return "square" if (top + bottom) / 2 > 0.45 else "circle"
 
 
 def detect(image: np.ndarray) -> List[Detection]:
