@@ -106,7 +106,7 @@ at::Tensor contiguous_cuda(const at::Tensor& t) {
   TORCH_CHECK((R + kTile - 1) / kTile <= 65535, "gspn::scan (CUDA): planes of ", R, " rows are too tall to transpose");
   const dim3 block(kTile, kTileRows);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const void* src = static_cast<const char*>(t.storage().data()) + t.storage_offset() * item;
+  const void* src = t.data_ptr();  // the view's first element (storage start + offset)
   auto launch = [&](auto zero) {
     using T = decltype(zero);
     transpose_planes_kernel<T><<<grid, block, 0, stream>>>(static_cast<const T*>(src), static_cast<T*>(out.data_ptr()),
