@@ -34,18 +34,18 @@ mkdir -p "$work" "$assets"
 vae_steps=600 unet_steps=5000 batch=32 multiscale_steps=450 device=cpu
 ((gpu)) && vae_steps=1500 unet_steps=8000 batch=64 multiscale_steps=1000 device=cuda
 set -x
-python -m gspn_diffusers.shapes.teacher --output_dir "$work/vae-stage" --vae_steps "$vae_steps" --unet_steps 0
-python -m gspn_diffusers.shapes.teacher --output_dir "$work/teacher-64" --vae_from "$work/vae-stage" \
+python3 -m gspn_diffusers.shapes.teacher --output_dir "$work/vae-stage" --vae_steps "$vae_steps" --unet_steps 0
+python3 -m gspn_diffusers.shapes.teacher --output_dir "$work/teacher-64" --vae_from "$work/vae-stage" \
     --unet_steps "$unet_steps" --batch_size "$batch" --unet_lr 8e-4 --warmup_steps 300 \
     --save_every 1000 --eval_prompts 48
-python -m gspn_diffusers.shapes.teacher --output_dir "$work/teacher" --init_from "$work/teacher-64" \
+python3 -m gspn_diffusers.shapes.teacher --output_dir "$work/teacher" --init_from "$work/teacher-64" \
     --vae_multiscale_steps 800 --unet_steps "$multiscale_steps" --sizes 64:16,128:4,256:2 --unet_lr 1e-4 \
     --warmup_steps 0 --ema_decay 0.995 --eval_prompts 48
-python -m gspn_diffusers.shapes.prompts --count 512 --out "$work/prompts.txt"
-python distill/distill.py --pretrained_model_name_or_path "$work/teacher" --output_dir "$work/adapter" \
+python3 -m gspn_diffusers.shapes.prompts --count 512 --out "$work/prompts.txt"
+python3 distill/distill.py --pretrained_model_name_or_path "$work/teacher" --output_dir "$work/adapter" \
     --prompts_file "$work/prompts.txt" --resolution 64 128 --max_train_steps 2000 --train_batch_size 16 \
     --learning_rate 1e-3 --lr_warmup_steps 50 --teacher_steps 20 --teacher_guidance_scale 2 \
     --checkpointing_steps 500 --report_to none --seed 0
-python -m gspn_diffusers.shapes.export "$work/teacher" "$work/adapter" "$assets"
-python benchmarks/fidelity.py --quick --teacher "$assets/teacher" --adapter "$assets/gspn_adapter" \
+python3 -m gspn_diffusers.shapes.export "$work/teacher" "$work/adapter" "$assets"
+python3 benchmarks/fidelity.py --quick --teacher "$assets/teacher" --adapter "$assets/gspn_adapter" \
     --device "$device" --json "$work/fidelity_quick.json"
