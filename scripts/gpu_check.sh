@@ -89,10 +89,11 @@ want distill && stage "distillation step benchmark" 150 python3 benchmarks/bench
 want fidelity && stage "fidelity benchmark (full)" 420 python3 benchmarks/fidelity.py --device cuda \
     --json "$out/fidelity.json"
 # Not in the default set either: re-train the shapes-world teacher and its
-# adapter with the GPU recipe (scripts/reproduce_shapes.sh --gpu), for issue 6's
-# teacher adherence. What it made comes back as $out/shapes.tar: the exported
-# assets (fp16, ~14 MB) and the quick fidelity JSON and grid, or, when a stage ran out
-# of time, the last saved 64 px teacher (fp16) so the run is not lost.
+# adapter with the GPU recipe (scripts/reproduce_shapes.sh --gpu: a teacher
+# trained longer than the CPU allows). What it made comes back as
+# $out/shapes.tar: the exported assets (fp16, ~14 MB) and the quick fidelity
+# JSON and grid, or, when a stage ran out of time, the last saved teacher
+# (fp16) so the run is not lost.
 if want shapes; then
     export SHAPES_WORK=/tmp/shapes_work SHAPES_ASSETS=/tmp/shapes_assets
     stage "shapes-world teacher and adapter (GPU recipe)" "${SHAPES_LIMIT:-480}" \

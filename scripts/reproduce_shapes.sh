@@ -29,8 +29,8 @@ work="${SHAPES_WORK:-work}" assets="${SHAPES_ASSETS:-gspn_diffusers/shapes/asset
 mkdir -p "$work" "$assets"
 # The CPU recipe stops the 64 px denoiser at 5000 steps of 32 scenes for time.
 # The GPU recipe sees 3.2x the scenes (8000 steps of 64; a model this small
-# leaves a GPU idle at 32) and still fits one device call of ~8 minutes with
-# its distillation; it is what issue 6's teacher adherence is to be measured on.
+# leaves a GPU idle at 32) and should fit one device call of ~8 minutes with
+# its distillation (not yet run on a GPU: the step counts are estimates).
 vae_steps=600 unet_steps=5000 batch=32 multiscale_steps=450 device=cpu
 ((gpu)) && vae_steps=1500 unet_steps=8000 batch=64 multiscale_steps=1000 device=cuda
 set -x
