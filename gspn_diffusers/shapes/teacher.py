@@ -352,11 +352,12 @@ def _step_batches(steps, sizes, rank, workers: Optional[int], device):
     scenes at 64 px) takes about as long as a GPU training step, so on a GPU
     worker processes render ahead; on a CPU they would take the cores the
     training needs (``workers=None`` picks accordingly)."""
+    on_gpu = torch.device(device).type == "cuda"
     if workers is None:
-        workers = min(8, (os.cpu_count() or 1) - 1) if torch.device(device).type == "cuda" else 0
+        workers = min(8, (os.cpu_count() or 1) - 1) if on_gpu else 0
     return torch.utils.data.DataLoader(_WorldSteps(steps, sizes, rank), batch_size=None, shuffle=False,
                                        num_workers=workers, prefetch_factor=4 if workers else None,
-                                       pin_memory=torch.device(device).type == "cuda")
+                                       pin_memory=on_gpu)
 
 
 def _denoiser_loss(vae, unet, text_encoder, tokenizer, noise_scheduler, alphas_cumprod, accelerator, gen,
