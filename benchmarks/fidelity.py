@@ -5,6 +5,8 @@ at many times the native size? Offline, checked automatically.
     python benchmarks/fidelity.py                     # full: 200 held-out prompts, 4x and 8x
     python benchmarks/fidelity.py --quick --json out.json
     python benchmarks/fidelity.py --device cuda       # the full run in minutes on a GPU
+    python benchmarks/fidelity.py --first_prompt 100 --prompts 100 --json part2.json   # a run in parts ...
+    python benchmarks/fidelity.py --merge part1.json part2.json --json full.json      # ... merged
 
 Teacher vs student at the native size: prompt adherence (fully correct,
 and per aspect) and the mean absolute teacher-student pixel difference for the
@@ -28,6 +30,7 @@ Targets (issue 6): student >= 95% of the teacher's adherence; high-res at 8x
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -74,9 +77,21 @@ def main(argv=None) -> int:
                         help="where the pipelines run (float32 everywhere, so figures compare across devices)")
     parser.add_argument("--quick", action="store_true",
                         help="24 prompts, 4x only, 15 steps, no ablations: under 5 minutes on a 2-core CPU")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="PART",
+                        help="instead of running: merge the JSON of parts of one run (--first_prompt ranges that "
+                             "do not overlap, the same settings) into prompt-weighted figures")
     parser.add_argument("--json", type=Path, default=Path("bench_results/fidelity.json"))
     parser.add_argument("--grid", type=Path, default=None, help="PNG grid (default: next to the JSON)")
     args = parser.parse_args(argv)
+    if args.merge:
+        try:
+            results = merge_parts([json.loads(path.read_text()) for path in args.merge])
+        except (OSError, ValueError, KeyError) as error:
+            parser.error(f"cannot merge {[str(p) for p in args.merge]}: {error}")
+        results["merged_from"] = [str(path) for path in args.merge]
+        print_table(results)
+        save_json(args.json, results)
+        return 0
     if args.quick:
         args.prompts, args.scales, args.steps = min(args.prompts, 24), [4], min(args.steps, 15)
     growths = args.stage_growth or [2.0 if scale < 8 else float(scale) for scale in args.scales]
@@ -129,15 +144,15 @@ def main(argv=None) -> int:
     }
     grid_rows = [teacher[:8], student[:8]]
     other = "latent" if args.upscale_mode == "pixel" else "pixel"
-    # the staged pipeline with one part changed: (JSON key, table row, settings)
+    # the staged pipeline with one part changed: (JSON key, settings); table rows in ABLATION_ROWS
     ablations = []
     if not (args.quick or args.no_ablations):
         if args.dilated_sampling_size:
-            ablations += [("highres_no_dilated_sampling", "no dilated sampling", dict(dilated=0))]
+            ablations += [("highres_no_dilated_sampling", dict(dilated=0))]
         if not args.no_color_fix:
-            ablations += [("highres_no_color_fix", "no colour fix", dict(color_fix=False))]
-        ablations += [("highres_no_skip_residual", "no skip residual", dict(skip_residual=False)),
-                      (f"highres_{other}_upscale", f"{other} upscale", dict(mode=other))]
+            ablations += [("highres_no_color_fix", dict(color_fix=False))]
+        ablations += [("highres_no_skip_residual", dict(skip_residual=False)),
+                      (f"highres_{other}_upscale", dict(mode=other))]
     for scale in args.scales:
         size = native * scale
         highres = staged(f"highres {scale}x", scale)
@@ -145,7 +160,7 @@ def main(argv=None) -> int:
         entry = {"size": size, "upscale_mode": args.upscale_mode, "stage_growth": growth[scale],
                  "dilated_sampling_size": args.dilated_sampling_size, "color_fix": not args.no_color_fix,
                  "highres": adherence(highres, prompts)}
-        for key, _, settings in ablations:
+        for key, settings in ablations:
             entry[key] = adherence(staged(f"{key} {scale}x", scale, **settings), prompts)
         entry["direct"] = adherence(plain, prompts)
         results["scales"][str(scale)] = entry
@@ -161,16 +176,7 @@ def main(argv=None) -> int:
         seconds=time.perf_counter() - started,
         row_seconds=seconds,
     )
-    print(f"{'':>22} {'correct':>8} {'count':>6} {'colour':>6} {'shape':>6} {'place':>6} {'dup/img':>7} {'s':>5}")
-    rows = [("teacher (native)", results["teacher"], "teacher"), ("student (native)", results["student"], "student")]
-    for scale, entry in results["scales"].items():
-        rows += [(f"high-res {scale}x", entry["highres"], f"highres {scale}x")]
-        rows += [(f"  {name} {scale}x", entry[key], f"{key} {scale}x") for key, name, _ in ablations]
-        rows += [(f"direct {scale}x", entry["direct"], f"direct {scale}x")]
-    for name, r, key in rows:
-        print(f"{name:>22} {r['correct']:>8.2f} {r['count']:>6.2f} {r['colours']:>6.2f} {r['shapes']:>6.2f} "
-              f"{r['positions']:>6.2f} {r['duplicates_per_image']:>7.2f} {seconds[key]:>5.0f}")
-    print(f"teacher-student mean |diff| {results['teacher_student_mean_abs_diff']:.3f}; {results['seconds']:.0f} s")
+    print_table(results)
     save_json(args.json, results)
     grid = args.grid or args.json.with_suffix(".png")
     from PIL import Image
@@ -178,6 +184,87 @@ def main(argv=None) -> int:
     Image.fromarray(np.concatenate([np.concatenate(r, axis=1) for r in grid_rows], axis=0)).save(grid)
     print(f"wrote {grid} (rows: teacher, student, then per scale high-res and direct)")
     return 0
+
+
+ABLATION_ROWS = {"highres_no_dilated_sampling": "no dilated sampling", "highres_no_color_fix": "no colour fix",
+                 "highres_no_skip_residual": "no skip residual", "highres_latent_upscale": "latent upscale",
+                 "highres_pixel_upscale": "pixel upscale"}
+
+
+def print_table(results: dict) -> None:
+    """The results as a table: adherence per aspect, duplicates and seconds per row."""
+    seconds = results["row_seconds"]
+    print(f"{'':>22} {'correct':>8} {'count':>6} {'colour':>6} {'shape':>6} {'place':>6} {'dup/img':>7} {'s':>5}")
+    rows = [("teacher (native)", results["teacher"], "teacher"), ("student (native)", results["student"], "student")]
+    for scale, entry in results["scales"].items():
+        rows += [(f"high-res {scale}x", entry["highres"], f"highres {scale}x")]
+        rows += [(f"  {name} {scale}x", entry[key], f"{key} {scale}x") for key, name in ABLATION_ROWS.items()
+                 if key in entry]
+        rows += [(f"direct {scale}x", entry["direct"], f"direct {scale}x")]
+    for name, r, key in rows:
+        print(f"{name:>22} {r['correct']:>8.2f} {r['count']:>6.2f} {r['colours']:>6.2f} {r['shapes']:>6.2f} "
+              f"{r['positions']:>6.2f} {r['duplicates_per_image']:>7.2f} {seconds[key]:>5.0f}")
+    print(f"teacher-student mean |diff| {results['teacher_student_mean_abs_diff']:.3f}; {results['seconds']:.0f} s "
+          f"over {results['prompts']} prompts")
+
+
+def merge_parts(parts: list) -> dict:
+    """One result from the parts of a run split with --first_prompt: every figure
+    is the prompt-weighted mean of the parts', seconds add up. Refuses parts whose
+    prompt ranges overlap or that were run with different settings."""
+    if not parts:
+        raise ValueError("no parts to merge")
+    parts = sorted(parts, key=lambda p: p["first_prompt"])
+    first = parts[0]
+    for earlier, part in zip(parts, parts[1:]):
+        if earlier["first_prompt"] + earlier["prompts"] > part["first_prompt"]:
+            raise ValueError(f"prompt ranges overlap: {_prompt_range(earlier)} and {_prompt_range(part)}")
+    for part in parts[1:]:
+        for key in ("steps", "guidance_scale", "native"):
+            if part[key] != first[key]:
+                raise ValueError(f"{key} differs between parts: {first[key]} (prompts {_prompt_range(first)}) vs "
+                                 f"{part[key]} (prompts {_prompt_range(part)}); merge only parts of one run")
+        if _scale_settings(part) != _scale_settings(first):
+            raise ValueError(f"scales or their settings differ between parts: {_scale_settings(first)} (prompts "
+                             f"{_prompt_range(first)}) vs {_scale_settings(part)} (prompts {_prompt_range(part)})")
+    total = sum(p["prompts"] for p in parts)
+
+    def mean(get):
+        return sum(get(p) * p["prompts"] for p in parts) / total
+
+    def mean_adherence(get):
+        return {aspect: mean(lambda p: get(p)[aspect]) for aspect in get(first)}
+
+    scales = {scale: {key: mean_adherence(lambda p, s=scale, k=key: p["scales"][s][k]) if isinstance(value, dict)
+                      else value for key, value in entry.items()}
+              for scale, entry in first["scales"].items()}
+    largest = str(first["largest_scale"])
+    teacher = mean_adherence(lambda p: p["teacher"])
+    student = mean_adherence(lambda p: p["student"])
+    return {
+        "device": ", ".join(sorted({p["device"] for p in parts})), "prompts": total,
+        "first_prompt": first["first_prompt"], "prompt_ranges": [_prompt_range(p) for p in parts],
+        "steps": first["steps"], "guidance_scale": first["guidance_scale"], "native": first["native"],
+        "teacher": teacher, "student": student,
+        "teacher_student_mean_abs_diff": mean(lambda p: p["teacher_student_mean_abs_diff"]),
+        "scales": scales,
+        "teacher_adherence": teacher["correct"], "student_adherence": student["correct"],
+        "highres_adherence": scales[largest]["highres"]["correct"],
+        "direct_adherence": scales[largest]["direct"]["correct"],
+        "largest_scale": first["largest_scale"],
+        "seconds": sum(p["seconds"] for p in parts),
+        "row_seconds": {row: sum(p["row_seconds"][row] for p in parts) for row in first["row_seconds"]},
+    }
+
+
+def _prompt_range(part: dict) -> list:
+    return [part["first_prompt"], part["first_prompt"] + part["prompts"]]
+
+
+def _scale_settings(part: dict) -> dict:
+    """Each scale's settings and the rows it measured: what must match for parts to merge."""
+    return {scale: {key: sorted(value) if isinstance(value, dict) else value for key, value in entry.items()}
+            for scale, entry in part["scales"].items()}
 
 
 def _thumb(image, size):

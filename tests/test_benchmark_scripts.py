@@ -113,3 +113,51 @@ def test_fidelity_refuses_stage_growth_that_does_not_match_the_scales():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), "--scales", "4", "8", "16",
                            "--stage_growth", "2", "8"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--stage_growth has 2 values for the scales [4, 8, 16]" in proc.stderr
+
+
+def test_fidelity_parts_merge_into_prompt_weighted_figures(tmp_path):
+    """A run split with --first_prompt and merged: figures weighted by each part's prompts,
+    seconds added; overlapping parts or parts with other settings are refused."""
+    teacher, adapter = tiny_teacher_and_adapter(tmp_path)
+    first = tmp_path / "part0.json"
+    run("fidelity.py", "--no_ablations", "--scales", "2", "--prompts", "1", "--steps", "2", "--teacher", str(teacher),
+        "--adapter", str(adapter), "--json", str(first))
+    part0 = json.loads(first.read_text())
+    # the second part built from the first (a tiny random teacher scores 0 everywhere): three more prompts,
+    # all correct, so the merged figures show their weights
+    part1 = json.loads(first.read_text())
+    part1.update(first_prompt=1, prompts=3, teacher_student_mean_abs_diff=part0["teacher_student_mean_abs_diff"] + 0.4)
+    for figures in (part1["teacher"], part1["scales"]["2"]["highres"], part1["scales"]["2"]["direct"]):
+        figures.update(correct=1.0, duplicates_per_image=2.0)
+    for figures in (part0["teacher"], part0["scales"]["2"]["highres"], part0["scales"]["2"]["direct"]):
+        figures.update(correct=0.0, duplicates_per_image=0.0)
+    second = tmp_path / "part1.json"
+    first.write_text(json.dumps(part0))
+    second.write_text(json.dumps(part1))
+    out = tmp_path / "merged.json"
+    table = run("fidelity.py", "--merge", str(second), str(first), "--json", str(out))
+    merged = json.loads(out.read_text())
+    assert merged["prompts"] == 4 and merged["prompt_ranges"] == [[0, 1], [1, 4]]
+    assert merged["teacher"]["correct"] == merged["teacher_adherence"] == 0.75
+    assert merged["teacher"]["duplicates_per_image"] == 1.5
+    assert merged["highres_adherence"] == merged["direct_adherence"] == 0.75
+    assert merged["student_adherence"] == part0["student_adherence"]
+    assert abs(merged["teacher_student_mean_abs_diff"] - (part0["teacher_student_mean_abs_diff"] + 0.3)) < 1e-12
+    assert merged["row_seconds"]["direct 2x"] == 2 * part0["row_seconds"]["direct 2x"]
+    assert merged["scales"]["2"]["stage_growth"] == 2 and merged["merged_from"] == [str(second), str(first)]
+    assert "over 4 prompts" in table
+
+    def refused(*parts):
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fidelity.py"), "--merge", *map(str, parts),
+                               "--json", str(tmp_path / "refused.json")], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and not (tmp_path / "refused.json").exists()
+        return proc.stderr
+
+    assert "prompt ranges overlap: [0, 1] and [0, 1]" in refused(first, first)
+    part1.update(steps=3)
+    second.write_text(json.dumps(part1))
+    assert "steps differs between parts: 2 (prompts [0, 1]) vs 3 (prompts [1, 4])" in refused(first, second)
+    part1.update(steps=2)
+    part1["scales"]["2"]["color_fix"] = False
+    second.write_text(json.dumps(part1))
+    assert "scales or their settings differ between parts" in refused(first, second)
