@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save_json  # noqa: E402
 from fidelity import generate  # noqa: E402
 from gspn_diffusers import apply_gspn  # noqa: E402
+from gspn_diffusers.compat import from_pretrained_dtype  # noqa: E402
 from gspn_diffusers.distill import main as distill  # noqa: E402
 from gspn_diffusers.shapes import adherence, held_out_scenes  # noqa: E402
 from gspn_diffusers.shapes.assets import TEACHER_DIR  # noqa: E402
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
                      "--teacher_steps", "20", "--teacher_guidance_scale", "5", "--report_to", "none",
                      "--checkpointing_steps", str(args.steps + 1), "--seed", "0", *extra])
             log = [json.loads(line) for line in (out / "logs" / "losses.jsonl").read_text().splitlines()]
-            pipe = DiffusionPipeline.from_pretrained(args.teacher, torch_dtype=torch.float32)
+            pipe = DiffusionPipeline.from_pretrained(args.teacher, **from_pretrained_dtype(torch.float32))
             pipe.set_progress_bar_config(disable=True)
             apply_gspn(pipe, adapter=out)
             images = generate(pipe, captions, list(range(len(captions))), pipe.unet.config.sample_size * 4, 25, 5.0)

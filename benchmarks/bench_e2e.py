@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_unet import SD15, SDXL, TINY  # noqa: E402
 from gspn_diffusers import GSPNHighResPipeline, apply_gspn, remove_gspn  # noqa: E402
+from gspn_diffusers.compat import from_pretrained_dtype  # noqa: E402
 from common import save_json  # noqa: E402
 
 
@@ -59,7 +60,7 @@ def random_pipeline(unet_config, folder: Path, device, dtype):
     components["unet"] = UNet2DConditionModel(**unet_config)
     pipe = GSPNHighResPipeline(**components)
     pipe.save_pretrained(folder)
-    return GSPNHighResPipeline.from_pretrained(folder, torch_dtype=dtype).to(device)
+    return GSPNHighResPipeline.from_pretrained(folder, **from_pretrained_dtype(dtype)).to(device)
 
 
 def main(argv=None) -> int:

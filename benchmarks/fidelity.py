@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gspn_diffusers import GSPNHighResPipeline, apply_gspn  # noqa: E402
+from gspn_diffusers.compat import from_pretrained_dtype  # noqa: E402
 from gspn_diffusers.cpu_allocator import keep_freed_cpu_memory  # noqa: E402
 from gspn_diffusers.shapes import adherence, held_out_scenes  # noqa: E402
 from gspn_diffusers.shapes.assets import ADAPTER_DIR, TEACHER_DIR  # noqa: E402
@@ -108,7 +109,7 @@ def main(argv=None) -> int:
     seeds = list(range(args.first_prompt, args.first_prompt + len(prompts)))
 
     # fp32 on every device: the embedded teacher is stored in fp16
-    pipe = GSPNHighResPipeline.from_pretrained(args.teacher, torch_dtype=torch.float32).to(args.device)
+    pipe = GSPNHighResPipeline.from_pretrained(args.teacher, **from_pretrained_dtype(torch.float32)).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     native = pipe.native_size
     base = pipe._base_pipeline()  # the plain text-to-image call over the same modules

@@ -13,6 +13,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from gspn_diffusers import apply_gspn, remove_gspn
+from gspn_diffusers.compat import from_pretrained_dtype  # dtype= or torch_dtype=, by diffusers version
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("model", help="a local pipeline folder or a Hub repo id")
@@ -24,7 +25,7 @@ args = parser.parse_args()
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = torch.float16 if device == "cuda" else torch.float32
-pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
+pipe = DiffusionPipeline.from_pretrained(args.model, **from_pretrained_dtype(dtype)).to(device)
 
 apply_gspn(pipe, adapter=args.adapter)  # one call; remove_gspn(pipe) undoes it
 image = pipe(args.prompt, num_inference_steps=args.steps, generator=torch.Generator(device).manual_seed(0)).images[0]

@@ -37,6 +37,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__
+    from .compat import from_pretrained_dtype
     from .cpu_allocator import keep_freed_cpu_memory
     from .pipelines import GSPNHighResPipeline, save_png
 
@@ -46,7 +47,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(
         args.dtype, torch.float16 if device == "cuda" else torch.float32)
     started = time.perf_counter()
-    pipe = GSPNHighResPipeline.from_pretrained(args.model, adapter=args.adapter, torch_dtype=dtype).to(device)
+    pipe = GSPNHighResPipeline.from_pretrained(args.model, adapter=args.adapter, **from_pretrained_dtype(dtype)).to(device)
     print(f"loaded {args.model} ({'adapter ' + args.adapter if args.adapter else 'no adapter'}) on {device} "
           f"in {time.perf_counter() - started:.1f} s", flush=True)
     out = pipe(

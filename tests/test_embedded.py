@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gspn_diffusers import GSPNHighResPipeline, apply_gspn, gspn_layers, remove_gspn
+from gspn_diffusers.compat import from_pretrained_dtype
 from gspn_diffusers.distill import main as distill_main
 from gspn_diffusers.shapes import adherence, held_out_scenes
 from gspn_diffusers.shapes.assets import ADAPTER_DIR, TEACHER_DIR, available
@@ -30,7 +31,7 @@ def draw(pipe, prompts, size=None, steps=15, **kw):
 @pytest.fixture(scope="module")
 def pipe():
     assert available(), "the embedded model is missing: see gspn_diffusers/shapes/assets/README.md"
-    pipe = GSPNHighResPipeline.from_pretrained(TEACHER_DIR, torch_dtype=torch.float32)
+    pipe = GSPNHighResPipeline.from_pretrained(TEACHER_DIR, **from_pretrained_dtype(torch.float32))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -91,7 +92,7 @@ def test_distil_a_few_steps_from_the_embedded_teacher(tmp_path):
                          "--prompts_file", str(prompts), "--resolution", "64", "--max_train_steps", "12",
                          "--train_batch_size", "4", "--teacher_steps", "4", "--learning_rate", "1e-3",
                          "--lr_warmup_steps", "0", "--report_to", "none", "--seed", "0"]) == 0
-    student = GSPNHighResPipeline.from_pretrained(TEACHER_DIR, adapter=out, torch_dtype=torch.float32)
+    student = GSPNHighResPipeline.from_pretrained(TEACHER_DIR, adapter=out, **from_pretrained_dtype(torch.float32))
     student.set_progress_bar_config(disable=True)
     images = draw(student, PROMPTS[:2], steps=5)
     assert all(i.shape == (64, 64, 3) and i.std() > 5 for i in images)

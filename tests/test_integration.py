@@ -3,7 +3,9 @@ pipelines saved with save_pretrained and loaded with from_pretrained."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -19,6 +21,7 @@ from gspn_diffusers import (
     remove_gspn,
     save_gspn_adapter,
 )
+from gspn_diffusers.compat import from_pretrained_dtype
 from gspn_diffusers.integration import GSPNAttnProcessor, denoiser_of
 
 KINDS = ("sd", "sdxl", "pixart")
@@ -132,11 +135,27 @@ def test_adapter_round_trip(saved, kind, tmp_path):
 def test_half_precision_pipelines(saved, dtype):
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(saved["sd"], torch_dtype=dtype)
+    with warnings.catch_warnings():  # no deprecation warning for the dtype keyword, on any diffusers
+        warnings.simplefilter("error", FutureWarning)
+        pipe = DiffusionPipeline.from_pretrained(saved["sd"], **from_pretrained_dtype(dtype))
     pipe.set_progress_bar_config(disable=True)
+    assert pipe.unet.dtype == pipe.text_encoder.dtype == pipe.vae.dtype == dtype
     apply_gspn(pipe)
     assert all(p.dtype == dtype for layer in gspn_layers(pipe).values() for p in layer.parameters())
     assert np.isfinite(generate(pipe, "sd", 32, 48).astype(np.float32)).all()
+
+
+def test_from_pretrained_dtype_follows_the_diffusers_version(monkeypatch):
+    import diffusers
+
+    from gspn_diffusers import compat
+
+    for version, keyword in (("0.30.3", "torch_dtype"), ("0.39.0", "torch_dtype"), ("0.40.0", "dtype"),
+                             ("0.42.0.dev0", "dtype"), ("1.0.0", "dtype")):
+        monkeypatch.setattr(diffusers, "__version__", version)
+        assert importlib.reload(compat).from_pretrained_dtype(torch.float16) == {keyword: torch.float16}
+    monkeypatch.undo()
+    importlib.reload(compat)
 
 
 def test_model_cpu_offload(saved):

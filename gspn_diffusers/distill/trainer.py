@@ -98,6 +98,7 @@ def train(args) -> Path:
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
+    from ..compat import from_pretrained_dtype
     from ..integration import apply_gspn, gspn_layers, save_gspn_adapter
 
     output_dir = Path(args.output_dir)
@@ -124,7 +125,7 @@ def train(args) -> Path:
     index = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
     extra = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
     pipe = DiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, torch_dtype=weight_dtype, **extra
+        args.pretrained_model_name_or_path, revision=args.revision, **from_pretrained_dtype(weight_dtype), **extra
     ).to(device)
     pipe.set_progress_bar_config(disable=True)
     for name, component in pipe.components.items():

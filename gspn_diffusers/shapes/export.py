@@ -21,7 +21,9 @@ def export(teacher: Path, adapter: Optional[Path], assets: Path) -> None:
     ``assets/gspn_adapter``."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(teacher, torch_dtype=torch.float16)
+    from ..compat import from_pretrained_dtype
+
+    pipe = DiffusionPipeline.from_pretrained(teacher, **from_pretrained_dtype(torch.float16))
     target = assets / "teacher"
     if target.exists():
         shutil.rmtree(target)

@@ -151,19 +151,23 @@ def train_teacher(output_dir: Path, vae_steps: int = 3000, unet_steps: int = 300
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
+    from ..compat import from_pretrained_dtype
+
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
     torch.manual_seed(seed)
     pipe = build_teacher(prediction_type, zero_terminal_snr)
     if init_from is not None:
         from diffusers import StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline.from_pretrained(init_from, torch_dtype=torch.float32, safety_checker=None,
-                                                       feature_extractor=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline.from_pretrained(init_from, **from_pretrained_dtype(torch.float32),
+                                                       safety_checker=None, feature_extractor=None,
+                                                       requires_safety_checker=False)
         vae_steps = 0
     elif vae_from is not None:
         from diffusers import AutoencoderKL
 
-        pipe.register_modules(vae=AutoencoderKL.from_pretrained(vae_from, subfolder="vae", torch_dtype=torch.float32))
+        pipe.register_modules(vae=AutoencoderKL.from_pretrained(vae_from, subfolder="vae",
+                                                                    **from_pretrained_dtype(torch.float32)))
         vae_steps = 0
     vae = pipe.vae
     device = accelerator.device
