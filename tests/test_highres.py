@@ -238,6 +238,29 @@ def test_pixel_upscale_mode(base, adapter):
     assert out.images.shape == (1, 128, 128, 3) and np.isfinite(out.images).all()
 
 
+def test_stage_images_decode_each_stage_once(base, adapter, monkeypatch):
+    """return_stage_images reuses each stage's decode for the next upscale and the
+    output, so it changes neither the images nor the number of decodes beyond
+    one per stage."""
+    pipe = load(base, adapter)
+    decodes = []
+    decode = pipe.decode
+    monkeypatch.setattr(pipe, "decode", lambda latents, *a, **k: decodes.append(latents.shape[-1]) or
+                        decode(latents, *a, **k))
+    # Without stage images, latent mode decodes only the last stage's input (its
+    # colour reference) and output.
+    for mode, color_fix, needed in (("pixel", False, [32, 64, 128]), ("latent", True, [64, 128])):
+        decodes.clear()
+        plain = run(pipe, 256, 256, upscale_mode=mode, color_fix=color_fix).images
+        without = list(decodes)
+        decodes.clear()
+        out = run(pipe, 256, 256, upscale_mode=mode, color_fix=color_fix, return_stage_images=True)
+        assert decodes == [32, 64, 128], (mode, decodes)  # latent sides of the three stages
+        assert without == needed, (mode, without)
+        np.testing.assert_array_equal(out.images, plain)
+        assert out.stage_images[-1] is out.images
+
+
 def test_color_fix_keeps_the_previous_stage_colours(base, adapter):
     """With color_fix an upscaling stage's low band is its input's: far closer
     to the upscaled previous stage than without, in both upscale modes."""

@@ -55,7 +55,8 @@ class StageReport:
 @dataclasses.dataclass
 class GSPNHighResPipelineOutput(BaseOutput):
     """``images`` as requested by ``output_type``; ``stages`` per-stage reports;
-    ``stage_images`` each stage's decoded result when ``return_stage_images``."""
+    ``stage_images`` each stage's decoded result when ``return_stage_images`` (the
+    last is ``images`` itself: each stage is decoded once)."""
 
     images: Any
     stages: List[StageReport]
@@ -239,19 +240,22 @@ class GSPNHighResPipeline(DiffusionPipeline):
         return images
 
     def upscale(self, latents: torch.Tensor, width: int, height: int, mode: str, tile: Optional[int],
-                overlap: int, color_reference: Optional[torch.Tensor] = None,
-                keep_image: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                overlap: int, color_reference: Optional[torch.Tensor] = None, keep_image: bool = False,
+                decoded: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The previous stage's latents at the next stage's size: bicubic in latent
         space, or (``mode="pixel"``) decode (colour-fixed against
         ``color_reference``), bicubic in pixels, encode again. Also returns the
         previous stage's decoded image when ``keep_image`` (the next colour
-        reference; in latent mode that costs a decode), else None."""
+        reference; in latent mode that costs a decode), else None. ``decoded``:
+        that image when the caller already has it (it is not decoded again)."""
         size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
         if mode == "latent":
-            previous = self.decode(latents, tile, overlap, color_reference) if keep_image else None
+            previous = None
+            if keep_image:
+                previous = decoded if decoded is not None else self.decode(latents, tile, overlap, color_reference)
             upscaled = F.interpolate(latents.float(), size=size, mode="bicubic", align_corners=False)
             return upscaled.to(latents.dtype), previous
-        previous = self.decode(latents, tile, overlap, color_reference)
+        previous = decoded if decoded is not None else self.decode(latents, tile, overlap, color_reference)
         upscaled = F.interpolate(previous, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
         encoded = vae_encode(self.vae, upscaled, tile * self.vae_scale_factor if tile else None,
                              overlap * self.vae_scale_factor, latents.device)
@@ -353,7 +357,10 @@ class GSPNHighResPipeline(DiffusionPipeline):
             vae_tile_size / vae_tile_overlap: tiled VAE in latent cells (None:
                 never tile); ``offload_vae_while_denoising`` keeps the VAE on the
                 CPU except while it decodes or encodes.
-            return_stage_images: also decode every stage's result.
+            return_stage_images: also decode every stage's result (once: the
+                next stage's pixel upscale and the output reuse it; the output
+                is the same either way, so in latent mode only the last stage
+                image is colour-fixed).
         """
         device = self._execution_device
         width, height = self._valid_size(width, "width"), self._valid_size(height, "height")
@@ -376,6 +383,7 @@ class GSPNHighResPipeline(DiffusionPipeline):
         stage_images: List[Any] = []
         latents = None
         color_reference = None  # the image the current stage started from, for color_fix
+        decoded = None  # latents decoded for a stage image, reused by the next upscale or the output
         global_step = 0
         vae_home = self.vae.device
         for index, stage in enumerate(stages):
@@ -386,12 +394,16 @@ class GSPNHighResPipeline(DiffusionPipeline):
             try:
                 reference = None
                 if index > 0:
-                    # Latent mode decodes a stage's input only where its output is decoded.
-                    keep = color_fix and (upscale_mode == "pixel" or return_stage_images or index == len(stages) - 1)
+                    # Latent mode colour-fixes only the output (the last stage): its
+                    # earlier stages' inputs are not decoded, and stage images do not
+                    # change that, so that they change no output pixel.
+                    keep = color_fix and (upscale_mode == "pixel" or index == len(stages) - 1)
                     if upscale_mode == "pixel" or keep:
                         self.vae.to(vae_home)
                     reference, color_reference = self.upscale(latents, stage.width, stage.height, upscale_mode,
-                                                              vae_tile_size, vae_tile_overlap, color_reference, keep)
+                                                              vae_tile_size, vae_tile_overlap, color_reference, keep,
+                                                              decoded)
+                    decoded = None
                 latents, global_step = self._run_stage(
                     stage, index, reference, batch, dtype, device, generator, cond, uncond, guidance_scale,
                     skip_residual, skip_residual_power,
@@ -407,15 +419,17 @@ class GSPNHighResPipeline(DiffusionPipeline):
                     "offload_vae_while_denoising=True, a smaller vae_tile_size, or a smaller target"
                 ) from exc
             if return_stage_images:
-                stage_images.append(self._to_output(latents, output_type, vae_tile_size, vae_tile_overlap, vae_home,
-                                                    color_reference))
+                image, decoded = self._to_output(latents, output_type, vae_tile_size, vae_tile_overlap, vae_home,
+                                                 color_reference)
+                stage_images.append(image)
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
             reports.append(StageReport(index, stage.width, stage.height, stage.strength, stage.denoising_steps,
                                        time.perf_counter() - started, peak))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         overall.close()
-        images = self._to_output(latents, output_type, vae_tile_size, vae_tile_overlap, vae_home, color_reference)
+        images = stage_images[-1] if return_stage_images else self._to_output(
+            latents, output_type, vae_tile_size, vae_tile_overlap, vae_home, color_reference)[0]
         self.maybe_free_model_hooks()
         if not return_dict:
             return images, reports
@@ -473,9 +487,10 @@ class GSPNHighResPipeline(DiffusionPipeline):
         return latents, global_step
 
     def _to_output(self, latents, output_type, tile, overlap, vae_home, color_reference=None):
+        """The latents as ``output_type``, and their decoded image (None for latent output)."""
         if output_type == "latent":
-            return latents
+            return latents, None
         if self.vae.device != vae_home:
             self.vae.to(vae_home)
         images = self.decode(latents, tile, overlap, color_reference)
-        return self.image_processor.postprocess(images, output_type=output_type)
+        return self.image_processor.postprocess(images, output_type=output_type), images
