@@ -149,7 +149,6 @@ def train_teacher(output_dir: Path, vae_steps: int = 3000, unet_steps: int = 300
     to 8 on a GPU, none on a CPU).
     """
     from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
     from ..compat import from_pretrained_dtype
 
@@ -170,21 +169,35 @@ def train_teacher(output_dir: Path, vae_steps: int = 3000, unet_steps: int = 300
                                                                     **from_pretrained_dtype(torch.float32)))
         vae_steps = 0
     vae = pipe.vae
-    device = accelerator.device
     main = accelerator.is_main_process
     log = (lambda msg: print(msg, flush=True)) if main else (lambda msg: None)
 
     sizes = list(sizes) if sizes else [(IMAGE_SIZE, batch_size)]
 
     # ---- 1. the autoencoder -------------------------------------------------
-    if vae_steps == 0:
-        if vae_multiscale_steps:
-            pipe.register_modules(vae=finetune_vae_encoder(vae, accelerator, vae_multiscale_steps, log_every=log_every))
-        return _train_denoiser(pipe, accelerator, output_dir, unet_steps, sizes, unet_lr, seed, log_every,
-                               ema_decay, save_every, eval_prompts, min_snr_gamma, warmup_steps, data_workers)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=vae_lr)
+    if vae_steps:
+        vae = _train_vae(vae, accelerator, vae_steps, batch_size, vae_lr, log_every, log)
+    if vae_multiscale_steps:
+        vae = finetune_vae_encoder(vae, accelerator, vae_multiscale_steps, log_every=log_every)
+    pipe.register_modules(vae=vae)
+    if unet_steps == 0:  # the autoencoder only: a pipeline whose VAE later runs reuse with vae_from
+        if main:
+            pipe.save_pretrained(output_dir)
+        return output_dir
+    # ---- 2. the denoiser ----------------------------------------------------
+    return _train_denoiser(pipe, accelerator, output_dir, unet_steps, sizes, unet_lr, seed, log_every,
+                           ema_decay, save_every, eval_prompts, min_snr_gamma, warmup_steps, data_workers)
+
+
+def _train_vae(vae, accelerator, steps: int, batch_size: int, lr: float, log_every: int, log):
+    """Stage 1: the autoencoder on reconstruction (and a light KL) over 64 px
+    scenes; returns it frozen, its scaling factor set to unit latent std."""
+    from tqdm.auto import tqdm
+
+    device = accelerator.device
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr)
     vae, optimizer = accelerator.prepare(vae, optimizer)
-    bar = tqdm(range(vae_steps), desc="vae", disable=not main)
+    bar = tqdm(range(steps), desc="vae", disable=not accelerator.is_main_process)
     for step in bar:
         images, _ = world_batch(step, batch_size, accelerator.process_index, stream=1)
         images = images.to(device)
@@ -203,15 +216,7 @@ def train_teacher(output_dir: Path, vae_steps: int = 3000, unet_steps: int = 300
         latents = vae.encode(images.to(device)).latent_dist.mean
         vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     log(f"vae: final loss {loss.item():.4f}, scaling factor {vae.config.scaling_factor:.4f}")
-    if vae_multiscale_steps:
-        vae = finetune_vae_encoder(vae, accelerator, vae_multiscale_steps, log_every=log_every)
-    pipe.register_modules(vae=vae)
-    if unet_steps == 0:  # stage 1 only: a pipeline whose VAE later runs reuse with vae_from
-        if accelerator.is_main_process:
-            pipe.save_pretrained(output_dir)
-        return output_dir
-    return _train_denoiser(pipe, accelerator, output_dir, unet_steps, sizes, unet_lr, seed, log_every,
-                           ema_decay, save_every, eval_prompts, min_snr_gamma, warmup_steps, data_workers)
+    return vae
 
 
 def finetune_vae_encoder(vae, accelerator, steps: int, lr: float = 2e-4, sides: Sequence[int] = (64, 128, 256, 512),
