@@ -249,17 +249,16 @@ class GSPNHighResPipeline(DiffusionPipeline):
         reference; in latent mode that costs a decode), else None. ``decoded``:
         that image when the caller already has it (it is not decoded again)."""
         size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if decoded is None and (keep_image or mode == "pixel"):
+            decoded = self.decode(latents, tile, overlap, color_reference)
+        kept = decoded if keep_image else None
         if mode == "latent":
-            previous = None
-            if keep_image:
-                previous = decoded if decoded is not None else self.decode(latents, tile, overlap, color_reference)
             upscaled = F.interpolate(latents.float(), size=size, mode="bicubic", align_corners=False)
-            return upscaled.to(latents.dtype), previous
-        previous = decoded if decoded is not None else self.decode(latents, tile, overlap, color_reference)
-        upscaled = F.interpolate(previous, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
+            return upscaled.to(latents.dtype), kept
+        upscaled = F.interpolate(decoded, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
         encoded = vae_encode(self.vae, upscaled, tile * self.vae_scale_factor if tile else None,
                              overlap * self.vae_scale_factor, latents.device)
-        return (encoded * self.vae.config.scaling_factor).to(latents.dtype), previous if keep_image else None
+        return (encoded * self.vae.config.scaling_factor).to(latents.dtype), kept
 
     # ---- checks ---------------------------------------------------------------
 
