@@ -140,6 +140,29 @@ def test_fused_normalisation_matches_unfused(device, dtype, chunk):
     assert_close_scaled(fused, unfused, 1e-12 if dtype == torch.float64 else 1e-5, "fused vs unfused")
 
 
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("groups", [1, 16])
+def test_column_tiles_of_both_widths(device, dtype, groups):
+    """Lines longer than one CPU tile: 16 channels share gates (64-line column
+    tiles) or each has its own (16-line tiles), with a ragged last tile and
+    positions beyond the last whole register block; forward and gradients."""
+    x, _, lam = make_inputs(1, 16, groups, 37, 150, dtype, device, "tiles", groups, dirs=4)
+    logits = torch.randn(1, 4, groups, 3, 37, 150, generator=generator_for("tile logits", groups), dtype=torch.float64)
+    logits = (logits * 3).to(device=device, dtype=dtype)
+    grad = torch.randn(1, 4, 16, 37, 150, generator=generator_for("tile grad", groups), dtype=torch.float64)
+    inputs = [t.detach().requires_grad_() for t in (x, logits, lam)]
+    got = gspn_scan_4dir(*inputs, 50, normalize=True)
+    got.backward(grad.to(device=device, dtype=dtype))
+    ref_inputs = [t.detach().double().cpu().requires_grad_() for t in (x, logits, lam)]
+    want = scan_directions_reference(*ref_inputs, DIRECTIONS, 50, True)
+    want.backward(grad)
+    exact = dtype == torch.float64
+    assert_close_scaled(got, want, 1e-10 if exact else TOLERANCE[dtype], "forward")
+    for name, g, w in zip(("x", "logits", "lam"), inputs, ref_inputs):
+        assert_close_scaled(g.grad, w.grad, 1e-10 if exact else 1e-4, f"grad {name}")
+
+
 # ---- gradients --------------------------------------------------------------
 
 
