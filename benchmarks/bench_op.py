@@ -14,6 +14,13 @@ Targets (issue 2): on an H100, forward >= 85% and backward >= 60% of copy
 bandwidth in every direction; on the CPU at 1x32x256x256, forward <= 3x the
 time of copying its inputs once and >= 5x faster than the reference. The
 run ends with which rows meet them (also the JSON's ``targets``).
+
+On the CPU, glibc's malloc is tuned as the command line tunes it for
+generation (``gspn_diffusers.cpu_allocator``): otherwise every output of 32 MB
+or more is a fresh ``mmap`` whose page faults are timed with the kernel (at
+1x32x1024x1024 they took 60% of a row scan), while the copy it is compared
+with writes into buffers allocated once. ``--no-keep-freed`` times glibc's
+default behaviour.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gspn_diffusers import ops  # noqa: E402
+from gspn_diffusers.cpu_allocator import keep_freed_cpu_memory  # noqa: E402
 from gspn_diffusers.ops import DIRECTIONS, gspn_scan, gspn_scan_4dir, load_backend, scan_reference  # noqa: E402
 from common import median_ms, save_json  # noqa: E402
 
@@ -66,11 +74,11 @@ def measure_size(args, device, dtype, gen, results, channels, groups, side, item
     # Copy bandwidth on the same bytes: read + write of the forward inputs.
     src = torch.empty(fwd_bytes // 2 // itemsize * 2, device=device, dtype=dtype)
     dst = torch.empty_like(src)
-    copy_ms = median_ms(device, lambda: dst.copy_(src), args.repeats)
+    copy_ms = median_ms(device, lambda: dst.copy_(src), args.repeats, args.warmup)
     copy_gbs = 2 * src.numel() * itemsize / copy_ms / 1e6
     inputs_copy = torch.empty((3 * channels + 3 * groups) * side * side, device=device, dtype=dtype)
     inputs_dst = torch.empty_like(inputs_copy)
-    inputs_copy_ms = median_ms(device, lambda: inputs_dst.copy_(inputs_copy), args.repeats)
+    inputs_copy_ms = median_ms(device, lambda: inputs_dst.copy_(inputs_copy), args.repeats, args.warmup)
 
     def row(what, ms, nbytes, **extra):
         gbs = nbytes / ms / 1e6
@@ -83,13 +91,13 @@ def measure_size(args, device, dtype, gen, results, channels, groups, side, item
     row("copy inputs once", inputs_copy_ms, 2 * inputs_copy.numel() * itemsize)
     for d, direction in enumerate(DIRECTIONS):
         g = logits[:, d].contiguous()
-        fwd = median_ms(device, lambda: gspn_scan(x, g, lam, direction, args.chunk, True), args.repeats)
+        fwd = median_ms(device, lambda: gspn_scan(x, g, lam, direction, args.chunk, True), args.repeats, args.warmup)
         row(f"fwd {direction}", fwd, fwd_bytes, x_inputs_copy=fwd / inputs_copy_ms)
         if direction == "lr" and ops.COLUMNS_AS_ROWS_MIN_PIXELS.get(device.type) is not None:
             # The route the column scans replaced (row scans of transposed planes).
             with columns_as_rows(device, None):
                 strided = median_ms(device, lambda: gspn_scan(x, g, lam, direction, args.chunk, True),
-                                    args.repeats)
+                                    args.repeats, args.warmup)
             row("fwd lr, strided kernel", strided, fwd_bytes)
         xr, gr, lr = (t.detach().clone().requires_grad_() for t in (x, g, lam))
         grad = torch.randn(shape, device=device, dtype=dtype, generator=gen)
@@ -98,19 +106,20 @@ def measure_size(args, device, dtype, gen, results, channels, groups, side, item
         # and subtracting the forward can go negative on small, noisy sizes.
         out = gspn_scan(xr, gr, lr, direction, args.chunk, True)
         bwd = median_ms(device, lambda: torch.autograd.grad(out, (xr, gr, lr), grad, retain_graph=True),
-                        args.repeats)
+                        args.repeats, args.warmup)
         del out
         row(f"bwd {direction}", bwd, bwd_bytes - fwd_bytes)
         if args.reference and side <= args.reference_max_side:
             ref = median_ms(device, lambda: scan_reference(x, g, lam, direction, args.chunk, True), 1)
             row(f"reference fwd {direction}", ref, fwd_bytes, kernel_speedup=ref / fwd)
-    four = median_ms(device, lambda: gspn_scan_4dir(x, logits, lam, args.chunk, True), args.repeats)
+    four = median_ms(device, lambda: gspn_scan_4dir(x, logits, lam, args.chunk, True), args.repeats, args.warmup)
     row("fwd 4dir (one launch)", four, 4 * fwd_bytes - 3 * 2 * channels * side * side * itemsize)
     gates = [logits[:, d].contiguous() for d in range(4)]
     separate = median_ms(
         device,
         lambda: torch.stack([gspn_scan(x, gates[d], lam, dn, args.chunk, True) for d, dn in enumerate(DIRECTIONS)], 1),
         args.repeats,
+        args.warmup,
     )
     row("fwd 4 calls + stack", separate, 4 * fwd_bytes)
 
@@ -148,15 +157,18 @@ def run(args) -> dict:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     status = load_backend()
+    keep_freed = device.type == "cpu" and args.keep_freed and keep_freed_cpu_memory()
     results = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "dtype": args.dtype,
         "backend": {"cpu": status.cpu, "cuda": status.cuda},
+        "keep_freed_cpu_memory": keep_freed,
         "rows": [],
     }
-    print(f"# {results['device']}  torch {torch.__version__}  {args.dtype}  threads={results['threads']}")
+    print(f"# {results['device']}  torch {torch.__version__}  {args.dtype}  threads={results['threads']}"
+          + ("  malloc: keep freed memory" if keep_freed else ""))
     print(f"{'C':>4} {'G':>4} {'side':>5} {'what':<22} {'ms':>10} {'GB/s':>8} {'%copy':>6}")
     gen = torch.Generator(device=device).manual_seed(0)
     for channels in args.channels:
@@ -188,10 +200,15 @@ def main(argv=None) -> int:
     parser.add_argument("--sides", type=int, nargs="+", default=None, help="H = W values")
     parser.add_argument("--chunk", type=int, default=None, help="lines per chunk (default: global scan)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed calls first (on the CPU, malloc's heap grows over the first few calls "
+                             "at large sizes, faulting in fresh pages)")
     parser.add_argument("--max-gib", type=float, default=8.0, help="skip sizes needing more memory")
     parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the pure-PyTorch reference (small sides only)")
     parser.add_argument("--reference-max-side", type=int, default=256)
+    parser.add_argument("--keep-freed", action=argparse.BooleanOptionalAction, default=True,
+                        help="CPU: keep freed memory in the process, as the command line does (see above)")
     parser.add_argument("--json", type=Path, default=Path("bench_results/bench_op.json"))
     args = parser.parse_args(argv)
     if args.dtype is None:

@@ -4,6 +4,7 @@ they assert nothing about speed)."""
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,11 @@ def test_bench_op_writes_json(tmp_path, compiled_cpu):
     v = verdicts[(4, "fwd lr")]
     assert v["target"] == "<= 3" and v["met"] == (v["value"] <= 3)
     assert v["value"] == next(r["x_inputs_copy"] for r in rows if r["G"] == 4 and r["what"] == "fwd lr")
+    # malloc tuned as the command line tunes it (glibc on Linux), unless asked not to
+    assert result["keep_freed_cpu_memory"] is (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
+    run("bench_op.py", "--device", "cpu", "--channels", "4", "--sides", "16", "--groups", "1", "--no-reference",
+        "--repeats", "1", "--no-keep-freed", "--json", str(out))
+    assert json.loads(out.read_text())["keep_freed_cpu_memory"] is False
 
 
 def test_bench_unet_quick_writes_json(tmp_path):
