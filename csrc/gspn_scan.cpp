@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 #include <utility>
@@ -447,12 +448,18 @@ TaskIndex task_index(const ScanProblem& pb, const CpuTasks& plan, int64_t task) 
 }
 
 // Runs body(task, its line geometry, a per-thread scratch vector) for every
-// task with channels, in parallel.
+// task with channels, in parallel. Threads take the next task as they finish
+// one: tasks differ in cost (a column scan takes up to twice a row scan), and
+// a static split of a four-direction call gave one thread both column
+// directions. Each task writes its own memory, so the order does not change
+// the results.
 template <typename acc_t, typename Body>
 void for_each_task(const ScanProblem& pb, const CpuTasks& plan, Body&& body) {
-  at::parallel_for(0, plan.count, 1, [&](int64_t begin, int64_t end) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), plan.count);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::vector<acc_t> buf;
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = next++; task < plan.count; task = next++) {
       const TaskIndex ti = task_index(pb, plan, task);
       if (ti.c_end > ti.c_begin) body(ti, line_geometry(pb.dirs[ti.d], pb.H, pb.W), buf);
     }
