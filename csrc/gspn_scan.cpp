@@ -103,18 +103,19 @@ ScanProblem make_problem(const at::Tensor& x, const at::Tensor& gates, const at:
 // (fewer than a block of lines or positions) take the scalar loops.
 
 // Lines staged per tile of a task with `channels` channels. Row tiles only
-// need to amortise the gate staging. Column tiles are wider so that each row
-// of the plane is read as several consecutive cache lines, which the hardware
-// prefetcher follows -- except in tasks of a few channels (G = C: one) on
-// planes up to 512 x 512, where 16-line tiles measured 10-25 % faster
-// (forward, 1x32xSxS on a Zen 4, AVX-512 and AVX2 builds; staged buffers of
-// 16 lines stay in L1/L2). At 1024 x 1024 (every row of the plane its own 4 KB
-// page) they were 1.6x slower, and with 8 or more channels per task 64 lines
-// were faster at every size.
+// need to amortise the gate staging. Column tiles read a segment of every
+// row of the plane per tile, rows W floats apart; measured (1x32xSxS on a
+// Zen 4; csrc/README.md, CPU kernel):
+// - up to 512 x 512, tasks of a few channels (G = C: one) take 16 lines, 10-25 %
+//   faster than 64 (their staged buffers stay in L1/L2); more channels per
+//   task take 64, faster for them;
+// - larger planes take 128 lines for every task: at 1024 x 1024 (every row its
+//   own 4 KB page) 16-line tiles were 1.6x slower than 64, and 128 lines made
+//   column backward 15-20 % and forward 5-10 % faster than 64.
 int64_t tile_lines(const LineGeometry& geo, int64_t channels) {
   if (geo.pos_stride == 1) return 16;
-  const bool small_plane = geo.lines * geo.length <= 512 * 512;
-  return channels <= 4 && small_plane ? 16 : 64;
+  if (geo.lines * geo.length > 512 * 512) return 128;
+  return channels <= 4 ? 16 : 64;
 }
 
 // Column scans read and write kBlock lines x kBlock positions at a time when

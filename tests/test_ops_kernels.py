@@ -142,15 +142,21 @@ def test_fused_normalisation_matches_unfused(device, dtype, chunk):
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("groups", [1, 16])
-def test_column_tiles_of_both_widths(device, dtype, groups):
-    """Lines longer than one CPU tile: 16 channels share gates (64-line column
-    tiles) or each has its own (16-line tiles), with a ragged last tile and
-    positions beyond the last whole register block; forward and gradients."""
-    x, _, lam = make_inputs(1, 16, groups, 37, 150, dtype, device, "tiles", groups, dirs=4)
-    logits = torch.randn(1, 4, groups, 3, 37, 150, generator=generator_for("tile logits", groups), dtype=torch.float64)
+@pytest.mark.parametrize(
+    "channels,groups,height,width",
+    [(16, 1, 37, 150), (16, 16, 37, 150), (2, 1, 600, 450)],
+    ids=["64-line tiles", "16-line tiles", "128-line tiles"],
+)
+def test_column_tiles_of_every_width(device, dtype, channels, groups, height, width):
+    """Lines longer than one CPU column tile, for each tile width the kernel
+    picks (16 channels sharing gates: 64 lines; one channel per gate group: 16;
+    planes over 512x512: 128), with a ragged last tile and positions beyond the
+    last whole register block; forward and gradients against the reference."""
+    key = ("tiles", channels, groups, height)
+    x, _, lam = make_inputs(1, channels, groups, height, width, dtype, device, *key, dirs=4)
+    logits = torch.randn(1, 4, groups, 3, height, width, generator=generator_for("logits", *key), dtype=torch.float64)
     logits = (logits * 3).to(device=device, dtype=dtype)
-    grad = torch.randn(1, 4, 16, 37, 150, generator=generator_for("tile grad", groups), dtype=torch.float64)
+    grad = torch.randn(1, 4, channels, height, width, generator=generator_for("grad", *key), dtype=torch.float64)
     inputs = [t.detach().requires_grad_() for t in (x, logits, lam)]
     got = gspn_scan_4dir(*inputs, 50, normalize=True)
     got.backward(grad.to(device=device, dtype=dtype))
