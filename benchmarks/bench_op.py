@@ -71,14 +71,17 @@ def measure_size(args, device, dtype, gen, results, channels, groups, side, item
     logits = torch.randn((1, 4, groups, 3, side, side), device=device, dtype=dtype, generator=gen)
     fwd_bytes = scan_bytes(channels, groups, side, itemsize, False)
     bwd_bytes = scan_bytes(channels, groups, side, itemsize, True)
+    def timed(fn) -> float:
+        return median_ms(device, fn, args.repeats, args.warmup)
+
     # Copy bandwidth on the same bytes: read + write of the forward inputs.
     src = torch.empty(fwd_bytes // 2 // itemsize * 2, device=device, dtype=dtype)
     dst = torch.empty_like(src)
-    copy_ms = median_ms(device, lambda: dst.copy_(src), args.repeats, args.warmup)
+    copy_ms = timed(lambda: dst.copy_(src))
     copy_gbs = 2 * src.numel() * itemsize / copy_ms / 1e6
     inputs_copy = torch.empty((3 * channels + 3 * groups) * side * side, device=device, dtype=dtype)
     inputs_dst = torch.empty_like(inputs_copy)
-    inputs_copy_ms = median_ms(device, lambda: inputs_dst.copy_(inputs_copy), args.repeats, args.warmup)
+    inputs_copy_ms = timed(lambda: inputs_dst.copy_(inputs_copy))
 
     def row(what, ms, nbytes, **extra):
         gbs = nbytes / ms / 1e6
@@ -91,13 +94,12 @@ def measure_size(args, device, dtype, gen, results, channels, groups, side, item
     row("copy inputs once", inputs_copy_ms, 2 * inputs_copy.numel() * itemsize)
     for d, direction in enumerate(DIRECTIONS):
         g = logits[:, d].contiguous()
-        fwd = median_ms(device, lambda: gspn_scan(x, g, lam, direction, args.chunk, True), args.repeats, args.warmup)
+        fwd = timed(lambda: gspn_scan(x, g, lam, direction, args.chunk, True))
         row(f"fwd {direction}", fwd, fwd_bytes, x_inputs_copy=fwd / inputs_copy_ms)
         if direction == "lr" and ops.COLUMNS_AS_ROWS_MIN_PIXELS.get(device.type) is not None:
             # The route the column scans replaced (row scans of transposed planes).
             with columns_as_rows(device, None):
-                strided = median_ms(device, lambda: gspn_scan(x, g, lam, direction, args.chunk, True),
-                                    args.repeats, args.warmup)
+                strided = timed(lambda: gspn_scan(x, g, lam, direction, args.chunk, True))
             row("fwd lr, strided kernel", strided, fwd_bytes)
         xr, gr, lr = (t.detach().clone().requires_grad_() for t in (x, g, lam))
         grad = torch.randn(shape, device=device, dtype=dtype, generator=gen)
@@ -105,21 +107,17 @@ def measure_size(args, device, dtype, gen, results, channels, groups, side, item
         # The backward alone, on one retained graph: timing forward+backward
         # and subtracting the forward can go negative on small, noisy sizes.
         out = gspn_scan(xr, gr, lr, direction, args.chunk, True)
-        bwd = median_ms(device, lambda: torch.autograd.grad(out, (xr, gr, lr), grad, retain_graph=True),
-                        args.repeats, args.warmup)
+        bwd = timed(lambda: torch.autograd.grad(out, (xr, gr, lr), grad, retain_graph=True))
         del out
         row(f"bwd {direction}", bwd, bwd_bytes - fwd_bytes)
         if args.reference and side <= args.reference_max_side:
             ref = median_ms(device, lambda: scan_reference(x, g, lam, direction, args.chunk, True), 1)
             row(f"reference fwd {direction}", ref, fwd_bytes, kernel_speedup=ref / fwd)
-    four = median_ms(device, lambda: gspn_scan_4dir(x, logits, lam, args.chunk, True), args.repeats, args.warmup)
+    four = timed(lambda: gspn_scan_4dir(x, logits, lam, args.chunk, True))
     row("fwd 4dir (one launch)", four, 4 * fwd_bytes - 3 * 2 * channels * side * side * itemsize)
     gates = [logits[:, d].contiguous() for d in range(4)]
-    separate = median_ms(
-        device,
-        lambda: torch.stack([gspn_scan(x, gates[d], lam, dn, args.chunk, True) for d, dn in enumerate(DIRECTIONS)], 1),
-        args.repeats,
-        args.warmup,
+    separate = timed(
+        lambda: torch.stack([gspn_scan(x, gates[d], lam, dn, args.chunk, True) for d, dn in enumerate(DIRECTIONS)], 1)
     )
     row("fwd 4 calls + stack", separate, 4 * fwd_bytes)
 

@@ -57,6 +57,20 @@ def reference_of(x, gates, lam, chunk, normalize=False, directions=DIRECTIONS):
     )
 
 
+def backward_with_reference(x, gates, lam, grad, chunk, normalize=False):
+    """Runs gspn_scan_4dir and the float64 reference on copies of the inputs
+    and backpropagates grad (float64, cast for the kernel) through both;
+    returns (kernel output, reference output, kernel inputs, reference inputs),
+    the inputs holding their .grad."""
+    inputs = [t.detach().requires_grad_() for t in (x, gates, lam)]
+    got = gspn_scan_4dir(*inputs, chunk, normalize)
+    got.backward(grad.to(device=x.device, dtype=x.dtype))
+    ref_inputs = [t.detach().double().cpu().requires_grad_() for t in (x, gates, lam)]
+    want = scan_directions_reference(*ref_inputs, DIRECTIONS, chunk, normalize)
+    want.backward(grad)
+    return got, want, inputs, ref_inputs
+
+
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("chunk", CHUNKS)
 @pytest.mark.parametrize("height,width", list(itertools.product(SIDES, SIDES)))
@@ -157,12 +171,7 @@ def test_column_tiles_of_every_width(device, dtype, channels, groups, height, wi
     logits = torch.randn(1, 4, groups, 3, height, width, generator=generator_for("logits", *key), dtype=torch.float64)
     logits = (logits * 3).to(device=device, dtype=dtype)
     grad = torch.randn(1, 4, channels, height, width, generator=generator_for("grad", *key), dtype=torch.float64)
-    inputs = [t.detach().requires_grad_() for t in (x, logits, lam)]
-    got = gspn_scan_4dir(*inputs, 50, normalize=True)
-    got.backward(grad.to(device=device, dtype=dtype))
-    ref_inputs = [t.detach().double().cpu().requires_grad_() for t in (x, logits, lam)]
-    want = scan_directions_reference(*ref_inputs, DIRECTIONS, 50, True)
-    want.backward(grad)
+    got, want, inputs, ref_inputs = backward_with_reference(x, logits, lam, grad, 50, normalize=True)
     exact = dtype == torch.float64
     assert_close_scaled(got, want, 1e-10 if exact else TOLERANCE[dtype], "forward")
     for name, g, w in zip(("x", "logits", "lam"), inputs, ref_inputs):
@@ -200,10 +209,7 @@ def test_backward_matches_reference_autograd(device, dtype, height, width, group
     """Kernel gradients against autograd through the reference (float64)."""
     x, gates, lam = make_inputs(3, 4, groups, height, width, dtype, device, "bwd", chunk, dirs=4)
     grad = torch.randn(3, 4, 4, height, width, generator=generator_for("grad", height), dtype=torch.float64)
-    inputs = [t.detach().requires_grad_() for t in (x, gates, lam)]
-    gspn_scan_4dir(*inputs, chunk).backward(grad.to(device=device, dtype=dtype))
-    ref_inputs = [t.detach().double().cpu().requires_grad_() for t in (x, gates, lam)]
-    scan_directions_reference(*ref_inputs, DIRECTIONS, chunk).backward(grad)
+    _, _, inputs, ref_inputs = backward_with_reference(x, gates, lam, grad, chunk)
     # Gradients sum many products, so low precision gets a looser bound than the forward.
     rtol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
     for name, got, want in zip(("x", "gates", "lam"), inputs, ref_inputs):
@@ -222,10 +228,7 @@ def test_fused_normalisation_backward_low_precision(device, dtype, groups):
     logits = torch.randn(3, 4, groups, 3, 17, 23, generator=generator_for("fused logits", groups), dtype=torch.float64)
     logits = (logits * 3).to(device=device, dtype=dtype)
     grad = torch.randn(3, 4, 4, 17, 23, generator=generator_for("fused grad", groups), dtype=torch.float64)
-    inputs = [t.detach().requires_grad_() for t in (x, logits, lam)]
-    gspn_scan_4dir(*inputs, normalize=True).backward(grad.to(device=device, dtype=dtype))
-    ref_inputs = [t.detach().double().cpu().requires_grad_() for t in (x, logits, lam)]
-    scan_directions_reference(*ref_inputs, DIRECTIONS, None, True).backward(grad)
+    _, _, inputs, ref_inputs = backward_with_reference(x, logits, lam, grad, None, normalize=True)
     rtol = {torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
     for name, got, want in zip(("x", "logits", "lam"), inputs, ref_inputs):
         assert_close_scaled(got.grad, want.grad, rtol, f"grad {name}")
