@@ -47,6 +47,16 @@ at::Tensor contiguous_cuda(const at::Tensor& t);
 
 namespace {
 
+// Whether t goes to the CUDA kernels: CUDA tensors, and in a build for the CPU
+// simulator of the CUDA kernels (GSPN_CUDA_SIM, csrc/sim/) every tensor, so
+// that tests run the CUDA kernels' logic on CPU tensors.
+inline bool runs_cuda_kernels(const at::Tensor& t) {
+#ifdef GSPN_CUDA_SIM
+  return t.defined();
+#else
+  return t.is_cuda();
+#endif
+}
 
 ScanProblem make_problem(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& lam,
                          at::IntArrayRef directions, int64_t chunk, bool normalize) {
@@ -698,7 +708,7 @@ at::Tensor normalize_backward_cpu(const at::Tensor& logits, const at::Tensor& dg
 // Chain rule from the normalised gates' gradients to the logits' (fused
 // normalisation); dgates in the logits' dtype or in float32 (shared groups).
 at::Tensor normalize_backward(const at::Tensor& logits, const at::Tensor& dgates, const ScanProblem& pb) {
-  if (logits.is_cuda()) {
+  if (runs_cuda_kernels(logits)) {
 #ifdef GSPN_WITH_CUDA
     return normalize_backward_cuda(logits, dgates, pb);
 #else
@@ -715,7 +725,7 @@ at::Tensor normalize_backward(const at::Tensor& logits, const at::Tensor& dgates
 // (the column-scan route of gspn_diffusers.ops) take a tiled transpose.
 at::Tensor dense(const at::Tensor& t) {
 #ifdef GSPN_WITH_CUDA
-  if (t.is_cuda()) return contiguous_cuda(t);
+  if (runs_cuda_kernels(t)) return contiguous_cuda(t);
 #endif
   return t.contiguous();
 }
@@ -726,7 +736,7 @@ at::Tensor scan_forward(const at::Tensor& x_in, const at::Tensor& gates_in, cons
   const at::Tensor x = dense(x_in), gates = dense(gates_in), lam = dense(lam_in);
   at::Tensor out = at::empty({pb.B, pb.D, pb.C, pb.H, pb.W}, x.options());
   if (out.numel() == 0) return out;
-  if (x.is_cuda()) {
+  if (runs_cuda_kernels(x)) {
 #ifdef GSPN_WITH_CUDA
     scan_forward_cuda(x, gates, lam, out, pb);
 #else
@@ -759,7 +769,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_backward(
     dx.zero_();
     dlam.zero_();
     dgates = at::zeros_like(gates);
-  } else if (x.is_cuda()) {
+  } else if (runs_cuda_kernels(x)) {
 #ifdef GSPN_WITH_CUDA
     // Channels sharing a gate group add into one fp32 buffer with atomics;
     // per-channel gates are written directly in the input dtype.
@@ -798,7 +808,7 @@ TORCH_LIBRARY_IMPL(gspn, CPU, m) {
   m.impl("scan_backward", &scan_backward);
 }
 
-#ifdef GSPN_WITH_CUDA
+#if defined(GSPN_WITH_CUDA) && !defined(GSPN_CUDA_SIM)
 TORCH_LIBRARY_IMPL(gspn, CUDA, m) {
   m.impl("scan", &scan_forward);
   m.impl("scan_backward", &scan_backward);

@@ -4,13 +4,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 #include <cstdint>
 
+#include "gspn_cuda_api.cuh"
 #include "gspn_scan.h"
 
 namespace gspn {
@@ -109,8 +107,8 @@ at::Tensor contiguous_cuda(const at::Tensor& t) {
   const void* src = t.data_ptr();  // the view's first element (storage start + offset)
   auto launch = [&](auto zero) {
     using T = decltype(zero);
-    transpose_planes_kernel<T><<<grid, block, 0, stream>>>(static_cast<const T*>(src), static_cast<T*>(out.data_ptr()),
-                                                           planes, R, S, lead);
+    GSPN_LAUNCH(transpose_planes_kernel<T>, grid, block, 0, stream)(static_cast<const T*>(src),
+                                                                    static_cast<T*>(out.data_ptr()), planes, R, S, lead);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (item == 2) launch(uint16_t{});

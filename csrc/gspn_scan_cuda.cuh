@@ -33,13 +33,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
 #include <type_traits>
 
+#include "gspn_cuda_api.cuh"
 #include "gspn_scan.h"
 
 namespace gspn {
@@ -118,7 +116,9 @@ struct ForwardSlot {
 // through load_global / store_global to stay global-memory instructions.
 template <typename T>
 __device__ inline T* opaque(T* p) {
+#ifndef GSPN_CUDA_SIM
   asm("" : "+l"(p));
+#endif
   return p;
 }
 
@@ -136,6 +136,12 @@ __device__ inline c10::BFloat16 load_global(const c10::BFloat16* p) {
 // Plain st.global / red.global: the intrinsics (__stwb, atomicAdd) on a
 // pointer of unknown space gave strong-ordered or generic stores and a
 // compare-and-swap loop for the add.
+#ifdef GSPN_CUDA_SIM
+template <typename T>
+inline void store_global(T* p, T v) { *p = v; }
+template <typename T>
+inline void add_global(T* p, T v) { *p += v; }  // the simulator runs one block at a time
+#else
 __device__ inline void store_global(float* p, float v) { asm volatile("st.global.f32 [%0], %1;" ::"l"(p), "f"(v)); }
 __device__ inline void store_global(double* p, double v) { asm volatile("st.global.f64 [%0], %1;" ::"l"(p), "d"(v)); }
 __device__ inline void store_global(c10::Half* p, c10::Half v) {
@@ -148,6 +154,7 @@ __device__ inline void add_global(float* p, float v) { asm volatile("red.global.
 __device__ inline void add_global(double* p, double v) {
   asm volatile("red.global.add.f64 [%0], %1;" ::"l"(p), "d"(v));
 }
+#endif
 
 // Offset of line t's first position inside its plane (32-bit, see ThreadSlots).
 __device__ inline int line_offset(const LineGeometry& geo, int64_t t) {
@@ -205,7 +212,7 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
   const int64_t t_end = t_begin + clen < geo.lines ? t_begin + clen : geo.lines;
   const ThreadSlots<RPT> slots(L, geo.pos_stride);
 
-  extern __shared__ unsigned char smem_raw[];
+  GSPN_DYNAMIC_SHARED(smem_raw);
   // Two rows of the hidden state, each padded by one zero on both sides; row j
   // starts at smem + j * (L + 2) + 1 (computed, not indexed from an array, so
   // nothing goes to local memory).
@@ -322,7 +329,7 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
   const int64_t t_end = t_begin + clen < geo.lines ? t_begin + clen : geo.lines;
   const ThreadSlots<RPT> slots(L, geo.pos_stride);
 
-  extern __shared__ unsigned char smem_raw[];
+  GSPN_DYNAMIC_SHARED(smem_raw);
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
   const int pitch = L + 2;
   // Eight padded rows: v_k of parity j at row 3j + k, h[t-1] of parity j at
@@ -534,9 +541,9 @@ void launch_forward(const at::Tensor& x, const at::Tensor& gates, const at::Tens
     with_bool(pb.normalize, [&](auto norm) {
       auto kernel = scan_forward_kernel<scalar_t, acc_t, decltype(rpt)::value, decltype(norm)::value>;
       set_shared_memory(kernel, smem);
-      kernel<<<plan.blocks, plan.threads, smem, stream>>>(x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
-                                                          lam.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pb,
-                                                          plan.chunks_per_plane);
+      GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
+          x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pb,
+          plan.chunks_per_plane);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -557,7 +564,7 @@ void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Te
         auto kernel = scan_backward_kernel<scalar_t, acc_t, decltype(rpt)::value, decltype(norm)::value,
                                            decltype(use_atomic)::value>;
         set_shared_memory(kernel, smem);
-        kernel<<<plan.blocks, plan.threads, smem, stream>>>(
+        GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
             grad_h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
             lam.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dgates.data_ptr(), dlam.data_ptr<scalar_t>(), pb,
             plan.chunks_per_plane);
@@ -578,8 +585,9 @@ void launch_normalize_backward(const at::Tensor& logits, const at::Tensor& dgate
                   static_cast<unsigned>(std::min<int64_t>(sets, 65535)));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   auto launch = [&](auto* dg) {
-    normalize_backward_kernel<<<grid, threads, 0, stream>>>(logits.data_ptr<scalar_t>(), dg,
-                                                            dlogits.data_ptr<scalar_t>(), pb, sets);
+    auto kernel = normalize_backward_kernel<scalar_t, std::remove_const_t<std::remove_pointer_t<decltype(dg)>>>;
+    GSPN_LAUNCH(kernel, grid, threads, 0, stream)(logits.data_ptr<scalar_t>(), dg, dlogits.data_ptr<scalar_t>(), pb,
+                                                  sets);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (dgates.scalar_type() == logits.scalar_type()) {

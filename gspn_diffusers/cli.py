@@ -22,7 +22,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     status = load_backend()
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
-    print(f"cpu backend:  {status.cpu}")
+    print(f"cpu backend:  {status.cpu}" + (" (the CUDA kernels, in the CPU simulator)" if status.cuda_sim else ""))
     print(f"cuda backend: {status.cuda}")
     if status.build_dir is not None:
         print(f"build folder: {status.build_dir}")

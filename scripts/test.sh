@@ -11,3 +11,11 @@ GSPN_BACKEND=compiled gspn-diffusers build
 # Every CUDA source must compile, even on a machine without a GPU.
 python scripts/check_cuda_compiles.py
 python -m pytest -n "${GSPN_TEST_WORKERS:-2}" "$@" tests
+# The CUDA kernels' logic without a GPU: the kernel tests once more, with CPU
+# tensors running the CUDA kernels in the CPU simulator (csrc/sim/).
+# GSPN_TEST_CUDA_SIM=0 skips this step.
+if [ "${GSPN_TEST_CUDA_SIM:-1}" = 1 ]; then
+    export GSPN_CUDA_SIM=1
+    GSPN_BACKEND=compiled gspn-diffusers build
+    python -m pytest -n "${GSPN_TEST_WORKERS:-2}" tests/test_ops_kernels.py
+fi

@@ -26,6 +26,8 @@ def compiled_cpu():
         pytest.skip("GSPN_BACKEND=reference: compiled kernels not under test")
     status = load_backend()
     assert status.cpu == "compiled", f"compiled CPU kernels unavailable: {status.reason}"
+    # Under GSPN_CUDA_SIM=1 the CPU tests are there to exercise the CUDA kernels.
+    assert status.cuda_sim == (os.environ.get("GSPN_CUDA_SIM") == "1"), status
     return status
 
 

@@ -117,6 +117,23 @@ def test_build_without_openmp_runtime_falls_back_to_one_thread(tmp_path, compile
         assert log.read_text().count("x") == 1  # the first process tried once; the second not at all
 
 
+def test_cuda_simulator_build_is_its_own_build(monkeypatch):
+    """GSPN_CUDA_SIM=1 (CI's run of the kernel tests through the CUDA kernels)
+    builds into a folder of its own, from the CPU host code plus the CUDA
+    sources, so it never replaces the real kernels in the cache."""
+    from gspn_diffusers.ops import build
+
+    monkeypatch.delenv(build.ENV_CUDA_SIM, raising=False)
+    real = build._build_dir([])
+    assert build._sources(False) == build.SOURCES_CPU
+    monkeypatch.setenv(build.ENV_CUDA_SIM, "1")
+    sim = build._build_dir([])
+    assert sim != real and sim.parent.name.endswith("-cudasim")
+    assert build._sources(True) == build.SOURCES_CPU + build.SOURCES_CUDA_SIM
+    buildable, reason = build._cuda_buildable()
+    assert not buildable and "simulator" in reason
+
+
 def test_cli_build_reports_backends(compiled_cpu):
     proc = subprocess.run(
         [sys.executable, "-m", "gspn_diffusers.cli", "build"], capture_output=True, text=True, timeout=600

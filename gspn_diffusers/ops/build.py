@@ -17,6 +17,10 @@ Environment variables:
     ``~/.cache/gspn_diffusers``).
 ``GSPN_BUILD_VERBOSE``
     ``1`` prints the compiler commands and output.
+``GSPN_CUDA_SIM``
+    ``1`` builds, instead, a variant in which CPU tensors run the CUDA kernels
+    in a CPU simulator (``csrc/sim/``): slow, for testing the CUDA kernels'
+    logic on machines without a GPU (CI runs the kernel tests through it).
 ``GSPN_NATIVE_ARCH``
     ``0`` builds the CPU kernels for the generic target instead of
     ``-march=native`` (the cache key includes this machine's CPU features, so
@@ -44,12 +48,15 @@ ENV_BACKEND = "GSPN_BACKEND"
 ENV_CACHE_DIR = "GSPN_CACHE_DIR"
 ENV_VERBOSE = "GSPN_BUILD_VERBOSE"
 ENV_NATIVE = "GSPN_NATIVE_ARCH"
+ENV_CUDA_SIM = "GSPN_CUDA_SIM"
 BACKEND_MODES = ("auto", "compiled", "reference")
 
 SOURCES_CPU = ("gspn_scan.cpp",)
 # One CUDA file per dtype: ninja compiles them in parallel (one file took ~2 min).
 SOURCES_CUDA = tuple(f"gspn_scan_cuda{part}.cu" for part in ("", "_float64", "_float32", "_float16", "_bfloat16"))
-HEADERS = ("gspn_scan.h", "gspn_scan_cuda.cuh")
+# The CUDA sources as C++ against the CPU simulator of the CUDA kernels.
+SOURCES_CUDA_SIM = ("sim/gspn_scan_cuda_sim.cpp",)
+HEADERS = ("gspn_scan.h", "gspn_scan_cuda.cuh", "gspn_cuda_api.cuh", "sim/cuda_sim.h")
 # -fno-trapping-math: no code here relies on floating-point traps, and without
 # it GCC will not vectorise the branch-free clamps of the gate sigmoid.
 CFLAGS = ("-O3", "-fno-trapping-math")
@@ -73,6 +80,7 @@ class BackendStatus:
     cuda: str
     reason: Optional[str] = None
     build_dir: Optional[Path] = None
+    cuda_sim: bool = False  # CPU tensors run the CUDA kernels in the simulator
 
     def for_device(self, device_type: str) -> str:
         """The implementation used for tensors on ``device_type``."""
@@ -110,6 +118,8 @@ def cache_dir() -> Path:
 
 def _cuda_buildable() -> tuple[bool, Optional[str]]:
     """Whether CUDA kernels can be built here, and why not."""
+    if _cuda_sim():  # the CUDA kernels then compile as C++ for the CPU tensors
+        return False, f"{ENV_CUDA_SIM}=1: CPU tensors run the CUDA kernels in the CPU simulator (no CUDA build)"
     if torch.version.cuda is None:
         return False, None
     from torch.utils.cpp_extension import CUDA_HOME
@@ -121,6 +131,18 @@ def _cuda_buildable() -> tuple[bool, Optional[str]]:
             f"({torch.version.cuda}) and set CUDA_HOME"
         )
     return True, None
+
+
+def _cuda_sim() -> bool:
+    """Whether to build the CUDA-simulator variant (``GSPN_CUDA_SIM=1``)."""
+    return os.environ.get(ENV_CUDA_SIM, "0").strip() == "1"
+
+
+def _sources(with_cuda: bool) -> tuple[str, ...]:
+    """The translation units of a build (relative to csrc/)."""
+    if _cuda_sim():
+        return SOURCES_CPU + SOURCES_CUDA_SIM
+    return SOURCES_CPU + (SOURCES_CUDA if with_cuda else ())
 
 
 def _cpu_flags() -> list[str]:
@@ -152,13 +174,14 @@ def _cpu_signature() -> str:
 
 def _build_key(src: Path, with_cuda: bool, openmp: list[str]) -> str:
     digest = hashlib.sha256()
-    names = HEADERS + SOURCES_CPU + (SOURCES_CUDA if with_cuda else ())
+    # The simulator's unit #includes the CUDA sources, so they count for it too.
+    names = HEADERS + _sources(with_cuda) + (SOURCES_CUDA if _cuda_sim() else ())
     for name in names:
         digest.update(name.encode())
         digest.update((src / name).read_bytes())
     # Paths too: ninja rebuilds when the command line (include and source paths)
     # changes, so two environments sharing one cache must not share a folder.
-    digest.update(repr((CFLAGS, _cpu_flags(), openmp, CUDA_CFLAGS, with_cuda, os.environ.get("TORCH_CUDA_ARCH_LIST"),
+    digest.update(repr((CFLAGS, _cpu_flags(), openmp, CUDA_CFLAGS, with_cuda, _cuda_sim(), os.environ.get("TORCH_CUDA_ARCH_LIST"),
                         str(src), str(Path(torch.__file__).parent), sys.executable)).encode())
     if _cpu_flags():
         digest.update(_cpu_signature().encode())
@@ -211,6 +234,7 @@ def _build_dir(openmp: list[str]) -> Path:
     """<cache>/<torch and CUDA version>/<hash of sources and flags>."""
     with_cuda, _ = _cuda_buildable()
     tag = f"torch{torch.__version__}" + (f"-cuda{torch.version.cuda}" if with_cuda else "")
+    tag += "-cudasim" if _cuda_sim() else ""
     return cache_dir() / tag.replace("+", "_") / _build_key(csrc_dir(), with_cuda, openmp)
 
 
@@ -224,11 +248,15 @@ def _compile(openmp: list[str], verbose: bool) -> BackendStatus:
     build_dir.mkdir(parents=True, exist_ok=True)
     if openmp and (build_dir / OPENMP_FAILED_MARKER).exists():
         raise ExtensionBuildError(f"building with {' '.join(openmp)} failed before in {build_dir}")
-    sources = [str(src / name) for name in SOURCES_CPU + (SOURCES_CUDA if with_cuda else ())]
-    cflags = list(CFLAGS) + _cpu_flags() + openmp + (["-DGSPN_WITH_CUDA"] if with_cuda else [])
+    sim = _cuda_sim()
+    sources = [str(src / name) for name in _sources(with_cuda)]
+    cflags = list(CFLAGS) + _cpu_flags() + openmp + (["-DGSPN_WITH_CUDA"] if with_cuda or sim else [])
+    # The CUDA sources' launch lambdas capture types of their anonymous
+    # namespace; included into another file, GCC warns about each of them.
+    cflags += ["-DGSPN_CUDA_SIM", "-Wno-subobject-linkage"] if sim else []
     try:
         cpp_extension.load(
-            name=f"gspn_kernels_{key}",
+            name=f"gspn_kernels_{'sim_' if sim else ''}{key}",
             sources=sources,
             extra_cflags=cflags,
             extra_cuda_cflags=list(CUDA_CFLAGS),
@@ -243,7 +271,7 @@ def _compile(openmp: list[str], verbose: bool) -> BackendStatus:
         cuda = "unavailable"
     else:
         cuda = "compiled" if with_cuda else "reference"
-    return BackendStatus(cpu="compiled", cuda=cuda, reason=cuda_reason, build_dir=build_dir)
+    return BackendStatus(cpu="compiled", cuda=cuda, reason=cuda_reason, build_dir=build_dir, cuda_sim=sim)
 
 
 def load_backend(force: bool = False) -> BackendStatus:

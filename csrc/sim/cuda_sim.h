@@ -1,0 +1,223 @@
+// A CPU simulator for the CUDA kernels in csrc/, so that their logic
+// (indexing, tiling, barriers, chunk edges, every dtype and launch variant)
+// is tested on machines without a GPU: CI runs the kernel test matrix through
+// it (GSPN_CUDA_SIM=1, see gspn_diffusers/ops/build.py). It checks results,
+// not speed; timings need a GPU.
+//
+// The CUDA sources compile unchanged as C++ against this header (through
+// csrc/gspn_cuda_api.cuh): a kernel is a plain function, a launch runs the
+// grid's blocks one after another, and the threads of a block are fibers
+// (ucontext) on one OS thread that switch at every __syncthreads. Each barrier
+// phase runs the block's threads in a shuffled order (seeded by the block,
+// so a failure reproduces), so a read of shared memory that another thread
+// writes in the same phase sees either value and a missing barrier shows up
+// as a wrong result. Dynamic shared memory starts as NaN bytes (0xFF) in every
+// block, so a read of a shared element nobody wrote poisons the output.
+// Threads of one block that reach __syncthreads different numbers of times (a
+// barrier inside divergent code) raise an error.
+//
+// Device code takes the host paths of gspn_scan.h (__CUDA_ARCH__ is not
+// defined): exact expf and division instead of __expf and approximate
+// reciprocals, within the tests' float32 tolerances of each other.
+#pragma once
+
+#include <ucontext.h>
+
+#include <c10/core/Device.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+// Block-wide built-ins. One simulated block runs at a time per OS thread, and
+// the scheduler sets threadIdx before it switches to a thread.
+inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+// Static shared arrays: one per OS thread, i.e. per running block.
+#define __shared__ static thread_local
+
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+
+using cudaStream_t = void*;
+using cudaError_t = int;
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin };
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+// What an H100/H200 allows a block, so launches too big for them fail here too.
+constexpr int kSimSharedMemoryPerBlock = 227 * 1024;
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = 0;
+  return 0;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
+  *value = kSimSharedMemoryPerBlock;
+  return 0;
+}
+template <typename Kernel>
+inline cudaError_t cudaFuncSetAttribute(Kernel, cudaFuncAttribute, int) {
+  return 0;
+}
+#define C10_CUDA_CHECK(expr) (void)(expr)
+#define C10_CUDA_KERNEL_LAUNCH_CHECK() \
+  do {                                 \
+  } while (0)
+
+namespace c10 {
+namespace cuda {
+struct CUDAGuard {
+  explicit CUDAGuard(c10::Device) {}
+};
+inline cudaStream_t getCurrentCUDAStream() { return nullptr; }
+}  // namespace cuda
+}  // namespace c10
+
+namespace gspn_sim {
+
+constexpr size_t kFiberStack = 64 * 1024;  // a kernel's frame is a few KB
+
+struct Fiber {
+  ucontext_t context;
+  std::unique_ptr<char[]> stack;  // uninitialised: untouched pages cost nothing
+  dim3 thread;
+  int64_t barriers = 0;
+  bool done = false;
+};
+
+// The block being simulated on this OS thread.
+struct Block {
+  ucontext_t scheduler;
+  std::vector<Fiber> fibers;
+  Fiber* current = nullptr;
+  void (*body)(void*) = nullptr;
+  void* args = nullptr;
+  std::vector<unsigned char> dynamic_shared;
+};
+
+inline thread_local Block running;
+
+inline unsigned char* dynamic_shared() { return running.dynamic_shared.data(); }
+
+inline void fiber_main() {
+  running.body(running.args);
+  running.current->done = true;  // returning resumes uc_link: the scheduler
+}
+
+// Runs the current block's threads to completion, barrier phase by phase.
+inline void run_block(unsigned threads, uint64_t seed) {
+  running.fibers.resize(threads);
+  for (unsigned i = 0; i < threads; ++i) {
+    Fiber& f = running.fibers[i];
+    if (!f.stack) f.stack.reset(new char[kFiberStack]);
+    f.thread = dim3(i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y));
+    f.barriers = 0;
+    f.done = false;
+    getcontext(&f.context);
+    f.context.uc_stack.ss_sp = f.stack.get();
+    f.context.uc_stack.ss_size = kFiberStack;
+    f.context.uc_link = &running.scheduler;
+    makecontext(&f.context, fiber_main, 0);
+  }
+  std::vector<unsigned> order(threads);
+  std::iota(order.begin(), order.end(), 0u);
+  std::mt19937_64 rng(seed);
+  for (;;) {
+    std::shuffle(order.begin(), order.end(), rng);
+    bool any_live = false;
+    for (unsigned i : order) {
+      Fiber& f = running.fibers[i];
+      if (f.done) continue;
+      any_live = true;
+      threadIdx = f.thread;
+      running.current = &f;
+      swapcontext(&running.scheduler, &f.context);
+    }
+    if (!any_live) break;
+  }
+  // Legal CUDA when threads exit early, but every kernel here runs its barriers
+  // uniformly over the block, so unequal counts mean one sat in divergent code.
+  const auto [fewest, most] = std::minmax_element(
+      running.fibers.begin(), running.fibers.end(), [](const Fiber& a, const Fiber& b) { return a.barriers < b.barriers; });
+  TORCH_CHECK(fewest->barriers == most->barriers, "CUDA simulator: in block (", blockIdx.x, ", ", blockIdx.y, ", ",
+              blockIdx.z, "), thread ", fewest->thread.x, " reached __syncthreads ", fewest->barriers,
+              " times and thread ", most->thread.x, " ", most->barriers, " times (a barrier in divergent code)");
+}
+
+}  // namespace gspn_sim
+
+inline void __syncthreads() {
+  gspn_sim::Fiber* f = gspn_sim::running.current;
+  ++f->barriers;
+  swapcontext(&f->context, &gspn_sim::running.scheduler);
+}
+
+namespace gspn_sim {
+
+// kernel<<<grid, block, shared_bytes>>>(args...): the arguments are converted
+// to the kernel's parameter types once, as a launch copies them, and every
+// thread calls the kernel with them.
+template <typename... Params>
+struct Launch {
+  void (*kernel)(Params...);
+  dim3 grid, threads;
+  size_t shared_bytes;
+
+  template <typename... Args>
+  void operator()(Args&&... args) const {
+    TORCH_CHECK(shared_bytes <= static_cast<size_t>(kSimSharedMemoryPerBlock), "CUDA simulator: ", shared_bytes,
+                " bytes of dynamic shared memory per block");
+    TORCH_CHECK(threads.x * threads.y * threads.z <= 1024, "CUDA simulator: more than 1024 threads per block");
+    using Packed = std::tuple<std::decay_t<Params>...>;
+    Packed packed(std::forward<Args>(args)...);
+    struct Call {
+      void (*kernel)(Params...);
+      Packed* packed;
+    } call{kernel, &packed};
+    running.body = [](void* p) {
+      Call* c = static_cast<Call*>(p);
+      std::apply(c->kernel, *c->packed);
+    };
+    running.args = &call;
+    gridDim = grid;
+    blockDim = threads;
+    for (unsigned z = 0; z < grid.z; ++z) {
+      for (unsigned y = 0; y < grid.y; ++y) {
+        for (unsigned x = 0; x < grid.x; ++x) {
+          blockIdx = dim3(x, y, z);
+          running.dynamic_shared.assign(shared_bytes, 0xFF);
+          const uint64_t linear = (uint64_t(z) * grid.y + y) * grid.x + x;
+          run_block(threads.x * threads.y * threads.z, 0x9E3779B97F4A7C15ull * (linear + 1));
+        }
+      }
+    }
+  }
+};
+
+template <typename... Params>
+Launch<Params...> launch(void (*kernel)(Params...), dim3 grid, dim3 threads, size_t shared_bytes) {
+  return Launch<Params...>{kernel, grid, threads, shared_bytes};
+}
+
+}  // namespace gspn_sim
+
+#define GSPN_LAUNCH(kernel, grid, block, shared_bytes, stream) gspn_sim::launch(kernel, grid, block, shared_bytes)
+#define GSPN_DYNAMIC_SHARED(name) unsigned char* name = gspn_sim::dynamic_shared()

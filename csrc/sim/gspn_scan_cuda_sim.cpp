@@ -1,0 +1,13 @@
+// The CUDA sources of csrc/ compiled as C++ against the CPU simulator
+// (cuda_sim.h): one translation unit, built only with GSPN_CUDA_SIM=1 (see
+// gspn_diffusers/ops/build.py), together with gspn_scan.cpp, whose host code
+// then sends CPU tensors to these kernels.
+#ifndef GSPN_CUDA_SIM
+#error "build this file with -DGSPN_CUDA_SIM"
+#endif
+
+#include "../gspn_scan_cuda.cu"
+#include "../gspn_scan_cuda_float64.cu"
+#include "../gspn_scan_cuda_float32.cu"
+#include "../gspn_scan_cuda_float16.cu"
+#include "../gspn_scan_cuda_bfloat16.cu"
