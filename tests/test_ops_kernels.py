@@ -178,6 +178,24 @@ def test_column_tiles_of_every_width(device, dtype, channels, groups, height, wi
         assert_close_scaled(g.grad, w.grad, 1e-10 if exact else 1e-4, f"grad {name}")
 
 
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("length", [513, 1100, 2100])
+def test_lines_of_several_positions_per_thread(device, length):
+    """Lines longer than a CUDA block's 512 threads, where each thread owns 2,
+    4 or 8 positions (the kernels' RPT variants, each with its own tile depth),
+    as rows of a 3-row plane (its 'lr'/'rl' scans: 3-position lines): forward
+    and gradients with fused normalisation against the reference."""
+    key = ("positions per thread", length)
+    x, _, lam = make_inputs(1, 2, 1, 3, length, torch.float32, device, *key, dirs=4)
+    logits = torch.randn(1, 4, 1, 3, 3, length, generator=generator_for("logits", *key), dtype=torch.float64)
+    logits = (logits * 3).to(device=device, dtype=torch.float32)
+    grad = torch.randn(1, 4, 2, 3, length, generator=generator_for("grad", *key), dtype=torch.float64)
+    got, want, inputs, ref_inputs = backward_with_reference(x, logits, lam, grad, None, normalize=True)
+    assert_close_scaled(got, want, TOLERANCE[torch.float32], "forward")
+    for name, g, w in zip(("x", "logits", "lam"), inputs, ref_inputs):
+        assert_close_scaled(g.grad, w.grad, 1e-4, f"grad {name}")
+
+
 # ---- gradients --------------------------------------------------------------
 
 
