@@ -730,6 +730,14 @@ at::Tensor dense(const at::Tensor& t) {
   return t.contiguous();
 }
 
+// t with its last two dims swapped, stored contiguously: how the column
+// route of gspn_diffusers.ops turns column scans into row scans and back.
+at::Tensor transpose_planes(const at::Tensor& t) {
+  TORCH_CHECK(t.dim() >= 2, "gspn::transpose_planes: expected a tensor of (..., R, S) planes, got ", t.dim(),
+              " dims");
+  return dense(t.transpose(-1, -2));
+}
+
 at::Tensor scan_forward(const at::Tensor& x_in, const at::Tensor& gates_in, const at::Tensor& lam_in,
                         at::IntArrayRef directions, int64_t chunk, bool normalize) {
   const ScanProblem pb = make_problem(x_in, gates_in, lam_in, directions, chunk, normalize);
@@ -806,12 +814,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_backward(
 TORCH_LIBRARY_IMPL(gspn, CPU, m) {
   m.impl("scan", &scan_forward);
   m.impl("scan_backward", &scan_backward);
+  m.impl("transpose_planes", &transpose_planes);
 }
 
 #if defined(GSPN_WITH_CUDA) && !defined(GSPN_CUDA_SIM)
 TORCH_LIBRARY_IMPL(gspn, CUDA, m) {
   m.impl("scan", &scan_forward);
   m.impl("scan_backward", &scan_backward);
+  m.impl("transpose_planes", &transpose_planes);
 }
 #endif
 

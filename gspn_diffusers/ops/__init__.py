@@ -108,9 +108,9 @@ def _check_inputs(x, gates, lam, num_dirs: Optional[int]) -> None:
 # Column scans ("lr", "rl") on CUDA read one column per line, so a warp's 32
 # threads touch 32 rows: on an H200 they ran 3-10x slower than row scans
 # (BENCHMARKS.md). From this many pixels per plane they run instead as row
-# scans ("tb", "bt") of the transposed planes: the transposing copies cost far
-# less than the strided reads (the op copies the transposed input views with
-# its own tiled transpose; the output's transpose back is still an ATen copy).
+# scans ("tb", "bt") of the transposed planes: the transposing copies (the
+# op's own tiled transpose, gspn::transpose_planes) cost far less than the
+# strided reads.
 # A device type missing here (the CPU kernels transpose tiles themselves) or
 # None keeps the strided kernel.
 COLUMNS_AS_ROWS_MIN_PIXELS = {"cuda": 128 * 128}
@@ -134,18 +134,23 @@ def _scan(x, gates, lam, directions: Sequence[str], codes: list, chunk: int, nor
     if not columns or threshold is None or x.shape[-2] * x.shape[-1] < threshold:
         return torch.ops.gspn.scan(x, gates, lam, codes, chunk, normalize)
     # Lines, positions, taps, chunks and the fused normalisation's edges of a
-    # column scan are those of a row scan over the transposed planes.
-    h_columns = torch.ops.gspn.scan(
-        _directions_of(x, columns).transpose(-1, -2),
-        _directions_of(gates, columns).transpose(-1, -2),
-        _directions_of(lam, columns).transpose(-1, -2),
-        [_ROW_SCAN_OF_COLUMN_SCAN[codes[d]] for d in columns],
-        chunk,
-        normalize,
-    ).transpose(-1, -2)
+    # column scan are those of a row scan over the transposed planes. The
+    # transposes are the op's own (tiled on CUDA), both ways and in the
+    # backward, so no ATen copy of a transposed view is left on this route.
+    transpose = torch.ops.gspn.transpose_planes
+    h_columns = transpose(
+        torch.ops.gspn.scan(
+            transpose(_directions_of(x, columns)),
+            transpose(_directions_of(gates, columns)),
+            transpose(_directions_of(lam, columns)),
+            [_ROW_SCAN_OF_COLUMN_SCAN[codes[d]] for d in columns],
+            chunk,
+            normalize,
+        )
+    )
     rows = [d for d in range(len(codes)) if d not in columns]
     if not rows:
-        return h_columns.contiguous()
+        return h_columns
     h_rows = torch.ops.gspn.scan(
         _directions_of(x, rows), _directions_of(gates, rows), _directions_of(lam, rows),
         [codes[d] for d in rows], chunk, normalize,
