@@ -90,16 +90,21 @@ struct ScanProblem {
 };
 
 // exp for the gate sigmoid. On the GPU in float the hardware's approximate
-// exp2 (__expf: two instructions; relative error ~2^-21 plus |v| * 2^-24 from
-// scaling v by log2 e, far inside the fp32 tolerance), where expf is a dozen
-// and the gate arithmetic is most of the kernels' instructions. On the CPU, float
+// exp2 with denormals flushed (ex2.approx.ftz: a multiply and one MUFU.EX2;
+// relative error ~2^-21 plus |v| * 2^-24 from scaling v by log2 e, far inside
+// the fp32 tolerance), where expf is a dozen instructions, and __expf, which
+// keeps denormals, adds a compare and two scalings around each EX2: the gate
+// arithmetic is most of the kernels' instructions. A flushed exp(-l) (l > 87)
+// only turns sigmoid(l) = 1 / (1 + 1e-38) into exactly 1. On the CPU, float
 // uses straight-line arithmetic instead of a libm call so that the loops over
 // it vectorise (libm's expf does not without -ffast-math): range reduction
 // by ln 2 and a degree-6 Taylor polynomial, relative error below 2.5e-7 on
 // the whole float range. double keeps libm's exp (fp64 is the exact path).
 GSPN_HD float exp_of(float v) {
 #if defined(__CUDA_ARCH__)
-  return __expf(v);
+  float e;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(v * 1.44269504088896341f));
+  return e;
 #else
   v = v < -87.3f ? -87.3f : (v > 88.0f ? 88.0f : v);  // keeps 2^n a normal float
   const float n = floorf(v * 1.44269504f + 0.5f);        // v / ln 2, rounded
@@ -114,12 +119,16 @@ GSPN_HD float exp_of(float v) {
 }
 GSPN_HD double exp_of(double v) { return exp(v); }
 
-// 1 / v. On the GPU in float the approximate reciprocal (one MUFU.RCP and a
-// multiply, ~1 ulp) instead of the IEEE division's dozen instructions and
-// slow-path call; it gives 0 for v = inf, so sigmoid(-inf) stays 0.
+// 1 / v. On the GPU in float the approximate reciprocal with denormals
+// flushed (one MUFU.RCP, ~1 ulp) instead of the IEEE division's dozen
+// instructions and slow-path call (__fdividef added range fix-ups around the
+// MUFU); it gives 0 for v = inf, so sigmoid(-inf) stays 0. Its arguments here
+// are 1 + exp(-l) >= 1 and the taps' sum, floored at kGateEps: never denormal.
 GSPN_HD float reciprocal(float v) {
 #if defined(__CUDA_ARCH__)
-  return __fdividef(1.0f, v);
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(v));
+  return r;
 #else
   return 1.0f / v;
 #endif

@@ -91,12 +91,12 @@ struct ThreadSlots {
   int offset[RPT];
   bool live[RPT], has_before[RPT], has_after[RPT];
 
-  __device__ ThreadSlots(int64_t length, int64_t pos_stride) {
+  __device__ ThreadSlots(int length, int pos_stride) {
 #pragma unroll
     for (int r = 0; r < RPT; ++r) {
       pos[r] = static_cast<int>(threadIdx.x + r * blockDim.x);
       live[r] = pos[r] < length;
-      offset[r] = live[r] ? static_cast<int>(pos[r] * pos_stride) : 0;
+      offset[r] = live[r] ? pos[r] * pos_stride : 0;
       has_before[r] = pos[r] > 0;
       has_after[r] = pos[r] < length - 1;
     }
@@ -156,9 +156,31 @@ __device__ inline void add_global(double* p, double v) {
 }
 #endif
 
-// Offset of line t's first position inside its plane (32-bit, see ThreadSlots).
-__device__ inline int line_offset(const LineGeometry& geo, int64_t t) {
-  return static_cast<int>(geo.first + t * geo.line_stride);
+// The lines a block scans, its chunk [begin, end) of one direction's lines,
+// and where they lie in the plane, in 32-bit ints (the plane has < 2^31
+// elements, which plan_launch checks): with 64-bit line counters every
+// compare and add of the line loop took two instructions.
+struct BlockLines {
+  int begin, end;  // begin == end: this direction has fewer chunks than the widest one
+  int length;      // positions per line
+  int first, line_stride, pos_stride;
+
+  // Offset of line t's first position inside the plane.
+  __device__ int offset(int t) const { return first + t * line_stride; }
+};
+
+__device__ inline BlockLines block_lines(const ScanProblem& pb, const BlockTask& task) {
+  const LineGeometry geo = line_geometry(direction_of(pb, task.d), pb.H, pb.W);
+  const int64_t clen = chunk_length(pb.chunk, geo.lines);
+  const int64_t begin = task.chunk_index * clen;
+  BlockLines lines;
+  lines.begin = static_cast<int>(begin < geo.lines ? begin : geo.lines);
+  lines.end = static_cast<int>(begin + clen < geo.lines ? begin + clen : geo.lines);
+  lines.length = static_cast<int>(geo.length);
+  lines.first = static_cast<int>(geo.first);
+  lines.line_stride = static_cast<int>(geo.line_stride);
+  lines.pos_stride = static_cast<int>(geo.pos_stride);
+  return lines;
 }
 
 // Lines t0 .. t0 + K - 1 of the forward's inputs; lines past t_last (the
@@ -166,11 +188,11 @@ __device__ inline int line_offset(const LineGeometry& geo, int64_t t) {
 template <typename scalar_t, int RPT, int K>
 __device__ inline void load_forward_tile(ForwardSlot<scalar_t> (&tile)[K][RPT], const scalar_t* xp,
                                          const scalar_t* lp, const scalar_t* g0p, const scalar_t* g1p,
-                                         const scalar_t* g2p, const LineGeometry& geo,
-                                         const ThreadSlots<RPT>& slots, int64_t t0, int64_t t_last) {
+                                         const scalar_t* g2p, const BlockLines& lines,
+                                         const ThreadSlots<RPT>& slots, int t0, int t_last) {
 #pragma unroll
   for (int s = 0; s < K; ++s) {
-    const int line = line_offset(geo, t0 + s < t_last ? t0 + s : t_last);
+    const int line = lines.offset(t0 + s < t_last ? t0 + s : t_last);
 #pragma unroll
     for (int r = 0; r < RPT; ++r) {
       const int o = line + slots.offset[r];
@@ -204,13 +226,10 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
                     const int64_t chunks_per_plane) {
   constexpr int K = forward_tile_lines<RPT>();
   const BlockTask task = decode_block(pb, chunks_per_plane);
-  const LineGeometry geo = line_geometry(direction_of(pb, task.d), pb.H, pb.W);
-  const int L = static_cast<int>(geo.length);
-  const int64_t clen = chunk_length(pb.chunk, geo.lines);
-  const int64_t t_begin = task.chunk_index * clen;
-  if (t_begin >= geo.lines) return;  // this direction has fewer chunks than the widest one
-  const int64_t t_end = t_begin + clen < geo.lines ? t_begin + clen : geo.lines;
-  const ThreadSlots<RPT> slots(L, geo.pos_stride);
+  const BlockLines lines = block_lines(pb, task);
+  if (lines.begin == lines.end) return;  // uniform over the block
+  const int L = lines.length, t_begin = lines.begin, t_end = lines.end;
+  const ThreadSlots<RPT> slots(L, lines.pos_stride);
 
   GSPN_DYNAMIC_SHARED(smem_raw);
   // Two rows of the hidden state, each padded by one zero on both sides; row j
@@ -232,8 +251,8 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
   // its first line: independent work that then overlaps, where computed inside
   // the line loop it sat on the per-line critical path between barriers.
   ForwardSlot<scalar_t> next[K][RPT];
-  load_forward_tile<scalar_t, RPT, K>(next, xp, lp, g0p, g1p, g2p, geo, slots, t_begin, t_end - 1);
-  for (int64_t t0 = t_begin; t0 < t_end; t0 += K) {
+  load_forward_tile<scalar_t, RPT, K>(next, xp, lp, g0p, g1p, g2p, lines, slots, t_begin, t_end - 1);
+  for (int t0 = t_begin; t0 < t_end; t0 += K) {
     ForwardStep<acc_t> step[K][RPT];
 #pragma unroll
     for (int s = 0; s < K; ++s) {
@@ -245,14 +264,14 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
         step[s][r].lx = static_cast<acc_t>(in.lam) * static_cast<acc_t>(in.x);
       }
     }
-    if (t0 + K < t_end) load_forward_tile<scalar_t, RPT, K>(next, xp, lp, g0p, g1p, g2p, geo, slots, t0 + K, t_end - 1);
+    if (t0 + K < t_end) load_forward_tile<scalar_t, RPT, K>(next, xp, lp, g0p, g1p, g2p, lines, slots, t0 + K, t_end - 1);
 #pragma unroll
     for (int s = 0; s < K; ++s) {
-      const int64_t t = t0 + s;
+      const int t = t0 + s;
       if (t >= t_end) break;  // uniform over the block
       acc_t* row = smem + (t & 1) * (L + 2) + 1;
       const acc_t* prev = smem + ((t & 1) ^ 1) * (L + 2);  // prev[p + k] is position p - 1 + k
-      const int line = line_offset(geo, t);
+      const int line = lines.offset(t);
       const bool first = t == t_begin;
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
@@ -261,7 +280,7 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
           const ForwardStep<acc_t>& st = step[s][r];
           const acc_t v = first ? st.lx : propagate(st.lx, st.g0, st.g1, st.g2, prev + p);
           row[p] = v;
-          store_global(op + line + slots.offset[r], static_cast<scalar_t>(v));
+          store_global(op + (line + slots.offset[r]), static_cast<scalar_t>(v));
         }
       }
       __syncthreads();
@@ -282,13 +301,13 @@ template <typename scalar_t, int RPT, int K>
 __device__ inline void load_backward_tile(BackwardSlot<scalar_t> (&tile)[K][RPT], const scalar_t* ghp,
                                           const scalar_t* hp, const scalar_t* xp, const scalar_t* lp,
                                           const scalar_t* g0p, const scalar_t* g1p, const scalar_t* g2p,
-                                          const LineGeometry& geo, const ThreadSlots<RPT>& slots, int64_t t0,
-                                          int64_t t_last, int64_t t_begin) {
+                                          const BlockLines& lines, const ThreadSlots<RPT>& slots, int t0,
+                                          int t_last, int t_begin) {
 #pragma unroll
   for (int s = 0; s < K; ++s) {
-    const int64_t t = t0 + s < t_last ? t0 + s : t_last;
-    const int line = line_offset(geo, t);
-    const int prev_line = t > t_begin ? line_offset(geo, t - 1) : line;
+    const int t = t0 + s < t_last ? t0 + s : t_last;
+    const int line = lines.offset(t);
+    const int prev_line = t > t_begin ? lines.offset(t - 1) : line;
 #pragma unroll
     for (int r = 0; r < RPT; ++r) {
       const int o = line + slots.offset[r];
@@ -321,13 +340,10 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
   using dg_t = typename std::conditional<ATOMIC, acc_t, scalar_t>::type;
   constexpr int K = backward_tile_lines<RPT>();
   const BlockTask task = decode_block(pb, chunks_per_plane);
-  const LineGeometry geo = line_geometry(direction_of(pb, task.d), pb.H, pb.W);
-  const int L = static_cast<int>(geo.length);
-  const int64_t clen = chunk_length(pb.chunk, geo.lines);
-  const int64_t t_begin = task.chunk_index * clen;
-  if (t_begin >= geo.lines) return;
-  const int64_t t_end = t_begin + clen < geo.lines ? t_begin + clen : geo.lines;
-  const ThreadSlots<RPT> slots(L, geo.pos_stride);
+  const BlockLines lines = block_lines(pb, task);
+  if (lines.begin == lines.end) return;  // uniform over the block
+  const int L = lines.length, t_begin = lines.begin, t_end = lines.end;
+  const ThreadSlots<RPT> slots(L, lines.pos_stride);
 
   GSPN_DYNAMIC_SHARED(smem_raw);
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
@@ -359,12 +375,12 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
   // the chunk. The next (earlier) tile's loads fly while this one is
   // computed; a tile's gates are prepared for all its slots before its first
   // line, as in the forward.
-  auto tile_start = [&](int64_t t_hi) { return t_hi - K > t_begin ? t_hi - K : t_begin; };
+  auto tile_start = [&](int t_hi) { return t_hi - K > t_begin ? t_hi - K : t_begin; };
   BackwardSlot<scalar_t> next[K][RPT];
-  load_backward_tile<scalar_t, RPT, K>(next, ghp, hp, xp, lp, g0p, g1p, g2p, geo, slots, tile_start(t_end),
+  load_backward_tile<scalar_t, RPT, K>(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots, tile_start(t_end),
                                        t_end - 1, t_begin);
-  for (int64_t t_hi = t_end; t_hi > t_begin; t_hi -= K) {
-    const int64_t t0 = tile_start(t_hi);
+  for (int t_hi = t_end; t_hi > t_begin; t_hi -= K) {
+    const int t0 = tile_start(t_hi);
     BackwardStep<scalar_t, acc_t> step[K][RPT];
 #pragma unroll
     for (int s = 0; s < K; ++s) {
@@ -380,18 +396,18 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
       }
     }
     if (t0 > t_begin) {
-      load_backward_tile<scalar_t, RPT, K>(next, ghp, hp, xp, lp, g0p, g1p, g2p, geo, slots, tile_start(t0), t0 - 1,
-                                           t_begin);
+      load_backward_tile<scalar_t, RPT, K>(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots, tile_start(t0),
+                                           t0 - 1, t_begin);
     }
 #pragma unroll
     for (int s = K - 1; s >= 0; --s) {
-      const int64_t t = t0 + s;
+      const int t = t0 + s;
       if (t >= t_hi) continue;  // uniform over the block
       const int j = static_cast<int>(t & 1);
       acc_t* vc = smem + 3 * j * pitch + 1;  // v_k of this line at vc + k * pitch
       const acc_t* vn = smem + 3 * (j ^ 1) * pitch + 1;  // v_k of line t + 1
       acc_t* hcur = smem + (6 + j) * pitch + 1;
-      const int line = line_offset(geo, t);
+      const int line = lines.offset(t);
       const bool last = t == t_end - 1;
       acc_t adj[RPT];
 #pragma unroll

@@ -24,8 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90")
 
 
-def compile_one(nvcc: str, source: Path, flags: list) -> subprocess.CompletedProcess:
-    """nvcc -c of one source into a throw-away object file."""
+def nvcc_flags() -> list:
+    """torch's extension flags plus ours (as gspn_diffusers.ops.build compiles the kernels)."""
+    return list(cpp_extension.COMMON_NVCC_FLAGS) + ["-std=c++20", "-O3", "-DGSPN_WITH_CUDA", "-Xcompiler", "-fPIC"]
+
+
+def compile_one(nvcc: str, source: Path, flags: list, output: Path = None,
+                targets=ARCHS, mode: str = "-c") -> subprocess.CompletedProcess:
+    """nvcc of one source (`mode` -c: an object, -cubin: a cubin) into `output`,
+    by default a throw-away file."""
     with tempfile.TemporaryDirectory() as tmp:
         includes = [f"-I{p}" for p in cpp_extension.include_paths()] + [f"-I{ROOT / 'csrc'}"]
         if not any(Path(p, "c10/cuda/impl/cuda_cmake_macros.h").exists() for p in cpp_extension.include_paths()):
@@ -33,7 +40,8 @@ def compile_one(nvcc: str, source: Path, flags: list) -> subprocess.CompletedPro
             stub.parent.mkdir(parents=True)
             stub.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
             includes.append(f"-I{Path(tmp, 'stub')}")
-        cmd = [nvcc, "-c", str(source), "-o", str(Path(tmp) / "out.o"), *ARCHS, *flags, *includes]
+        out = str(output or Path(tmp) / "out.o")
+        cmd = [nvcc, mode, str(source), "-o", out, *targets, *flags, *includes]
         return subprocess.run(cmd, capture_output=True, text=True)
 
 
@@ -42,7 +50,7 @@ def main() -> int:
     if nvcc is None:
         print("check_cuda_compiles: nvcc not found, CUDA sources not compiled")
         return 0
-    flags = list(cpp_extension.COMMON_NVCC_FLAGS) + ["-std=c++20", "-O3", "-DGSPN_WITH_CUDA", "-Xcompiler", "-fPIC"]
+    flags = nvcc_flags()
     sources = sorted((ROOT / "csrc").glob("*.cu"))
     # One nvcc per file on every core: the kernels are split by dtype for this.
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
