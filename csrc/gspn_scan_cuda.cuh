@@ -35,6 +35,8 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 #include "gspn_cuda_api.cuh"
@@ -78,35 +80,40 @@ __device__ inline int direction_of(const ScanProblem& pb, int64_t d) {
   return d == 0 ? pb.dirs[0] : d == 1 ? pb.dirs[1] : d == 2 ? pb.dirs[2] : pb.dirs[3];
 }
 
-// Where a thread's RPT positions sit in a line: p = threadIdx.x + r * blockDim.x,
-// its offset from the line's start (0 for a slot past the line's end, which
-// then reads the line's first element: valid, unused), and which of its taps
-// have a neighbour. Offsets inside one (H, W) plane are 32-bit (the host
-// checks H * W < 2^31; plane starts stay 64-bit), so a load costs one
-// multiply-add into a 64-bit address: with 64-bit offsets the address
-// arithmetic was more than half of the kernels' instructions.
-template <int RPT>
+// Where a thread's RPT slots sit in a line: slot r holds the V neighbouring
+// positions p = V * (threadIdx.x + r * blockDim.x) + v, v < V (V = 2: row
+// scans of even lines, loaded and stored as one 2-element vector; see
+// plan_launch), its offset from the line's start (0 for a slot past the
+// line's end, which then reads the line's first element: valid, unused), and
+// which of its positions' taps have a neighbour. Offsets inside one (H, W)
+// plane are 32-bit (the host checks H * W < 2^31; plane starts stay 64-bit),
+// so a load costs one multiply-add into a 64-bit address: with 64-bit offsets
+// the address arithmetic was more than half of the kernels' instructions.
+template <int RPT, int V = 1>
 struct ThreadSlots {
   int pos[RPT];
   int offset[RPT];
-  bool live[RPT], has_before[RPT], has_after[RPT];
+  bool live[RPT], has_before[RPT], has_after[RPT];  // of the slot's first and last position
 
   __device__ ThreadSlots(int length, int pos_stride) {
 #pragma unroll
     for (int r = 0; r < RPT; ++r) {
-      pos[r] = static_cast<int>(threadIdx.x + r * blockDim.x);
+      pos[r] = static_cast<int>(V * (threadIdx.x + r * blockDim.x));
       live[r] = pos[r] < length;
       offset[r] = live[r] ? pos[r] * pos_stride : 0;
       has_before[r] = pos[r] > 0;
-      has_after[r] = pos[r] < length - 1;
+      has_after[r] = pos[r] + V - 1 < length - 1;
     }
   }
+  // Whether position v of slot r has a neighbour before / after it.
+  __device__ bool before(int r, int v) const { return v > 0 || has_before[r]; }
+  __device__ bool after(int r, int v) const { return v < V - 1 || has_after[r]; }
 };
 
-// The forward's inputs at one position, as stored; converted when prepared.
-template <typename scalar_t>
+// The forward's inputs at one slot's V positions, as stored; converted when prepared.
+template <typename scalar_t, int V>
 struct ForwardSlot {
-  scalar_t x, lam, g0, g1, g2;
+  scalar_t x[V], lam[V], g0[V], g1[V], g2[V];
 };
 
 // p, hidden from the optimiser: without it nvcc folds each plane's 64-bit
@@ -156,6 +163,64 @@ __device__ inline void add_global(double* p, double v) {
 }
 #endif
 
+// V neighbouring elements from p (V = 2: one vector load; the host aligns
+// p to 2 elements, which the simulator checks).
+template <int V, typename scalar_t>
+__device__ inline void load_positions(const scalar_t* p, scalar_t (&v)[V]) {
+  static_assert(V == 1 || V == 2, "one or two positions per slot");
+  if constexpr (V == 1) {
+    v[0] = load_global(p);
+  } else {
+#ifdef GSPN_CUDA_SIM
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(p) % (2 * sizeof(scalar_t)) == 0, "CUDA simulator: misaligned pair load");
+    v[0] = p[0];
+    v[1] = p[1];
+#else
+    if constexpr (std::is_same_v<scalar_t, c10::Half>) {  // as __half2, so converting the high half is
+      const __half2 h = __ldg(reinterpret_cast<const __half2*>(p));  // an operand swizzle, not a shift
+      v[0] = c10::Half(__low2half(h));
+      v[1] = c10::Half(__high2half(h));
+    } else if constexpr (sizeof(scalar_t) == 2) {  // BFloat16: one 32-bit load
+      const unsigned int bits = __ldg(reinterpret_cast<const unsigned int*>(p));
+      v[0] = scalar_t(static_cast<unsigned short>(bits & 0xffffu), scalar_t::from_bits());
+      v[1] = scalar_t(static_cast<unsigned short>(bits >> 16), scalar_t::from_bits());
+    } else if constexpr (sizeof(scalar_t) == 4) {
+      const float2 f = __ldg(reinterpret_cast<const float2*>(p));
+      v[0] = f.x;
+      v[1] = f.y;
+    } else {
+      const double2 d = __ldg(reinterpret_cast<const double2*>(p));
+      v[0] = d.x;
+      v[1] = d.y;
+    }
+#endif
+  }
+}
+
+// h (in acc_t) stored as V neighbouring elements of scalar_t from p.
+template <int V, typename scalar_t, typename acc_t>
+__device__ inline void store_positions(scalar_t* p, const acc_t (&h)[V]) {
+  if constexpr (V == 1) {
+    store_global(p, static_cast<scalar_t>(h[0]));
+  } else {
+    const scalar_t a = static_cast<scalar_t>(h[0]), b = static_cast<scalar_t>(h[1]);
+#ifdef GSPN_CUDA_SIM
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(p) % (2 * sizeof(scalar_t)) == 0, "CUDA simulator: misaligned pair store");
+    p[0] = a;
+    p[1] = b;
+#else
+    if constexpr (sizeof(scalar_t) == 2) {
+      const unsigned int bits = static_cast<unsigned int>(a.x) | (static_cast<unsigned int>(b.x) << 16);
+      asm volatile("st.global.b32 [%0], %1;" ::"l"(p), "r"(bits));
+    } else if constexpr (sizeof(scalar_t) == 4) {
+      asm volatile("st.global.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b));
+    } else {
+      asm volatile("st.global.v2.f64 [%0], {%1, %2};" ::"l"(p), "d"(a), "d"(b));
+    }
+#endif
+  }
+}
+
 // The lines a block scans, its chunk [begin, end) of one direction's lines,
 // and where they lie in the plane, in 32-bit ints (the plane has < 2^31
 // elements, which plan_launch checks): with 64-bit line counters every
@@ -185,19 +250,22 @@ __device__ inline BlockLines block_lines(const ScanProblem& pb, const BlockTask&
 
 // Lines t0 .. t0 + K - 1 of the forward's inputs; lines past t_last (the
 // chunk's last) re-read t_last (valid, unused), so every load is unconditional.
-template <typename scalar_t, int RPT, int K>
-__device__ inline void load_forward_tile(ForwardSlot<scalar_t> (&tile)[K][RPT], const scalar_t* xp,
+template <typename scalar_t, int RPT, int V, int K>
+__device__ inline void load_forward_tile(ForwardSlot<scalar_t, V> (&tile)[K][RPT], const scalar_t* xp,
                                          const scalar_t* lp, const scalar_t* g0p, const scalar_t* g1p,
                                          const scalar_t* g2p, const BlockLines& lines,
-                                         const ThreadSlots<RPT>& slots, int t0, int t_last) {
+                                         const ThreadSlots<RPT, V>& slots, int t0, int t_last) {
 #pragma unroll
   for (int s = 0; s < K; ++s) {
     const int line = lines.offset(t0 + s < t_last ? t0 + s : t_last);
 #pragma unroll
     for (int r = 0; r < RPT; ++r) {
       const int o = line + slots.offset[r];
-      tile[s][r] = {load_global(xp + o), load_global(lp + o), load_global(g0p + o), load_global(g1p + o),
-                    load_global(g2p + o)};
+      load_positions<V>(xp + o, tile[s][r].x);
+      load_positions<V>(lp + o, tile[s][r].lam);
+      load_positions<V>(g0p + o, tile[s][r].g0);
+      load_positions<V>(g1p + o, tile[s][r].g1);
+      load_positions<V>(g2p + o, tile[s][r].g2);
     }
   }
 }
@@ -219,17 +287,21 @@ struct ForwardStep {
   acc_t lx, g0, g1, g2;
 };
 
-template <typename scalar_t, typename acc_t, int RPT, bool NORM>
+// V = 2: each slot is two neighbouring positions of a row, moved with one
+// 2-element vector load per input and one vector store: half the memory
+// instructions and their address arithmetic (plan_launch picks it for row
+// scans of even lines).
+template <typename scalar_t, typename acc_t, int RPT, bool NORM, int V>
 __global__ void __launch_bounds__(kMaxThreads)
 scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ gates,
                     const scalar_t* __restrict__ lam, scalar_t* __restrict__ out, const ScanProblem pb,
                     const int64_t chunks_per_plane) {
-  constexpr int K = forward_tile_lines<RPT>();
+  constexpr int K = forward_tile_lines<RPT * V>();
   const BlockTask task = decode_block(pb, chunks_per_plane);
   const BlockLines lines = block_lines(pb, task);
   if (lines.begin == lines.end) return;  // uniform over the block
   const int L = lines.length, t_begin = lines.begin, t_end = lines.end;
-  const ThreadSlots<RPT> slots(L, lines.pos_stride);
+  const ThreadSlots<RPT, V> slots(L, lines.pos_stride);
 
   GSPN_DYNAMIC_SHARED(smem_raw);
   // Two rows of the hidden state, each padded by one zero on both sides; row j
@@ -250,21 +322,27 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
   // gates are normalised and lam * x formed for all its K * RPT slots before
   // its first line: independent work that then overlaps, where computed inside
   // the line loop it sat on the per-line critical path between barriers.
-  ForwardSlot<scalar_t> next[K][RPT];
-  load_forward_tile<scalar_t, RPT, K>(next, xp, lp, g0p, g1p, g2p, lines, slots, t_begin, t_end - 1);
+  ForwardSlot<scalar_t, V> next[K][RPT];
+  load_forward_tile<scalar_t, RPT, V, K>(next, xp, lp, g0p, g1p, g2p, lines, slots, t_begin, t_end - 1);
   for (int t0 = t_begin; t0 < t_end; t0 += K) {
-    ForwardStep<acc_t> step[K][RPT];
+    ForwardStep<acc_t> step[K][RPT][V];
 #pragma unroll
     for (int s = 0; s < K; ++s) {
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
-        const ForwardSlot<scalar_t>& in = next[s][r];
-        slot_gates<acc_t, NORM>(in.g0, in.g1, in.g2, slots.has_before[r], slots.has_after[r], step[s][r].g0,
-                                step[s][r].g1, step[s][r].g2);
-        step[s][r].lx = static_cast<acc_t>(in.lam) * static_cast<acc_t>(in.x);
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          const ForwardSlot<scalar_t, V>& in = next[s][r];
+          ForwardStep<acc_t>& st = step[s][r][v];
+          slot_gates<acc_t, NORM>(in.g0[v], in.g1[v], in.g2[v], slots.before(r, v), slots.after(r, v), st.g0, st.g1,
+                                  st.g2);
+          st.lx = static_cast<acc_t>(in.lam[v]) * static_cast<acc_t>(in.x[v]);
+        }
       }
     }
-    if (t0 + K < t_end) load_forward_tile<scalar_t, RPT, K>(next, xp, lp, g0p, g1p, g2p, lines, slots, t0 + K, t_end - 1);
+    if (t0 + K < t_end) {
+      load_forward_tile<scalar_t, RPT, V, K>(next, xp, lp, g0p, g1p, g2p, lines, slots, t0 + K, t_end - 1);
+    }
 #pragma unroll
     for (int s = 0; s < K; ++s) {
       const int t = t0 + s;
@@ -275,12 +353,16 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
       const bool first = t == t_begin;
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
-        if (slots.live[r]) {
-          const int p = slots.pos[r];
-          const ForwardStep<acc_t>& st = step[s][r];
-          const acc_t v = first ? st.lx : propagate(st.lx, st.g0, st.g1, st.g2, prev + p);
-          row[p] = v;
-          store_global(op + (line + slots.offset[r]), static_cast<scalar_t>(v));
+        if (slots.live[r]) {  // V = 2: the line is even, so both positions are
+          acc_t h[V];
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            const int p = slots.pos[r] + v;
+            const ForwardStep<acc_t>& st = step[s][r][v];
+            h[v] = first ? st.lx : propagate(st.lx, st.g0, st.g1, st.g2, prev + p);
+            row[p] = h[v];
+          }
+          store_positions<V>(op + (line + slots.offset[r]), h);
         }
       }
       __syncthreads();
@@ -490,12 +572,29 @@ struct Launch {
   int64_t chunks_per_plane;
   int64_t blocks;
   int threads;
-  int rows_per_thread;
+  int rows_per_thread;  // slots per thread
   int64_t max_length;
+  int positions_per_slot;
 };
 
-Launch plan_launch(const ScanProblem& pb) {
-  Launch plan{1, 0, 32, 1, 1};
+// Whether a forward can run two neighbouring positions per slot (one vector
+// load per input): only row scans ("tb", "bt": neighbours are adjacent in
+// memory), of even rows, from tensors whose planes start on 2-element
+// boundaries (x and lam strides are multiples of the even plane size).
+bool pairs_fit(const ScanProblem& pb, std::initializer_list<const at::Tensor*> tensors) {
+  for (int64_t d = 0; d < pb.D; ++d) {
+    if (pb.dirs[d] != kTopBottom && pb.dirs[d] != kBottomTop) return false;
+  }
+  if (pb.W % 2 != 0) return false;
+  for (const at::Tensor* t : tensors) {
+    if (reinterpret_cast<uintptr_t>(t->data_ptr()) % (2 * t->element_size()) != 0) return false;
+  }
+  return pb.x_batch_stride % 2 == 0 && pb.x_dir_stride % 2 == 0 && pb.lam_batch_stride % 2 == 0 &&
+         pb.lam_dir_stride % 2 == 0;
+}
+
+Launch plan_launch(const ScanProblem& pb, bool pairs = false) {
+  Launch plan{1, 0, 32, 1, 1, pairs ? 2 : 1};
   for (int64_t d = 0; d < pb.D; ++d) {
     const LineGeometry geo = line_geometry(pb.dirs[d], pb.H, pb.W);
     const int64_t clen = chunk_length(pb.chunk, geo.lines);
@@ -507,8 +606,9 @@ Launch plan_launch(const ScanProblem& pb) {
               "split the image");
   TORCH_CHECK(plan.max_length <= kMaxLineLength, "gspn::scan (CUDA): lines of ", plan.max_length,
               " positions exceed the kernel's limit of ", kMaxLineLength, "; split the image");
-  while (static_cast<int64_t>(plan.rows_per_thread) * kMaxThreads < plan.max_length) plan.rows_per_thread *= 2;
-  const int64_t per_thread = (plan.max_length + plan.rows_per_thread - 1) / plan.rows_per_thread;
+  const int64_t slots = (plan.max_length + plan.positions_per_slot - 1) / plan.positions_per_slot;
+  while (static_cast<int64_t>(plan.rows_per_thread) * kMaxThreads < slots) plan.rows_per_thread *= 2;
+  const int64_t per_thread = (slots + plan.rows_per_thread - 1) / plan.rows_per_thread;
   plan.threads = static_cast<int>(std::min<int64_t>(kMaxThreads, ((per_thread + 31) / 32) * 32));
   plan.blocks = pb.B * pb.D * pb.C * plan.chunks_per_plane;
   TORCH_CHECK(plan.blocks < (int64_t(1) << 31), "gspn::scan (CUDA): too many blocks (", plan.blocks, ")");
@@ -550,17 +650,26 @@ template <typename scalar_t>
 void launch_forward(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& lam, at::Tensor& out,
                     const ScanProblem& pb) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Launch plan = plan_launch(pb);
+  const Launch plan = plan_launch(pb, pairs_fit(pb, {&x, &gates, &lam, &out}));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const size_t smem = 2 * (plan.max_length + 2) * sizeof(acc_t);
   with_rows_per_thread(plan.rows_per_thread, [&](auto rpt) {
     with_bool(pb.normalize, [&](auto norm) {
-      auto kernel = scan_forward_kernel<scalar_t, acc_t, decltype(rpt)::value, decltype(norm)::value>;
-      set_shared_memory(kernel, smem);
-      GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
-          x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pb,
-          plan.chunks_per_plane);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_bool(plan.positions_per_slot == 2, [&](auto pairs) {
+        // decay: a nested lambda's decltype of the outer parameters is a reference type in GCC
+        constexpr int RPT = std::decay_t<decltype(rpt)>::value, V = decltype(pairs)::value ? 2 : 1;
+        constexpr bool NORM = std::decay_t<decltype(norm)>::value;
+        if constexpr (RPT * V <= kMaxRowsPerThread) {  // lines of at most 512 * 8 positions: pairs need RPT <= 4
+          auto kernel = scan_forward_kernel<scalar_t, acc_t, RPT, NORM, V>;
+          set_shared_memory(kernel, smem);
+          GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
+              x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+              pb, plan.chunks_per_plane);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        } else {
+          TORCH_CHECK(false, "gspn::scan (CUDA): no kernel for ", RPT, " pairs of positions per thread");
+        }
+      });
     });
   });
 }

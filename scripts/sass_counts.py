@@ -41,10 +41,11 @@ def describe(mangled: str) -> str:
     name, rest = match.groups()
     if name == "normalize_backward_kernel":  # gate gradients in float32 (shared groups) or the input dtype
         return f"{name} dgates={'float32' if rest.split('E', 1)[1].startswith('f') else 'input'}"
-    rpt = re.search(r"Li(\d)E", rest).group(1)
+    ints = re.findall(r"Li(\d)E", rest)  # RPT, then (forward) positions per slot
     flags = [int(b) for b in re.findall(r"Lb([01])E", rest)]
     labels = ["norm", "atomic"]
-    return f"{name} RPT={rpt} " + " ".join(f"{label}={flag}" for label, flag in zip(labels, flags))
+    pairs = f" V={ints[1]}" if len(ints) > 1 else ""
+    return f"{name} RPT={ints[0]}{pairs} " + " ".join(f"{label}={flag}" for label, flag in zip(labels, flags))
 
 
 def largest_loop(instructions: list) -> list:

@@ -196,6 +196,27 @@ def test_lines_of_several_positions_per_thread(device, length):
         assert_close_scaled(g.grad, w.grad, 1e-4, f"grad {name}")
 
 
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("width", [2, 6, 64, 1100, 2050, 7])
+def test_row_scans_of_even_rows(device, dtype, width):
+    """Row scans alone ("tb", "bt": how the CUDA column route runs every
+    scan), where the CUDA forward moves two neighbouring positions per slot
+    on even rows (1, 2 and 4 pairs per thread at these widths): against the
+    reference, and the same from an input that starts off a 2-element
+    boundary (which must fall back to single positions) and from odd rows."""
+    rows = ("tb", "bt")
+    x, gates, lam = make_inputs(2, 3, 3, 5, width, dtype, device, "even rows", width, dirs=2)
+    tolerance = TOLERANCE[dtype] * (4 if dtype == torch.float16 else 1)  # the gates' rounding, as below
+    storage = torch.zeros(x.numel() + 1, dtype=dtype, device=device)
+    shifted = storage[1:].view(x.shape).copy_(x)  # one element into its storage
+    for chunk, normalize in ((None, True), (2, False)):
+        want = reference_of(x, gates, lam, chunk, normalize, directions=rows)
+        for inputs in ((x, gates, lam), (shifted, gates, lam)):
+            got = gspn_scan_4dir(*inputs, chunk, normalize, directions=rows)
+            assert_close_scaled(got, want, tolerance, f"chunk={chunk} normalize={normalize}")
+
+
 # ---- gradients --------------------------------------------------------------
 
 
