@@ -172,7 +172,7 @@ __device__ inline void load_positions(const scalar_t* p, scalar_t (&v)[V]) {
     v[0] = load_global(p);
   } else {
 #ifdef GSPN_CUDA_SIM
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(p) % (2 * sizeof(scalar_t)) == 0, "CUDA simulator: misaligned pair load");
+    gspn_sim::device_check(reinterpret_cast<uintptr_t>(p) % (2 * sizeof(scalar_t)) == 0, "misaligned pair load");
     v[0] = p[0];
     v[1] = p[1];
 #else
@@ -205,7 +205,7 @@ __device__ inline void store_positions(scalar_t* p, const acc_t (&h)[V]) {
   } else {
     const scalar_t a = static_cast<scalar_t>(h[0]), b = static_cast<scalar_t>(h[1]);
 #ifdef GSPN_CUDA_SIM
-    TORCH_CHECK(reinterpret_cast<uintptr_t>(p) % (2 * sizeof(scalar_t)) == 0, "CUDA simulator: misaligned pair store");
+    gspn_sim::device_check(reinterpret_cast<uintptr_t>(p) % (2 * sizeof(scalar_t)) == 0, "misaligned pair store");
     p[0] = a;
     p[1] = b;
 #else
@@ -353,7 +353,7 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
       const bool first = t == t_begin;
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
-        if (slots.live[r]) {  // V = 2: the line is even, so both positions are
+        if (slots.live[r]) {  // with V = 2 lines are even: both positions of a live slot are live
           acc_t h[V];
 #pragma unroll
           for (int v = 0; v < V; ++v) {

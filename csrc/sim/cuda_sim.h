@@ -33,6 +33,7 @@
 #include <memory>
 #include <numeric>
 #include <random>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -111,11 +112,19 @@ struct Block {
   void (*body)(void*) = nullptr;
   void* args = nullptr;
   std::vector<unsigned char> dynamic_shared;
+  std::string error;  // the first failed device_check of the block
 };
 
 inline thread_local Block running;
 
 inline unsigned char* dynamic_shared() { return running.dynamic_shared.data(); }
+
+// A check inside a kernel. An exception cannot leave a fiber (it would unwind
+// into makecontext's frame and terminate the process), so the first failure
+// is kept and raised by the launch once the block has finished.
+inline void device_check(bool ok, const char* what) {
+  if (!ok && running.error.empty()) running.error = what;
+}
 
 inline void fiber_main() {
   running.body(running.args);
@@ -204,8 +213,10 @@ struct Launch {
         for (unsigned x = 0; x < grid.x; ++x) {
           blockIdx = dim3(x, y, z);
           running.dynamic_shared.assign(shared_bytes, 0xFF);
+          running.error.clear();
           const uint64_t linear = (uint64_t(z) * grid.y + y) * grid.x + x;
           run_block(threads.x * threads.y * threads.z, 0x9E3779B97F4A7C15ull * (linear + 1));
+          TORCH_CHECK(running.error.empty(), "CUDA simulator: in block (", x, ", ", y, ", ", z, "): ", running.error);
         }
       }
     }
