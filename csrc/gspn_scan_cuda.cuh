@@ -370,20 +370,20 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
   }
 }
 
-// The backward's inputs at one position, as stored; hprev is h[t-1] there.
-template <typename scalar_t>
+// The backward's inputs at one slot's V positions, as stored; hprev is h[t-1] there.
+template <typename scalar_t, int V>
 struct BackwardSlot {
-  scalar_t go, x, lam, g0, g1, g2, hprev;
+  scalar_t go[V], x[V], lam[V], g0[V], g1[V], g2[V], hprev[V];
 };
 
 // Lines t0 .. t0 + K - 1 of the backward's inputs, clipped to t_last as in
 // the forward. The chunk's first line has no previous line: it reads its own
 // h for hprev (valid, unused).
-template <typename scalar_t, int RPT, int K>
-__device__ inline void load_backward_tile(BackwardSlot<scalar_t> (&tile)[K][RPT], const scalar_t* ghp,
+template <typename scalar_t, int RPT, int V, int K>
+__device__ inline void load_backward_tile(BackwardSlot<scalar_t, V> (&tile)[K][RPT], const scalar_t* ghp,
                                           const scalar_t* hp, const scalar_t* xp, const scalar_t* lp,
                                           const scalar_t* g0p, const scalar_t* g1p, const scalar_t* g2p,
-                                          const BlockLines& lines, const ThreadSlots<RPT>& slots, int t0,
+                                          const BlockLines& lines, const ThreadSlots<RPT, V>& slots, int t0,
                                           int t_last, int t_begin) {
 #pragma unroll
   for (int s = 0; s < K; ++s) {
@@ -393,9 +393,13 @@ __device__ inline void load_backward_tile(BackwardSlot<scalar_t> (&tile)[K][RPT]
 #pragma unroll
     for (int r = 0; r < RPT; ++r) {
       const int o = line + slots.offset[r];
-      tile[s][r] = {load_global(ghp + o), load_global(xp + o),  load_global(lp + o),
-                    load_global(g0p + o), load_global(g1p + o), load_global(g2p + o),
-                    load_global(hp + prev_line + slots.offset[r])};
+      load_positions<V>(ghp + o, tile[s][r].go);
+      load_positions<V>(xp + o, tile[s][r].x);
+      load_positions<V>(lp + o, tile[s][r].lam);
+      load_positions<V>(g0p + o, tile[s][r].g0);
+      load_positions<V>(g1p + o, tile[s][r].g1);
+      load_positions<V>(g2p + o, tile[s][r].g2);
+      load_positions<V>(hp + (prev_line + slots.offset[r]), tile[s][r].hprev);
     }
   }
 }
@@ -412,7 +416,8 @@ struct BackwardStep {
 // line processed last (t+1), v_k = g_k * a for k = 0..2, and for the current
 // line the forward state h[t-1] whose neighbours the gate gradients read.
 // ATOMIC: several channels share a gate group and add into an fp32 buffer.
-template <typename scalar_t, typename acc_t, int RPT, bool NORM, bool ATOMIC>
+// V = 2: two neighbouring positions per slot, as in the forward.
+template <typename scalar_t, typename acc_t, int RPT, bool NORM, bool ATOMIC, int V>
 __global__ void __launch_bounds__(kMaxThreads)
 scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __restrict__ h,
                      const scalar_t* __restrict__ x, const scalar_t* __restrict__ gates,
@@ -420,12 +425,12 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
                      void* __restrict__ dgates_raw, scalar_t* __restrict__ dlam, const ScanProblem pb,
                      const int64_t chunks_per_plane) {
   using dg_t = typename std::conditional<ATOMIC, acc_t, scalar_t>::type;
-  constexpr int K = backward_tile_lines<RPT>();
+  constexpr int K = backward_tile_lines<RPT * V>();
   const BlockTask task = decode_block(pb, chunks_per_plane);
   const BlockLines lines = block_lines(pb, task);
   if (lines.begin == lines.end) return;  // uniform over the block
   const int L = lines.length, t_begin = lines.begin, t_end = lines.end;
-  const ThreadSlots<RPT> slots(L, lines.pos_stride);
+  const ThreadSlots<RPT, V> slots(L, lines.pos_stride);
 
   GSPN_DYNAMIC_SHARED(smem_raw);
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
@@ -458,28 +463,32 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
   // computed; a tile's gates are prepared for all its slots before its first
   // line, as in the forward.
   auto tile_start = [&](int t_hi) { return t_hi - K > t_begin ? t_hi - K : t_begin; };
-  BackwardSlot<scalar_t> next[K][RPT];
-  load_backward_tile<scalar_t, RPT, K>(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots, tile_start(t_end),
-                                       t_end - 1, t_begin);
+  BackwardSlot<scalar_t, V> next[K][RPT];
+  load_backward_tile<scalar_t, RPT, V, K>(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots, tile_start(t_end),
+                                          t_end - 1, t_begin);
   for (int t_hi = t_end; t_hi > t_begin; t_hi -= K) {
     const int t0 = tile_start(t_hi);
-    BackwardStep<scalar_t, acc_t> step[K][RPT];
+    BackwardStep<scalar_t, acc_t> step[K][RPT][V];
 #pragma unroll
     for (int s = 0; s < K; ++s) {
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
-        const BackwardSlot<scalar_t>& in = next[s][r];
-        BackwardStep<scalar_t, acc_t>& st = step[s][r];
-        st.go = in.go;
-        st.x = in.x;
-        st.lam = in.lam;
-        st.hprev = in.hprev;
-        slot_gates<acc_t, NORM>(in.g0, in.g1, in.g2, slots.has_before[r], slots.has_after[r], st.g0, st.g1, st.g2);
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          const BackwardSlot<scalar_t, V>& in = next[s][r];
+          BackwardStep<scalar_t, acc_t>& st = step[s][r][v];
+          st.go = in.go[v];
+          st.x = in.x[v];
+          st.lam = in.lam[v];
+          st.hprev = in.hprev[v];
+          slot_gates<acc_t, NORM>(in.g0[v], in.g1[v], in.g2[v], slots.before(r, v), slots.after(r, v), st.g0, st.g1,
+                                  st.g2);
+        }
       }
     }
     if (t0 > t_begin) {
-      load_backward_tile<scalar_t, RPT, K>(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots, tile_start(t0),
-                                           t0 - 1, t_begin);
+      load_backward_tile<scalar_t, RPT, V, K>(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots, tile_start(t0),
+                                              t0 - 1, t_begin);
     }
 #pragma unroll
     for (int s = K - 1; s >= 0; --s) {
@@ -491,46 +500,59 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
       acc_t* hcur = smem + (6 + j) * pitch + 1;
       const int line = lines.offset(t);
       const bool last = t == t_end - 1;
-      acc_t adj[RPT];
+      acc_t adj[RPT][V];
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
-        adj[r] = acc_t(0);
-        if (slots.live[r]) {
-          const int p = slots.pos[r], o = line + slots.offset[r];
-          const BackwardStep<scalar_t, acc_t>& st = step[s][r];
-          const acc_t go = static_cast<acc_t>(st.go);
-          const acc_t a = go + (last ? acc_t(0) : gather_adjoint(vn + p, vn + pitch + p, vn + 2 * pitch + p));
-          adj[r] = a;
-          store_global(dxp + o, static_cast<scalar_t>(static_cast<acc_t>(st.lam) * a));
-          store_global(dlp + o, static_cast<scalar_t>(static_cast<acc_t>(st.x) * a));
-          vc[p] = st.g0 * a;
-          vc[pitch + p] = st.g1 * a;
-          vc[2 * pitch + p] = st.g2 * a;
-          hcur[p] = static_cast<acc_t>(st.hprev);
+        if (slots.live[r]) {  // with V = 2 lines are even: both positions of a live slot are live
+          const int o = line + slots.offset[r];
+          acc_t dx_v[V], dlam_v[V];
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            const int p = slots.pos[r] + v;
+            const BackwardStep<scalar_t, acc_t>& st = step[s][r][v];
+            const acc_t go = static_cast<acc_t>(st.go);
+            const acc_t a = go + (last ? acc_t(0) : gather_adjoint(vn + p, vn + pitch + p, vn + 2 * pitch + p));
+            adj[r][v] = a;
+            dx_v[v] = static_cast<acc_t>(st.lam) * a;
+            dlam_v[v] = static_cast<acc_t>(st.x) * a;
+            vc[p] = st.g0 * a;
+            vc[pitch + p] = st.g1 * a;
+            vc[2 * pitch + p] = st.g2 * a;
+            hcur[p] = static_cast<acc_t>(st.hprev);
+          }
+          store_positions<V>(dxp + o, dx_v);
+          store_positions<V>(dlp + o, dlam_v);
         }
       }
       __syncthreads();
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
         if (!slots.live[r]) continue;
-        const int p = slots.pos[r], o = line + slots.offset[r];
-        if (t > t_begin) {
-          const acc_t a = adj[r];
-          const acc_t d0 = a * hcur[p - 1], d1 = a * hcur[p], d2 = a * hcur[p + 1];
-          if constexpr (ATOMIC) {
-            add_global(dg0 + o, d0);
-            add_global(dg1 + o, d1);
-            add_global(dg2 + o, d2);
-          } else {
-            store_global(dg0 + o, static_cast<dg_t>(d0));
-            store_global(dg1 + o, static_cast<dg_t>(d1));
-            store_global(dg2 + o, static_cast<dg_t>(d2));
+        const int o = line + slots.offset[r];
+        // Zero on the first line of a chunk, whose gates act on no previous line.
+        const bool has_prev = t > t_begin;
+        acc_t d0[V], d1[V], d2[V];
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          const int p = slots.pos[r] + v;
+          const acc_t a = adj[r][v];
+          d0[v] = has_prev ? a * hcur[p - 1] : acc_t(0);
+          d1[v] = has_prev ? a * hcur[p] : acc_t(0);
+          d2[v] = has_prev ? a * hcur[p + 1] : acc_t(0);
+        }
+        if constexpr (ATOMIC) {
+          if (has_prev) {
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+              add_global(dg0 + (o + v), d0[v]);
+              add_global(dg1 + (o + v), d1[v]);
+              add_global(dg2 + (o + v), d2[v]);
+            }
           }
-        } else if (!ATOMIC) {  // the first line of a chunk has no previous line: its gates act on zeros
-          const dg_t zero = static_cast<dg_t>(acc_t(0));
-          store_global(dg0 + o, zero);
-          store_global(dg1 + o, zero);
-          store_global(dg2 + o, zero);
+        } else {
+          store_positions<V>(dg0 + o, d0);
+          store_positions<V>(dg1 + o, d1);
+          store_positions<V>(dg2 + o, d2);
         }
       }
     }
@@ -680,20 +702,29 @@ void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Te
                      const at::Tensor& lam, at::Tensor& dx, at::Tensor& dgates, at::Tensor& dlam,
                      const ScanProblem& pb, bool atomic) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Launch plan = plan_launch(pb);
+  const Launch plan = plan_launch(pb, pairs_fit(pb, {&grad_h, &h, &x, &gates, &lam, &dx, &dgates, &dlam}));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const size_t smem = 8 * (plan.max_length + 2) * sizeof(acc_t);
   with_rows_per_thread(plan.rows_per_thread, [&](auto rpt) {
     with_bool(pb.normalize, [&](auto norm) {
       with_bool(atomic, [&](auto use_atomic) {
-        auto kernel = scan_backward_kernel<scalar_t, acc_t, decltype(rpt)::value, decltype(norm)::value,
-                                           decltype(use_atomic)::value>;
-        set_shared_memory(kernel, smem);
-        GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
-            grad_h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
-            lam.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dgates.data_ptr(), dlam.data_ptr<scalar_t>(), pb,
-            plan.chunks_per_plane);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        with_bool(plan.positions_per_slot == 2, [&](auto pairs) {
+          // decay: a nested lambda's decltype of the outer parameters is a reference type in GCC
+          constexpr int RPT = std::decay_t<decltype(rpt)>::value, V = decltype(pairs)::value ? 2 : 1;
+          constexpr bool NORM = std::decay_t<decltype(norm)>::value;
+          constexpr bool ATOMIC = std::decay_t<decltype(use_atomic)>::value;
+          if constexpr (RPT * V <= kMaxRowsPerThread) {  // pairs need RPT <= 4, as in the forward
+            auto kernel = scan_backward_kernel<scalar_t, acc_t, RPT, NORM, ATOMIC, V>;
+            set_shared_memory(kernel, smem);
+            GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
+                grad_h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                gates.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dgates.data_ptr(),
+                dlam.data_ptr<scalar_t>(), pb, plan.chunks_per_plane);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          } else {
+            TORCH_CHECK(false, "gspn::scan_backward (CUDA): no kernel for ", RPT, " pairs of positions per thread");
+          }
+        });
       });
     });
   });

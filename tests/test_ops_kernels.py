@@ -201,20 +201,30 @@ def test_lines_of_several_positions_per_thread(device, length):
 @pytest.mark.parametrize("width", [2, 6, 64, 1100, 2050, 7])
 def test_row_scans_of_even_rows(device, dtype, width):
     """Row scans alone ("tb", "bt": how the CUDA column route runs every
-    scan), where the CUDA forward moves two neighbouring positions per slot
-    on even rows (1, 2 and 4 pairs per thread at these widths): against the
-    reference, and the same from an input that starts off a 2-element
-    boundary (which must fall back to single positions) and from odd rows."""
+    scan), where the CUDA kernels move two neighbouring positions per slot on
+    even rows (1, 2 and 4 pairs per thread at these widths): forward and
+    gradients against the reference, with per-channel and shared gates, and
+    the same from an input that starts off a 2-element boundary (which must
+    fall back to single positions) and from odd rows."""
     rows = ("tb", "bt")
-    x, gates, lam = make_inputs(2, 3, 3, 5, width, dtype, device, "even rows", width, dirs=2)
     tolerance = TOLERANCE[dtype] * (4 if dtype == torch.float16 else 1)  # the gates' rounding, as below
-    storage = torch.zeros(x.numel() + 1, dtype=dtype, device=device)
-    shifted = storage[1:].view(x.shape).copy_(x)  # one element into its storage
-    for chunk, normalize in ((None, True), (2, False)):
-        want = reference_of(x, gates, lam, chunk, normalize, directions=rows)
-        for inputs in ((x, gates, lam), (shifted, gates, lam)):
-            got = gspn_scan_4dir(*inputs, chunk, normalize, directions=rows)
-            assert_close_scaled(got, want, tolerance, f"chunk={chunk} normalize={normalize}")
+    grad_tolerance = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2}[dtype]
+    grad = torch.randn(2, 2, 4, 5, width, generator=generator_for("even rows grad", width), dtype=torch.float64)
+    for groups in (4, 2):
+        x, gates, lam = make_inputs(2, 4, groups, 5, width, dtype, device, "even rows", width, dirs=2)
+        shifted = torch.zeros(x.numel() + 1, dtype=dtype, device=device)[1:].view(x.shape).copy_(x)
+        for chunk, normalize in ((None, True), (2, False)):
+            ref_inputs = [t.detach().double().cpu().requires_grad_() for t in (x, gates, lam)]
+            want = scan_directions_reference(*ref_inputs, rows, chunk, normalize)
+            want.backward(grad)
+            for first in (x, shifted):
+                inputs = [t.detach().requires_grad_() for t in (first, gates, lam)]
+                got = gspn_scan_4dir(*inputs, chunk, normalize, directions=rows)
+                got.backward(grad.to(device=device, dtype=dtype))
+                what = f"G={groups} chunk={chunk} normalize={normalize}"
+                assert_close_scaled(got, want, tolerance, what)
+                for name, g, w in zip(("x", "gates", "lam"), inputs, ref_inputs):
+                    assert_close_scaled(g.grad, w.grad, grad_tolerance, f"{what} grad {name}")
 
 
 # ---- gradients --------------------------------------------------------------
