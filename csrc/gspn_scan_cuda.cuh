@@ -599,7 +599,7 @@ struct Launch {
   int positions_per_slot;
 };
 
-// Whether a forward can run two neighbouring positions per slot (one vector
+// Whether a launch can run two neighbouring positions per slot (one vector
 // load per input): only row scans ("tb", "bt": neighbours are adjacent in
 // memory), of even rows, from tensors whose planes start on 2-element
 // boundaries (x and lam strides are multiples of the even plane size).
@@ -649,14 +649,26 @@ void set_shared_memory(Kernel kernel, size_t bytes) {
   }
 }
 
-// Calls f with RPT (1, 2, 4 or 8) as a compile-time constant.
+// Calls f(RPT, V) with the plan's slots per thread and positions per slot
+// as compile-time constants: only the layouts plan_launch makes (RPT 1, 2, 4
+// or 8 single positions; pairs need at most 2048 slots, so RPT 1, 2 or 4).
 template <typename F>
-void with_rows_per_thread(int rpt, F&& f) {
-  switch (rpt) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    default: f(std::integral_constant<int, 8>{}); break;
+void with_slot_layout(const Launch& plan, F&& f) {
+  using single = std::integral_constant<int, 1>;
+  using pair = std::integral_constant<int, 2>;
+  if (plan.positions_per_slot == 2) {
+    switch (plan.rows_per_thread) {
+      case 1: f(std::integral_constant<int, 1>{}, pair{}); break;
+      case 2: f(std::integral_constant<int, 2>{}, pair{}); break;
+      default: f(std::integral_constant<int, 4>{}, pair{}); break;
+    }
+    return;
+  }
+  switch (plan.rows_per_thread) {
+    case 1: f(std::integral_constant<int, 1>{}, single{}); break;
+    case 2: f(std::integral_constant<int, 2>{}, single{}); break;
+    case 4: f(std::integral_constant<int, 4>{}, single{}); break;
+    default: f(std::integral_constant<int, 8>{}, single{}); break;
   }
 }
 
@@ -675,23 +687,16 @@ void launch_forward(const at::Tensor& x, const at::Tensor& gates, const at::Tens
   const Launch plan = plan_launch(pb, pairs_fit(pb, {&x, &gates, &lam, &out}));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const size_t smem = 2 * (plan.max_length + 2) * sizeof(acc_t);
-  with_rows_per_thread(plan.rows_per_thread, [&](auto rpt) {
+  with_slot_layout(plan, [&](auto rpt, auto positions) {
     with_bool(pb.normalize, [&](auto norm) {
-      with_bool(plan.positions_per_slot == 2, [&](auto pairs) {
-        // decay: a nested lambda's decltype of the outer parameters is a reference type in GCC
-        constexpr int RPT = std::decay_t<decltype(rpt)>::value, V = decltype(pairs)::value ? 2 : 1;
-        constexpr bool NORM = std::decay_t<decltype(norm)>::value;
-        if constexpr (RPT * V <= kMaxRowsPerThread) {  // lines of at most 512 * 8 positions: pairs need RPT <= 4
-          auto kernel = scan_forward_kernel<scalar_t, acc_t, RPT, NORM, V>;
-          set_shared_memory(kernel, smem);
-          GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
-              x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-              pb, plan.chunks_per_plane);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        } else {
-          TORCH_CHECK(false, "gspn::scan (CUDA): no kernel for ", RPT, " pairs of positions per thread");
-        }
-      });
+      // decay: in a nested generic lambda GCC gives decltype of the outer parameters as references
+      auto kernel = scan_forward_kernel<scalar_t, acc_t, std::decay_t<decltype(rpt)>::value, decltype(norm)::value,
+                                        std::decay_t<decltype(positions)>::value>;
+      set_shared_memory(kernel, smem);
+      GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
+          x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pb,
+          plan.chunks_per_plane);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }
@@ -705,26 +710,19 @@ void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Te
   const Launch plan = plan_launch(pb, pairs_fit(pb, {&grad_h, &h, &x, &gates, &lam, &dx, &dgates, &dlam}));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const size_t smem = 8 * (plan.max_length + 2) * sizeof(acc_t);
-  with_rows_per_thread(plan.rows_per_thread, [&](auto rpt) {
+  with_slot_layout(plan, [&](auto rpt, auto positions) {
     with_bool(pb.normalize, [&](auto norm) {
       with_bool(atomic, [&](auto use_atomic) {
-        with_bool(plan.positions_per_slot == 2, [&](auto pairs) {
-          // decay: a nested lambda's decltype of the outer parameters is a reference type in GCC
-          constexpr int RPT = std::decay_t<decltype(rpt)>::value, V = decltype(pairs)::value ? 2 : 1;
-          constexpr bool NORM = std::decay_t<decltype(norm)>::value;
-          constexpr bool ATOMIC = std::decay_t<decltype(use_atomic)>::value;
-          if constexpr (RPT * V <= kMaxRowsPerThread) {  // pairs need RPT <= 4, as in the forward
-            auto kernel = scan_backward_kernel<scalar_t, acc_t, RPT, NORM, ATOMIC, V>;
-            set_shared_memory(kernel, smem);
-            GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
-                grad_h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                gates.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dgates.data_ptr(),
-                dlam.data_ptr<scalar_t>(), pb, plan.chunks_per_plane);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
-          } else {
-            TORCH_CHECK(false, "gspn::scan_backward (CUDA): no kernel for ", RPT, " pairs of positions per thread");
-          }
-        });
+        // decay: in a nested generic lambda GCC gives decltype of the outer parameters as references
+        auto kernel = scan_backward_kernel<scalar_t, acc_t, std::decay_t<decltype(rpt)>::value,
+                                           std::decay_t<decltype(norm)>::value, decltype(use_atomic)::value,
+                                           std::decay_t<decltype(positions)>::value>;
+        set_shared_memory(kernel, smem);
+        GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
+            grad_h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
+            lam.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dgates.data_ptr(), dlam.data_ptr<scalar_t>(), pb,
+            plan.chunks_per_plane);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   });
