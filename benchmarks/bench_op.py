@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import platform
 import sys
 from pathlib import Path
@@ -163,10 +164,14 @@ def run(args) -> dict:
         "dtype": args.dtype,
         "backend": {"cpu": status.cpu, "cuda": status.cuda},
         "keep_freed_cpu_memory": keep_freed,
+        # CUDA launch planning: blocks packed several per SM, or the widest blocks (GSPN_CUDA_PACK=0)
+        "cuda_pack_blocks": os.environ.get("GSPN_CUDA_PACK", "1") != "0",
         "rows": [],
     }
     print(f"# {results['device']}  torch {torch.__version__}  {args.dtype}  threads={results['threads']}"
-          + ("  malloc: keep freed memory" if keep_freed else ""))
+          + ("  malloc: keep freed memory" if keep_freed else "")
+          + ("  CUDA blocks: widest (GSPN_CUDA_PACK=0)" if device.type == "cuda" and not results["cuda_pack_blocks"]
+             else ""))
     print(f"{'C':>4} {'G':>4} {'side':>5} {'what':<22} {'ms':>10} {'GB/s':>8} {'%copy':>6}")
     gen = torch.Generator(device=device).manual_seed(0)
     for channels in args.channels:

@@ -36,7 +36,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <initializer_list>
+#include <limits>
 #include <type_traits>
 
 #include "gspn_cuda_api.cuh"
@@ -597,6 +600,13 @@ struct Launch {
   int rows_per_thread;  // slots per thread
   int64_t max_length;
   int positions_per_slot;
+
+  int64_t slots() const { return (max_length + positions_per_slot - 1) / positions_per_slot; }
+  // Threads of a block: the line's slots at rows_per_thread each, in whole warps.
+  int threads_needed() const {
+    const int64_t per_thread = (slots() + rows_per_thread - 1) / rows_per_thread;
+    return static_cast<int>(std::min<int64_t>(kMaxThreads, ((per_thread + 31) / 32) * 32));
+  }
 };
 
 // Whether a launch can run two neighbouring positions per slot (one vector
@@ -628,13 +638,57 @@ Launch plan_launch(const ScanProblem& pb, bool pairs = false) {
               "split the image");
   TORCH_CHECK(plan.max_length <= kMaxLineLength, "gspn::scan (CUDA): lines of ", plan.max_length,
               " positions exceed the kernel's limit of ", kMaxLineLength, "; split the image");
-  const int64_t slots = (plan.max_length + plan.positions_per_slot - 1) / plan.positions_per_slot;
-  while (static_cast<int64_t>(plan.rows_per_thread) * kMaxThreads < slots) plan.rows_per_thread *= 2;
-  const int64_t per_thread = (slots + plan.rows_per_thread - 1) / plan.rows_per_thread;
-  plan.threads = static_cast<int>(std::min<int64_t>(kMaxThreads, ((per_thread + 31) / 32) * 32));
+  while (static_cast<int64_t>(plan.rows_per_thread) * kMaxThreads < plan.slots()) plan.rows_per_thread *= 2;
+  plan.threads = plan.threads_needed();
   plan.blocks = pb.B * pb.D * pb.C * plan.chunks_per_plane;
   TORCH_CHECK(plan.blocks < (int64_t(1) << 31), "gspn::scan (CUDA): too many blocks (", plan.blocks, ")");
   return plan;
+}
+
+// GSPN_CUDA_PACK=0 turns pack_blocks off (the widest blocks, as before it),
+// so a benchmark can time both plans with one build.
+bool packing_enabled() {
+  const char* value = std::getenv("GSPN_CUDA_PACK");
+  return value == nullptr || std::strcmp(value, "0") != 0;
+}
+
+int multiprocessors() {
+  int device = 0, count = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return std::max(count, 1);
+}
+
+// A plane's (or chunk's) lines are one block's sequential work, so a launch
+// takes as many rounds of blocks ("waves") as the GPU cannot hold at once,
+// each as long as a whole plane: on an H200, 320 planes of 512-thread blocks
+// (one block per SM at ~100 registers per thread) ran in 3 waves, each line
+// waiting on its block's barrier and memory with nothing else to issue. More
+// slots per thread means fewer threads per block and more blocks per SM, the
+// same instructions in total: the plan takes the fewest slots per thread that
+// need the fewest waves. A GPU that holds every block at once keeps the
+// widest blocks (the most threads on each line); a launch of many planes runs
+// them side by side instead, whose barriers and memory waits then overlap.
+// resident_blocks(plan): blocks of that plan one SM holds (the occupancy API).
+template <typename ResidentBlocks>
+void pack_blocks(Launch& plan, ResidentBlocks&& resident_blocks) {
+  const int64_t sms = multiprocessors();
+  if (plan.blocks <= sms || !packing_enabled()) return;
+  auto waves = [&](const Launch& candidate) {
+    const int64_t per_sm = resident_blocks(candidate);
+    return per_sm > 0 ? (candidate.blocks + sms * per_sm - 1) / (sms * per_sm) : std::numeric_limits<int64_t>::max();
+  };
+  const int max_rows = plan.positions_per_slot == 2 ? kMaxRowsPerThread / 2 : kMaxRowsPerThread;
+  int64_t fewest = waves(plan);
+  for (Launch candidate = plan; fewest > 1 && candidate.rows_per_thread < max_rows && candidate.threads > 32;) {
+    candidate.rows_per_thread *= 2;
+    candidate.threads = candidate.threads_needed();
+    const int64_t w = waves(candidate);
+    if (w < fewest) {
+      fewest = w;
+      plan = candidate;
+    }
+  }
 }
 
 template <typename Kernel>
@@ -678,26 +732,64 @@ void with_bool(bool value, F&& f) {
   else f(std::false_type{});
 }
 
+// Blocks of `plan` one SM holds with kernel (which uses `shared_bytes` of dynamic shared memory).
+template <typename Kernel>
+int resident_blocks(Kernel kernel, const Launch& plan, size_t shared_bytes) {
+  set_shared_memory(kernel, shared_bytes);
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, plan.threads, shared_bytes));
+  return blocks;
+}
+
+// Calls f(kernel) with the forward kernel of plan's slot layout.
+template <typename scalar_t, typename F>
+void with_forward_kernel(const Launch& plan, bool normalize, F&& f) {
+  using acc_t = at::opmath_type<scalar_t>;
+  with_slot_layout(plan, [&](auto rpt, auto positions) {
+    with_bool(normalize, [&](auto norm) {
+      // decay: in a nested generic lambda GCC gives decltype of the outer parameters as references
+      f(scan_forward_kernel<scalar_t, acc_t, std::decay_t<decltype(rpt)>::value, decltype(norm)::value,
+                            std::decay_t<decltype(positions)>::value>);
+    });
+  });
+}
+
+// Calls f(kernel) with the backward kernel of plan's slot layout.
+template <typename scalar_t, typename F>
+void with_backward_kernel(const Launch& plan, bool normalize, bool atomic, F&& f) {
+  using acc_t = at::opmath_type<scalar_t>;
+  with_slot_layout(plan, [&](auto rpt, auto positions) {
+    with_bool(normalize, [&](auto norm) {
+      with_bool(atomic, [&](auto use_atomic) {
+        f(scan_backward_kernel<scalar_t, acc_t, std::decay_t<decltype(rpt)>::value,
+                               std::decay_t<decltype(norm)>::value, decltype(use_atomic)::value,
+                               std::decay_t<decltype(positions)>::value>);
+      });
+    });
+  });
+}
+
 }  // namespace
 
 template <typename scalar_t>
 void launch_forward(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& lam, at::Tensor& out,
                     const ScanProblem& pb) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Launch plan = plan_launch(pb, pairs_fit(pb, {&x, &gates, &lam, &out}));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  Launch plan = plan_launch(pb, pairs_fit(pb, {&x, &gates, &lam, &out}));
   const size_t smem = 2 * (plan.max_length + 2) * sizeof(acc_t);
-  with_slot_layout(plan, [&](auto rpt, auto positions) {
-    with_bool(pb.normalize, [&](auto norm) {
-      // decay: in a nested generic lambda GCC gives decltype of the outer parameters as references
-      auto kernel = scan_forward_kernel<scalar_t, acc_t, std::decay_t<decltype(rpt)>::value, decltype(norm)::value,
-                                        std::decay_t<decltype(positions)>::value>;
-      set_shared_memory(kernel, smem);
-      GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
-          x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pb,
-          plan.chunks_per_plane);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+  pack_blocks(plan, [&](const Launch& candidate) {
+    int blocks = 0;
+    with_forward_kernel<scalar_t>(candidate, pb.normalize,
+                                  [&](auto kernel) { blocks = resident_blocks(kernel, candidate, smem); });
+    return blocks;
+  });
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  with_forward_kernel<scalar_t>(plan, pb.normalize, [&](auto kernel) {
+    set_shared_memory(kernel, smem);
+    GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
+        x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pb,
+        plan.chunks_per_plane);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -707,24 +799,22 @@ void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Te
                      const at::Tensor& lam, at::Tensor& dx, at::Tensor& dgates, at::Tensor& dlam,
                      const ScanProblem& pb, bool atomic) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Launch plan = plan_launch(pb, pairs_fit(pb, {&grad_h, &h, &x, &gates, &lam, &dx, &dgates, &dlam}));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  Launch plan = plan_launch(pb, pairs_fit(pb, {&grad_h, &h, &x, &gates, &lam, &dx, &dgates, &dlam}));
   const size_t smem = 8 * (plan.max_length + 2) * sizeof(acc_t);
-  with_slot_layout(plan, [&](auto rpt, auto positions) {
-    with_bool(pb.normalize, [&](auto norm) {
-      with_bool(atomic, [&](auto use_atomic) {
-        // decay: in a nested generic lambda GCC gives decltype of the outer parameters as references
-        auto kernel = scan_backward_kernel<scalar_t, acc_t, std::decay_t<decltype(rpt)>::value,
-                                           std::decay_t<decltype(norm)>::value, decltype(use_atomic)::value,
-                                           std::decay_t<decltype(positions)>::value>;
-        set_shared_memory(kernel, smem);
-        GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
-            grad_h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
-            lam.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dgates.data_ptr(), dlam.data_ptr<scalar_t>(), pb,
-            plan.chunks_per_plane);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-    });
+  pack_blocks(plan, [&](const Launch& candidate) {
+    int blocks = 0;
+    with_backward_kernel<scalar_t>(candidate, pb.normalize, atomic,
+                                   [&](auto kernel) { blocks = resident_blocks(kernel, candidate, smem); });
+    return blocks;
+  });
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  with_backward_kernel<scalar_t>(plan, pb.normalize, atomic, [&](auto kernel) {
+    set_shared_memory(kernel, smem);
+    GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
+        grad_h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
+        lam.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dgates.data_ptr(), dlam.data_ptr<scalar_t>(), pb,
+        plan.chunks_per_plane);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 

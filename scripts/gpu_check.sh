@@ -4,7 +4,7 @@
 # so that a hang or a slow stage still leaves the others' results.
 #
 #   bash scripts/gpu_check.sh                  # every stage, full sizes (~15 min)
-#   bash scripts/gpu_check.sh build tests op   # some: build tests op unet distill e2e fidelity shapes
+#   bash scripts/gpu_check.sh build tests op   # some: build tests op op-widest unet distill e2e fidelity shapes
 #   bash scripts/gpu_check.sh quick            # every stage, sizes that fit ~4 min of a lease
 #   bash scripts/gpu_check.sh quick build op   # those stages at the quick sizes
 #
@@ -78,6 +78,11 @@ if want op && [[ -n $baseline ]]; then
         stage "operator benchmark, baseline tree" 240 python3 "$baseline/benchmarks/bench_op.py" $op_args \
         --json "$out/bench_op_cuda_baseline.json"
 fi
+# Not in the default set: the operator benchmark again with the widest CUDA
+# blocks (GSPN_CUDA_PACK=0, the launch plan before blocks were packed several
+# per SM; csrc/README.md), the same build: A/B of the launch planning alone.
+want op-widest && GSPN_CUDA_PACK=0 stage "operator benchmark, widest blocks" 240 python3 benchmarks/bench_op.py \
+    $op_args --json "$out/bench_op_cuda_widest.json"
 want unet && stage "UNet step benchmark" 300 python3 benchmarks/bench_unet.py --models sd15 sdxl \
     $unet_args --json "$out/bench_unet.json"
 want e2e && stage "end-to-end high-resolution benchmark" 300 python3 benchmarks/bench_e2e.py \

@@ -180,11 +180,16 @@ def test_column_tiles_of_every_width(device, dtype, channels, groups, height, wi
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("length", [513, 1100, 2100])
-def test_lines_of_several_positions_per_thread(device, length):
+@pytest.mark.parametrize("pack", ["1", "0"], ids=["packed", "widest"])
+def test_lines_of_several_positions_per_thread(device, length, pack, monkeypatch):
     """Lines longer than a CUDA block's 512 threads, where each thread owns 2,
     4 or 8 positions (the kernels' RPT variants, each with its own tile depth),
     as rows of a 3-row plane (its 'lr'/'rl' scans: 3-position lines): forward
-    and gradients with fused normalisation against the reference."""
+    and gradients with fused normalisation against the reference. Its 8
+    planes are more than the simulator's 4 multiprocessors, so the CUDA launch
+    planning packs blocks (more positions per thread: 8 at 1100) unless
+    GSPN_CUDA_PACK=0 keeps the widest blocks; both run here."""
+    monkeypatch.setenv("GSPN_CUDA_PACK", pack)
     key = ("positions per thread", length)
     x, _, lam = make_inputs(1, 2, 1, 3, length, torch.float32, device, *key, dirs=4)
     logits = torch.randn(1, 4, 1, 3, 3, length, generator=generator_for("logits", *key), dtype=torch.float64)

@@ -62,20 +62,34 @@ inline T __ldg(const T* p) {
 
 using cudaStream_t = void*;
 using cudaError_t = int;
-enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin };
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin, cudaDevAttrMultiProcessorCount };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 // What an H100/H200 allows a block, so launches too big for them fail here too.
 constexpr int kSimSharedMemoryPerBlock = 227 * 1024;
+// A small GPU, so that test shapes of a few planes already make the launch
+// planning pack several blocks per multiprocessor (and so run the kernels'
+// many-slots-per-thread layouts).
+constexpr int kSimMultiprocessors = 4;
 inline cudaError_t cudaGetDevice(int* device) {
   *device = 0;
   return 0;
 }
-inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
-  *value = kSimSharedMemoryPerBlock;
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  *value = attr == cudaDevAttrMultiProcessorCount ? kSimMultiprocessors : kSimSharedMemoryPerBlock;
   return 0;
 }
 template <typename Kernel>
 inline cudaError_t cudaFuncSetAttribute(Kernel, cudaFuncAttribute, int) {
+  return 0;
+}
+// As an H100 would answer for a kernel of 128 registers per thread (the
+// kernels' __launch_bounds__ cap): 64K registers, 2048 threads, 32 blocks and
+// 228 KB of shared memory per multiprocessor.
+template <typename Kernel>
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel, int threads, size_t shared_bytes) {
+  int n = std::min({32, 2048 / threads, 65536 / (128 * threads)});
+  if (shared_bytes > 0) n = std::min<int>(n, static_cast<int>(228 * 1024 / (shared_bytes + 1024)));
+  *blocks = n;
   return 0;
 }
 #define C10_CUDA_CHECK(expr) (void)(expr)
