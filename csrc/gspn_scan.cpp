@@ -41,7 +41,6 @@ void scan_forward_cuda(const at::Tensor& x, const at::Tensor& gates, const at::T
 void scan_backward_cuda(const at::Tensor& grad_h, const at::Tensor& h, const at::Tensor& x,
                         const at::Tensor& gates, const at::Tensor& lam, at::Tensor& dx,
                         at::Tensor& dgates, at::Tensor& dlam, const ScanProblem& pb);
-at::Tensor normalize_backward_cuda(const at::Tensor& logits, const at::Tensor& dgates, const ScanProblem& pb);
 at::Tensor contiguous_cuda(const at::Tensor& t);
 #endif
 
@@ -706,15 +705,9 @@ at::Tensor normalize_backward_cpu(const at::Tensor& logits, const at::Tensor& dg
 }
 
 // Chain rule from the normalised gates' gradients to the logits' (fused
-// normalisation); dgates in the logits' dtype or in float32 (shared groups).
+// normalisation) on the CPU; dgates in float32. (The CUDA backward kernel
+// applies it per position itself.)
 at::Tensor normalize_backward(const at::Tensor& logits, const at::Tensor& dgates, const ScanProblem& pb) {
-  if (runs_cuda_kernels(logits)) {
-#ifdef GSPN_WITH_CUDA
-    return normalize_backward_cuda(logits, dgates, pb);
-#else
-    TORCH_CHECK(false, "gspn::scan_backward: this build has no CUDA kernels");
-#endif
-  }
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "gspn_normalize_backward_cpu",
                                   [&] { out = normalize_backward_cpu<scalar_t>(logits, dgates, pb); });
@@ -780,7 +773,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_backward(
   } else if (runs_cuda_kernels(x)) {
 #ifdef GSPN_WITH_CUDA
     // Channels sharing a gate group add into one fp32 buffer with atomics;
-    // per-channel gates are written directly in the input dtype.
+    // per-channel gates are written directly in the input dtype. With fused
+    // normalisation these are already the logits' gradients: the kernel
+    // applies the chain rule per position (linear in the gates' gradients, so
+    // the channels of a group may add theirs), where a separate pass over the
+    // gate tensor read the logits and the gradients again.
     if (pb.G == pb.C) {
       dgates = at::empty_like(gates);
     } else {
@@ -801,8 +798,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_backward(
                              dlam.data_ptr<scalar_t>());
     });
     dgates = plan.slices == 1 ? partial.squeeze(3) : partial.sum(3);
+    if (normalize) dgates = normalize_backward(gates, dgates, pb);
   }
-  if (normalize) dgates = normalize_backward(gates, dgates, pb);
   dgates = dgates.to(gates.scalar_type());
   if (x_in.dim() == 4) dx = pb.D == 1 ? dx.squeeze(1) : dx.sum(1);
   if (lam_in.dim() == 4) dlam = pb.D == 1 ? dlam.squeeze(1) : dlam.sum(1);

@@ -142,15 +142,19 @@ GSPN_HD acc_t sigmoid(acc_t v) {
 
 // Stability-context condition for one position: sigmoid of each tap, taps whose
 // neighbour lies outside the line left out, divided by the sum of the rest.
+// signed_sum: the sum divided by (floored at kGateEps), negative where the
+// floor held; a kernel that keeps it and the gates can apply the chain rule
+// without the logits (normalize_taps_backward_of_scan).
 template <typename acc_t>
 GSPN_HD void normalize_taps(acc_t l0, acc_t l1, acc_t l2, bool has_before, bool has_after,
-                            acc_t& g0, acc_t& g1, acc_t& g2) {
+                            acc_t& g0, acc_t& g1, acc_t& g2, acc_t& signed_sum) {
   // Branch-free (masks, a select for the clamp) so CPU loops over it vectorise.
   const acc_t s0 = sigmoid(l0) * acc_t(has_before);
   const acc_t s1 = sigmoid(l1);
   const acc_t s2 = sigmoid(l2) * acc_t(has_after);
   const acc_t raw = s0 + s1 + s2;
   const acc_t sum = raw < acc_t(kGateEps) ? acc_t(kGateEps) : raw;
+  signed_sum = raw > acc_t(kGateEps) ? sum : -sum;
 #if defined(__CUDA_ARCH__)
   // One reciprocal, three products: the GPU's division is the costly part.
   // (On the CPU three vector divisions measured faster than this form.)
@@ -163,6 +167,13 @@ GSPN_HD void normalize_taps(acc_t l0, acc_t l1, acc_t l2, bool has_before, bool 
   g1 = s1 / sum;
   g2 = s2 / sum;
 #endif
+}
+
+template <typename acc_t>
+GSPN_HD void normalize_taps(acc_t l0, acc_t l1, acc_t l2, bool has_before, bool has_after,
+                            acc_t& g0, acc_t& g1, acc_t& g2) {
+  acc_t signed_sum;  // unused: inlined, its select is dropped
+  normalize_taps(l0, l1, l2, has_before, has_after, g0, g1, g2, signed_sum);
 }
 
 // Chain rule of normalize_taps for one position: the logits' gradients dl
@@ -181,6 +192,25 @@ GSPN_HD void normalize_taps_backward(acc_t l0, acc_t l1, acc_t l2, bool has_befo
   dl0 = (dg0 - inner) * inv * m0 * s0 * (acc_t(1) - s0);
   dl1 = (dg1 - inner) * inv * s1 * (acc_t(1) - s1);
   dl2 = (dg2 - inner) * inv * m2 * s2 * (acc_t(1) - s2);
+}
+
+// The same chain rule inside the scan's backward, from what its forward
+// arithmetic keeps instead of the logits: the normalised gates
+// g_k = s_k m_k / S and normalize_taps' signed_sum (S, negative where the
+// floor held), for gate gradients dg_k = a h_k (a: the position's adjoint,
+// h_k: the previous line's state at its three neighbours). Since s_k = g_k S
+// where m_k = 1 (and g_k = 0 where m_k = 0), dl_k = (dg_k - inner) g_k (1 - g_k S)
+// with inner = sum_j dg_j g_j (zero where the floor held: its slope is 0),
+// i.e. dl_k = a (h_k - m) g_k (1 - g_k S) with m = sum_j g_j h_j: a factored
+// out, which the compiler may not do for us.
+template <typename acc_t>
+GSPN_HD void normalize_taps_backward_of_scan(acc_t g0, acc_t g1, acc_t g2, acc_t signed_sum, acc_t a, acc_t h0,
+                                             acc_t h1, acc_t h2, acc_t& dl0, acc_t& dl1, acc_t& dl2) {
+  const acc_t sum = signed_sum < acc_t(0) ? -signed_sum : signed_sum;
+  const acc_t m = signed_sum > acc_t(0) ? g0 * h0 + g1 * h1 + g2 * h2 : acc_t(0);
+  dl0 = a * ((h0 - m) * (g0 - g0 * g0 * sum));
+  dl1 = a * ((h1 - m) * (g1 - g1 * g1 * sum));
+  dl2 = a * ((h2 - m) * (g2 - g2 * g2 * sum));
 }
 
 // Forward step. prev points at the previous line's hidden state for position p

@@ -15,9 +15,6 @@ namespace gspn {
 
 // Instantiated in gspn_scan_cuda_<dtype>.cu.
 template <typename scalar_t>
-void launch_normalize_backward(const at::Tensor& logits, const at::Tensor& dgates, at::Tensor& dlogits,
-                               const ScanProblem& pb);
-template <typename scalar_t>
 void launch_forward(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& lam, at::Tensor& out,
                     const ScanProblem& pb);
 template <typename scalar_t>
@@ -134,17 +131,6 @@ void scan_backward_cuda(const at::Tensor& grad_h, const at::Tensor& h, const at:
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_scan_backward_cuda", [&] {
     launch_backward<scalar_t>(grad_h, h, x, gates, lam, dx, dgates, dlam, pb, atomic);
   });
-}
-
-// Chain rule of the fused gate normalisation (see normalize_backward_kernel).
-at::Tensor normalize_backward_cuda(const at::Tensor& logits, const at::Tensor& dgates, const ScanProblem& pb) {
-  const c10::cuda::CUDAGuard guard(logits.device());
-  at::Tensor dlogits = at::empty_like(logits);
-  if (logits.numel() == 0) return dlogits;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "gspn_normalize_backward_cuda", [&] {
-    launch_normalize_backward<scalar_t>(logits, dgates.contiguous(), dlogits, pb);
-  });
-  return dlogits;
 }
 
 }  // namespace gspn

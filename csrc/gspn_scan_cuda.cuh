@@ -273,14 +273,15 @@ __device__ inline void load_forward_tile(ForwardSlot<scalar_t, V> (&tile)[K][RPT
   }
 }
 
-// Gates of one slot in acc_t, normalised from logits when NORM.
+// Gates of one slot in acc_t, normalised from logits when NORM (signed_sum:
+// normalize_taps', for the backward's chain rule; unset without NORM).
 template <typename acc_t, bool NORM, typename scalar_t>
 __device__ inline void slot_gates(scalar_t l0, scalar_t l1, scalar_t l2, bool has_before, bool has_after,
-                                  acc_t& g0, acc_t& g1, acc_t& g2) {
+                                  acc_t& g0, acc_t& g1, acc_t& g2, acc_t& signed_sum) {
   g0 = static_cast<acc_t>(l0);
   g1 = static_cast<acc_t>(l1);
   g2 = static_cast<acc_t>(l2);
-  if (NORM) normalize_taps<acc_t>(g0, g1, g2, has_before, has_after, g0, g1, g2);
+  if (NORM) normalize_taps<acc_t>(g0, g1, g2, has_before, has_after, g0, g1, g2, signed_sum);
 }
 
 // One position's forward step, everything that does not depend on the
@@ -337,8 +338,9 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
         for (int v = 0; v < V; ++v) {
           const ForwardSlot<scalar_t, V>& in = next[s][r];
           ForwardStep<acc_t>& st = step[s][r][v];
+          acc_t unused_sum;
           slot_gates<acc_t, NORM>(in.g0[v], in.g1[v], in.g2[v], slots.before(r, v), slots.after(r, v), st.g0, st.g1,
-                                  st.g2);
+                                  st.g2, unused_sum);
           st.lx = static_cast<acc_t>(in.lam[v]) * static_cast<acc_t>(in.x[v]);
         }
       }
@@ -408,11 +410,12 @@ __device__ inline void load_backward_tile(BackwardSlot<scalar_t, V> (&tile)[K][R
 }
 
 // One position's backward inputs with its gates already in acc_t (normalised
-// when NORM), ready for the line loop.
+// when NORM, with normalize_taps' signed sum for the chain rule), ready for
+// the line loop.
 template <typename scalar_t, typename acc_t>
 struct BackwardStep {
   scalar_t go, x, lam, hprev;
-  acc_t g0, g1, g2;
+  acc_t g0, g1, g2, signed_sum;
 };
 
 // The adjoint scan of one chunk, lines in reverse. Shared memory holds, for the
@@ -485,7 +488,7 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
           st.lam = in.lam[v];
           st.hprev = in.hprev[v];
           slot_gates<acc_t, NORM>(in.g0[v], in.g1[v], in.g2[v], slots.before(r, v), slots.after(r, v), st.g0, st.g1,
-                                  st.g2);
+                                  st.g2, st.signed_sum);
         }
       }
     }
@@ -503,6 +506,9 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
       acc_t* hcur = smem + (6 + j) * pitch + 1;
       const int line = lines.offset(t);
       const bool last = t == t_end - 1;
+      // The line before a chunk's first counts as zero, so its gates' (or
+      // logits') gradients a * h[t-1] come out zero through the same code.
+      const bool first = t == t_begin;
       acc_t adj[RPT][V];
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
@@ -521,7 +527,7 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
             vc[p] = st.g0 * a;
             vc[pitch + p] = st.g1 * a;
             vc[2 * pitch + p] = st.g2 * a;
-            hcur[p] = static_cast<acc_t>(st.hprev);
+            hcur[p] = first ? acc_t(0) : static_cast<acc_t>(st.hprev);
           }
           store_positions<V>(dxp + o, dx_v);
           store_positions<V>(dlp + o, dlam_v);
@@ -532,19 +538,23 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
       for (int r = 0; r < RPT; ++r) {
         if (!slots.live[r]) continue;
         const int o = line + slots.offset[r];
-        // Zero on the first line of a chunk, whose gates act on no previous line.
-        const bool has_prev = t > t_begin;
         acc_t d0[V], d1[V], d2[V];
 #pragma unroll
         for (int v = 0; v < V; ++v) {
           const int p = slots.pos[r] + v;
           const acc_t a = adj[r][v];
-          d0[v] = has_prev ? a * hcur[p - 1] : acc_t(0);
-          d1[v] = has_prev ? a * hcur[p] : acc_t(0);
-          d2[v] = has_prev ? a * hcur[p + 1] : acc_t(0);
+          if constexpr (NORM) {  // the logits' gradients, written in place of the gates'
+            const BackwardStep<scalar_t, acc_t>& st = step[s][r][v];
+            normalize_taps_backward_of_scan(st.g0, st.g1, st.g2, st.signed_sum, a, hcur[p - 1], hcur[p], hcur[p + 1],
+                                            d0[v], d1[v], d2[v]);
+          } else {
+            d0[v] = a * hcur[p - 1];
+            d1[v] = a * hcur[p];
+            d2[v] = a * hcur[p + 1];
+          }
         }
         if constexpr (ATOMIC) {
-          if (has_prev) {
+          if (!first) {  // zeros: no need to add them
 #pragma unroll
             for (int v = 0; v < V; ++v) {
               add_global(dg0 + (o + v), d0[v]);
@@ -559,36 +569,6 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
         }
       }
     }
-  }
-}
-
-// Chain rule of the fused gate normalisation, one thread per position of a
-// gate set (b, d, g) = blockIdx.y (+ multiples of gridDim.y): reads the three
-// logits and the normalised gates' gradients, writes the logits' gradients.
-// One pass, where the chain of ATen ops it replaces made a dozen float32
-// temporaries the size of the gates (and was most of the backward at G = C).
-template <typename scalar_t, typename dg_t>
-__global__ void normalize_backward_kernel(const scalar_t* __restrict__ logits, const dg_t* __restrict__ dgates,
-                                          scalar_t* __restrict__ dlogits, const ScanProblem pb, int64_t sets) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t plane = pb.plane();  // < 2^31 (plan_launch checks it), so 32-bit index arithmetic
-  const int j = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
-  if (j >= plane) return;
-  const int W = static_cast<int>(pb.W), i = j / W, k = j - i * W;  // row and column of the position
-  for (int64_t set = blockIdx.y; set < sets; set += gridDim.y) {
-    const int dir = direction_of(pb, (static_cast<int>(set) / static_cast<int>(pb.G)) % static_cast<int>(pb.D));
-    const bool rows = dir == kTopBottom || dir == kBottomTop;  // positions run along W, else along H
-    const bool before = rows ? k > 0 : i > 0;
-    const bool after = rows ? k < W - 1 : i < pb.H - 1;
-    const int64_t o = set * 3 * plane + j;
-    acc_t d0, d1, d2;
-    normalize_taps_backward<acc_t>(static_cast<acc_t>(logits[o]), static_cast<acc_t>(logits[o + plane]),
-                                   static_cast<acc_t>(logits[o + 2 * plane]), before, after,
-                                   static_cast<acc_t>(dgates[o]), static_cast<acc_t>(dgates[o + plane]),
-                                   static_cast<acc_t>(dgates[o + 2 * plane]), d0, d1, d2);
-    dlogits[o] = static_cast<scalar_t>(d0);
-    dlogits[o + plane] = static_cast<scalar_t>(d1);
-    dlogits[o + 2 * plane] = static_cast<scalar_t>(d2);
   }
 }
 
@@ -818,40 +798,12 @@ void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Te
   });
 }
 
-// dgates is in scalar_t (per-channel gates) or in acc_t (shared groups).
-template <typename scalar_t>
-void launch_normalize_backward(const at::Tensor& logits, const at::Tensor& dgates, at::Tensor& dlogits,
-                               const ScanProblem& pb) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t sets = pb.B * pb.D * pb.G;
-  constexpr int threads = 256;
-  const dim3 grid(static_cast<unsigned>((pb.plane() + threads - 1) / threads),
-                  static_cast<unsigned>(std::min<int64_t>(sets, 65535)));
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  auto launch = [&](auto* dg) {
-    auto kernel = normalize_backward_kernel<scalar_t, std::remove_const_t<std::remove_pointer_t<decltype(dg)>>>;
-    GSPN_LAUNCH(kernel, grid, threads, 0, stream)(logits.data_ptr<scalar_t>(), dg, dlogits.data_ptr<scalar_t>(), pb,
-                                                  sets);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  };
-  if (dgates.scalar_type() == logits.scalar_type()) {
-    launch(static_cast<const scalar_t*>(dgates.data_ptr()));
-  } else {
-    TORCH_CHECK(dgates.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
-                "gspn::scan_backward (CUDA): gate gradients in ", dgates.scalar_type(), " for ",
-                logits.scalar_type(), " logits");
-    launch(static_cast<const acc_t*>(dgates.data_ptr()));
-  }
-}
-
 // One line per dtype file: instantiates the launches for SCALAR.
 #define GSPN_INSTANTIATE_CUDA_LAUNCHES(SCALAR)                                                                  \
   template void launch_forward<SCALAR>(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,   \
                                        const ScanProblem&);                                                    \
   template void launch_backward<SCALAR>(const at::Tensor&, const at::Tensor&, const at::Tensor&,               \
                                         const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,        \
-                                        at::Tensor&, const ScanProblem&, bool);                               \
-  template void launch_normalize_backward<SCALAR>(const at::Tensor&, const at::Tensor&, at::Tensor&,           \
-                                                  const ScanProblem&);
+                                        at::Tensor&, const ScanProblem&, bool);
 
 }  // namespace gspn

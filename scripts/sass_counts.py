@@ -30,7 +30,7 @@ from check_cuda_compiles import ROOT, compile_one, nvcc_flags
 
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+((?:@!?U?P\w+\s+)?[A-Z][A-Z0-9_.]*)([^;]*);")
 # scan_forward_kernel<scalar_t, acc_t, RPT, NORM, V>, scan_backward_kernel<..., RPT, NORM, ATOMIC, V>
-VARIANT = re.compile(r"(scan_forward_kernel|scan_backward_kernel|normalize_backward_kernel)I(.*)")
+VARIANT = re.compile(r"(scan_forward_kernel|scan_backward_kernel)I(.*)")
 
 
 def describe(mangled: str) -> str:
@@ -39,8 +39,6 @@ def describe(mangled: str) -> str:
     if not match:
         return mangled
     name, rest = match.groups()
-    if name == "normalize_backward_kernel":  # gate gradients in float32 (shared groups) or the input dtype
-        return f"{name} dgates={'float32' if rest.split('E', 1)[1].startswith('f') else 'input'}"
     ints = re.findall(r"Li(\d)E", rest)  # RPT, then positions per slot
     flags = [int(b) for b in re.findall(r"Lb([01])E", rest)]
     labels = ["norm", "atomic"]

@@ -275,9 +275,10 @@ def test_backward_matches_reference_autograd(device, dtype, height, width, group
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("groups", [1, 4])
 def test_fused_normalisation_backward_low_precision(device, dtype, groups):
-    """The logits' gradients of the fused normalisation (the CUDA chain-rule
-    kernel reads the gate gradients in the input dtype at G = C and from the
-    float32 buffer of shared groups) against autograd through the reference."""
+    """The logits' gradients of the fused normalisation (the CUDA backward
+    kernel applies the chain rule per position from the normalised gates it
+    keeps, stored in the input dtype at G = C and added into a float32 buffer
+    by the channels of shared groups) against autograd through the reference."""
     x, _, lam = make_inputs(3, 4, groups, 17, 23, dtype, device, "fused bwd", groups, dirs=4)
     logits = torch.randn(3, 4, groups, 3, 17, 23, generator=generator_for("fused logits", groups), dtype=torch.float64)
     logits = (logits * 3).to(device=device, dtype=dtype)
@@ -349,6 +350,31 @@ def test_fused_normalisation_at_extreme_logits(device, dtype):
         h = gspn_scan(*(t.to(device=device, dtype=dtype) for t in (x, logits, lam)), direction, normalize=True)
         want = scan_reference(x, logits, lam, direction, normalize=True)
         assert_close_scaled(h, want, TOLERANCE[dtype], f"{direction} {dtype}")
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_fused_normalisation_gradients_at_the_floor(device, dtype):
+    """Logits' gradients where the taps' sum falls below the normaliser's
+    floor (1e-12: three sigmoids of about -29), where the floor's slope is
+    zero, and just above it, where the gates are still O(1): the kernels'
+    chain rule (on CUDA recomputed from the normalised gates and their signed
+    sum) against autograd through the reference, every direction."""
+    gen = generator_for("floor", dtype)
+    values = torch.tensor([-30.0, -29.0, -28.5, -28.0, -27.0, -2.0, 0.0, 2.0], dtype=torch.float64)
+    logits = values[torch.randint(len(values), (2, 2, 3, 9, 12), generator=gen)]
+    logits[:, :, :, :4] = values[torch.randint(5, (2, 2, 3, 4, 12), generator=gen)]  # rows near the floor only
+    x = torch.randn(2, 2, 9, 12, generator=gen, dtype=torch.float64)
+    lam = torch.rand(2, 2, 9, 12, generator=gen, dtype=torch.float64)
+    grad = torch.randn(2, 2, 9, 12, generator=gen, dtype=torch.float64)
+    rtol = {torch.float64: 1e-10, torch.float32: 1e-4}[dtype]
+    for direction in DIRECTIONS:
+        inputs = [t.to(device=device, dtype=dtype).detach().requires_grad_() for t in (x, logits, lam)]
+        gspn_scan(*inputs, direction, normalize=True).backward(grad.to(device=device, dtype=dtype))
+        ref_inputs = [t.detach().clone().requires_grad_() for t in (x, logits, lam)]
+        scan_reference(*ref_inputs, direction, normalize=True).backward(grad)
+        for name, got, want in zip(("x", "logits", "lam"), inputs, ref_inputs):
+            assert_close_scaled(got.grad, want.grad, rtol, f"{direction} grad {name}")
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
