@@ -113,10 +113,46 @@ struct ThreadSlots {
   __device__ bool after(int r, int v) const { return v < V - 1 || has_after[r]; }
 };
 
-// The forward's inputs at one slot's V positions, as stored; converted when prepared.
+// One input at a slot's V positions, as stored (16-bit types stay 16-bit
+// until prepared); at<acc_t>(v) converts position v. 16-bit pairs stay the
+// one 32-bit word they were loaded as, so each half converts in one
+// instruction (an operand swizzle for fp16, a shift or a mask for bf16),
+// where splitting them first took a PRMT per pair to move the high half.
+template <typename scalar_t, int V>
+struct Stored {
+  scalar_t v[V];
+  template <typename acc_t>
+  __device__ acc_t at(int i) const { return static_cast<acc_t>(v[i]); }
+  __device__ scalar_t element(int i) const { return v[i]; }
+};
+template <>
+struct Stored<c10::BFloat16, 2> {
+  uint32_t bits;  // position 0 in the low half
+  template <typename acc_t>
+  __device__ acc_t at(int i) const {
+    const uint32_t f = i == 0 ? bits << 16 : bits & 0xffff0000u;  // bf16 is the top half of an fp32
+    float out;
+    std::memcpy(&out, &f, sizeof(out));
+    return static_cast<acc_t>(out);
+  }
+  __device__ c10::BFloat16 element(int i) const {
+    return c10::BFloat16(static_cast<unsigned short>(i == 0 ? bits & 0xffffu : bits >> 16), c10::BFloat16::from_bits());
+  }
+};
+#ifndef GSPN_CUDA_SIM
+template <>
+struct Stored<c10::Half, 2> {
+  __half2 h;
+  template <typename acc_t>
+  __device__ acc_t at(int i) const { return static_cast<acc_t>(i == 0 ? __low2float(h) : __high2float(h)); }
+  __device__ c10::Half element(int i) const { return c10::Half(i == 0 ? __low2half(h) : __high2half(h)); }
+};
+#endif
+
+// The forward's inputs at one slot's V positions; converted when prepared.
 template <typename scalar_t, int V>
 struct ForwardSlot {
-  scalar_t x[V], lam[V], g0[V], g1[V], g2[V];
+  Stored<scalar_t, V> x, lam, g0, g1, g2;
 };
 
 // p, hidden from the optimiser: without it nvcc folds each plane's 64-bit
@@ -169,32 +205,32 @@ __device__ inline void add_global(double* p, double v) {
 // V neighbouring elements from p (V = 2: one vector load; the host aligns
 // p to 2 elements, which the simulator checks).
 template <int V, typename scalar_t>
-__device__ inline void load_positions(const scalar_t* p, scalar_t (&v)[V]) {
+__device__ inline void load_positions(const scalar_t* p, Stored<scalar_t, V>& out) {
   static_assert(V == 1 || V == 2, "one or two positions per slot");
   if constexpr (V == 1) {
-    v[0] = load_global(p);
+    out.v[0] = load_global(p);
   } else {
 #ifdef GSPN_CUDA_SIM
     gspn_sim::device_check(reinterpret_cast<uintptr_t>(p) % (2 * sizeof(scalar_t)) == 0, "misaligned pair load");
-    v[0] = p[0];
-    v[1] = p[1];
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      out.bits = static_cast<uint32_t>(p[0].x) | (static_cast<uint32_t>(p[1].x) << 16);
+    } else {
+      out.v[0] = p[0];
+      out.v[1] = p[1];
+    }
 #else
-    if constexpr (std::is_same_v<scalar_t, c10::Half>) {  // as __half2, so converting the high half is
-      const __half2 h = __ldg(reinterpret_cast<const __half2*>(p));  // an operand swizzle, not a shift
-      v[0] = c10::Half(__low2half(h));
-      v[1] = c10::Half(__high2half(h));
-    } else if constexpr (sizeof(scalar_t) == 2) {  // BFloat16: one 32-bit load
-      const unsigned int bits = __ldg(reinterpret_cast<const unsigned int*>(p));
-      v[0] = scalar_t(static_cast<unsigned short>(bits & 0xffffu), scalar_t::from_bits());
-      v[1] = scalar_t(static_cast<unsigned short>(bits >> 16), scalar_t::from_bits());
+    if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+      out.h = __ldg(reinterpret_cast<const __half2*>(p));
+    } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      out.bits = __ldg(reinterpret_cast<const unsigned int*>(p));
     } else if constexpr (sizeof(scalar_t) == 4) {
       const float2 f = __ldg(reinterpret_cast<const float2*>(p));
-      v[0] = f.x;
-      v[1] = f.y;
+      out.v[0] = f.x;
+      out.v[1] = f.y;
     } else {
       const double2 d = __ldg(reinterpret_cast<const double2*>(p));
-      v[0] = d.x;
-      v[1] = d.y;
+      out.v[0] = d.x;
+      out.v[1] = d.y;
     }
 #endif
   }
@@ -273,14 +309,15 @@ __device__ inline void load_forward_tile(ForwardSlot<scalar_t, V> (&tile)[K][RPT
   }
 }
 
-// Gates of one slot in acc_t, normalised from logits when NORM (signed_sum:
-// normalize_taps', for the backward's chain rule; unset without NORM).
-template <typename acc_t, bool NORM, typename scalar_t>
-__device__ inline void slot_gates(scalar_t l0, scalar_t l1, scalar_t l2, bool has_before, bool has_after,
-                                  acc_t& g0, acc_t& g1, acc_t& g2, acc_t& signed_sum) {
-  g0 = static_cast<acc_t>(l0);
-  g1 = static_cast<acc_t>(l1);
-  g2 = static_cast<acc_t>(l2);
+// Gates of position v of a slot in acc_t, normalised from logits when NORM
+// (signed_sum: normalize_taps', for the backward's chain rule; unset without NORM).
+template <typename acc_t, bool NORM, typename scalar_t, int V>
+__device__ inline void slot_gates(const Stored<scalar_t, V>& l0, const Stored<scalar_t, V>& l1,
+                                  const Stored<scalar_t, V>& l2, int v, bool has_before, bool has_after, acc_t& g0,
+                                  acc_t& g1, acc_t& g2, acc_t& signed_sum) {
+  g0 = l0.template at<acc_t>(v);
+  g1 = l1.template at<acc_t>(v);
+  g2 = l2.template at<acc_t>(v);
   if (NORM) normalize_taps<acc_t>(g0, g1, g2, has_before, has_after, g0, g1, g2, signed_sum);
 }
 
@@ -339,9 +376,9 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
           const ForwardSlot<scalar_t, V>& in = next[s][r];
           ForwardStep<acc_t>& st = step[s][r][v];
           acc_t unused_sum;
-          slot_gates<acc_t, NORM>(in.g0[v], in.g1[v], in.g2[v], slots.before(r, v), slots.after(r, v), st.g0, st.g1,
-                                  st.g2, unused_sum);
-          st.lx = static_cast<acc_t>(in.lam[v]) * static_cast<acc_t>(in.x[v]);
+          slot_gates<acc_t, NORM>(in.g0, in.g1, in.g2, v, slots.before(r, v), slots.after(r, v), st.g0, st.g1, st.g2,
+                                  unused_sum);
+          st.lx = in.lam.template at<acc_t>(v) * in.x.template at<acc_t>(v);
         }
       }
     }
@@ -375,10 +412,10 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
   }
 }
 
-// The backward's inputs at one slot's V positions, as stored; hprev is h[t-1] there.
+// The backward's inputs at one slot's V positions; hprev is h[t-1] there.
 template <typename scalar_t, int V>
 struct BackwardSlot {
-  scalar_t go[V], x[V], lam[V], g0[V], g1[V], g2[V], hprev[V];
+  Stored<scalar_t, V> go, x, lam, g0, g1, g2, hprev;
 };
 
 // Lines t0 .. t0 + K - 1 of the backward's inputs, clipped to t_last as in
@@ -411,7 +448,8 @@ __device__ inline void load_backward_tile(BackwardSlot<scalar_t, V> (&tile)[K][R
 
 // One position's backward inputs with its gates already in acc_t (normalised
 // when NORM, with normalize_taps' signed sum for the chain rule), ready for
-// the line loop.
+// the line loop. The other inputs stay 16-bit (split from their pairs): kept
+// as pairs, or in float, the backward at 8 positions per thread spilled.
 template <typename scalar_t, typename acc_t>
 struct BackwardStep {
   scalar_t go, x, lam, hprev;
@@ -483,12 +521,12 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
         for (int v = 0; v < V; ++v) {
           const BackwardSlot<scalar_t, V>& in = next[s][r];
           BackwardStep<scalar_t, acc_t>& st = step[s][r][v];
-          st.go = in.go[v];
-          st.x = in.x[v];
-          st.lam = in.lam[v];
-          st.hprev = in.hprev[v];
-          slot_gates<acc_t, NORM>(in.g0[v], in.g1[v], in.g2[v], slots.before(r, v), slots.after(r, v), st.g0, st.g1,
-                                  st.g2, st.signed_sum);
+          st.go = in.go.element(v);
+          st.x = in.x.element(v);
+          st.lam = in.lam.element(v);
+          st.hprev = in.hprev.element(v);
+          slot_gates<acc_t, NORM>(in.g0, in.g1, in.g2, v, slots.before(r, v), slots.after(r, v), st.g0, st.g1, st.g2,
+                                  st.signed_sum);
         }
       }
     }
@@ -519,8 +557,8 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
           for (int v = 0; v < V; ++v) {
             const int p = slots.pos[r] + v;
             const BackwardStep<scalar_t, acc_t>& st = step[s][r][v];
-            const acc_t go = static_cast<acc_t>(st.go);
-            const acc_t a = go + (last ? acc_t(0) : gather_adjoint(vn + p, vn + pitch + p, vn + 2 * pitch + p));
+            const acc_t a = static_cast<acc_t>(st.go) +
+                            (last ? acc_t(0) : gather_adjoint(vn + p, vn + pitch + p, vn + 2 * pitch + p));
             adj[r][v] = a;
             dx_v[v] = static_cast<acc_t>(st.lam) * a;
             dlam_v[v] = static_cast<acc_t>(st.x) * a;
@@ -639,6 +677,13 @@ int multiprocessors() {
   return std::max(count, 1);
 }
 
+// How many blocks of a launch plan one SM holds, and whether its kernel
+// spills registers to local memory.
+struct Residency {
+  int64_t blocks_per_sm;
+  bool spills;
+};
+
 // A plane's (or chunk's) lines are one block's sequential work, so a launch
 // takes as many rounds of blocks ("waves") as the GPU cannot hold at once,
 // each as long as a whole plane: on an H200, 320 planes of 512-thread blocks
@@ -649,21 +694,26 @@ int multiprocessors() {
 // need the fewest waves. A GPU that holds every block at once keeps the
 // widest blocks (the most threads on each line); a launch of many planes runs
 // them side by side instead, whose barriers and memory waits then overlap.
-// resident_blocks(plan): blocks of that plan one SM holds (the occupancy API).
-template <typename ResidentBlocks>
-void pack_blocks(Launch& plan, ResidentBlocks&& resident_blocks) {
+// A candidate whose kernel spills registers to local memory is not taken
+// (several fp32 and normalising backward variants at 8 positions per thread
+// do), unless the widest blocks' kernel spills too.
+// residency(plan): how many blocks of that plan one SM holds (the occupancy
+// API) and whether its kernel spills.
+template <typename ResidencyOf>
+void pack_blocks(Launch& plan, ResidencyOf&& residency) {
   const int64_t sms = multiprocessors();
   if (plan.blocks <= sms || !packing_enabled()) return;
-  auto waves = [&](const Launch& candidate) {
-    const int64_t per_sm = resident_blocks(candidate);
-    return per_sm > 0 ? (candidate.blocks + sms * per_sm - 1) / (sms * per_sm) : std::numeric_limits<int64_t>::max();
+  const Residency widest = residency(plan);
+  auto waves = [&](const Launch& candidate, const Residency& r) {
+    if (r.blocks_per_sm <= 0 || (r.spills && !widest.spills)) return std::numeric_limits<int64_t>::max();
+    return (candidate.blocks + sms * r.blocks_per_sm - 1) / (sms * r.blocks_per_sm);
   };
   const int max_rows = plan.positions_per_slot == 2 ? kMaxRowsPerThread / 2 : kMaxRowsPerThread;
-  int64_t fewest = waves(plan);
+  int64_t fewest = waves(plan, widest);
   for (Launch candidate = plan; fewest > 1 && candidate.rows_per_thread < max_rows && candidate.threads > 32;) {
     candidate.rows_per_thread *= 2;
     candidate.threads = candidate.threads_needed();
-    const int64_t w = waves(candidate);
+    const int64_t w = waves(candidate, residency(candidate));
     if (w < fewest) {
       fewest = w;
       plan = candidate;
@@ -712,13 +762,16 @@ void with_bool(bool value, F&& f) {
   else f(std::false_type{});
 }
 
-// Blocks of `plan` one SM holds with kernel (which uses `shared_bytes` of dynamic shared memory).
+// Blocks of `plan` one SM holds with kernel (which uses `shared_bytes` of
+// dynamic shared memory), and whether the kernel spills to local memory.
 template <typename Kernel>
-int resident_blocks(Kernel kernel, const Launch& plan, size_t shared_bytes) {
+Residency residency_of(Kernel kernel, const Launch& plan, size_t shared_bytes) {
   set_shared_memory(kernel, shared_bytes);
   int blocks = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, plan.threads, shared_bytes));
-  return blocks;
+  cudaFuncAttributes attributes{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  return {blocks, attributes.localSizeBytes > 0};
 }
 
 // Calls f(kernel) with the forward kernel of plan's slot layout.
@@ -758,10 +811,9 @@ void launch_forward(const at::Tensor& x, const at::Tensor& gates, const at::Tens
   Launch plan = plan_launch(pb, pairs_fit(pb, {&x, &gates, &lam, &out}));
   const size_t smem = 2 * (plan.max_length + 2) * sizeof(acc_t);
   pack_blocks(plan, [&](const Launch& candidate) {
-    int blocks = 0;
-    with_forward_kernel<scalar_t>(candidate, pb.normalize,
-                                  [&](auto kernel) { blocks = resident_blocks(kernel, candidate, smem); });
-    return blocks;
+    Residency r{};
+    with_forward_kernel<scalar_t>(candidate, pb.normalize, [&](auto kernel) { r = residency_of(kernel, candidate, smem); });
+    return r;
   });
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_forward_kernel<scalar_t>(plan, pb.normalize, [&](auto kernel) {
@@ -782,10 +834,10 @@ void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Te
   Launch plan = plan_launch(pb, pairs_fit(pb, {&grad_h, &h, &x, &gates, &lam, &dx, &dgates, &dlam}));
   const size_t smem = 8 * (plan.max_length + 2) * sizeof(acc_t);
   pack_blocks(plan, [&](const Launch& candidate) {
-    int blocks = 0;
+    Residency r{};
     with_backward_kernel<scalar_t>(candidate, pb.normalize, atomic,
-                                   [&](auto kernel) { blocks = resident_blocks(kernel, candidate, smem); });
-    return blocks;
+                                   [&](auto kernel) { r = residency_of(kernel, candidate, smem); });
+    return r;
   });
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_backward_kernel<scalar_t>(plan, pb.normalize, atomic, [&](auto kernel) {

@@ -82,6 +82,15 @@ template <typename Kernel>
 inline cudaError_t cudaFuncSetAttribute(Kernel, cudaFuncAttribute, int) {
   return 0;
 }
+// The simulated kernels keep nothing in local memory.
+struct cudaFuncAttributes {
+  size_t localSizeBytes = 0;
+};
+template <typename Kernel>
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, Kernel) {
+  *attributes = cudaFuncAttributes{};
+  return 0;
+}
 // As an H100 would answer for a kernel of 128 registers per thread (the
 // kernels' __launch_bounds__ cap): 64K registers, 2048 threads, 32 blocks and
 // 228 KB of shared memory per multiprocessor.
