@@ -40,6 +40,9 @@
 #include <cstring>
 #include <initializer_list>
 #include <limits>
+#include <map>
+#include <mutex>
+#include <tuple>
 #include <type_traits>
 
 #include "gspn_cuda_api.cuh"
@@ -764,14 +767,26 @@ void with_bool(bool value, F&& f) {
 
 // Blocks of `plan` one SM holds with kernel (which uses `shared_bytes` of
 // dynamic shared memory), and whether the kernel spills to local memory.
+// Asked of the runtime once per kernel, block size, shared memory and device
+// (the answers do not change; a launch of small planes is over in a few
+// microseconds, about what the four queries of a plan cost).
 template <typename Kernel>
 Residency residency_of(Kernel kernel, const Launch& plan, size_t shared_bytes) {
+  using Key = std::tuple<const void*, int, size_t, int>;
+  static std::mutex mutex;
+  static std::map<Key, Residency> known;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const Key key{reinterpret_cast<const void*>(kernel), plan.threads, shared_bytes, device};
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto found = known.find(key);
+  if (found != known.end()) return found->second;
   set_shared_memory(kernel, shared_bytes);
   int blocks = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, plan.threads, shared_bytes));
   cudaFuncAttributes attributes{};
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
-  return {blocks, attributes.localSizeBytes > 0};
+  return known[key] = Residency{blocks, attributes.localSizeBytes > 0};
 }
 
 // Calls f(kernel) with the forward kernel of plan's slot layout.
