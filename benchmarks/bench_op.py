@@ -114,8 +114,14 @@ def measure_size(args, device, dtype, gen, results, channels, groups, side, item
         if args.reference and side <= args.reference_max_side:
             ref = median_ms(device, lambda: scan_reference(x, g, lam, direction, args.chunk, True), 1)
             row(f"reference fwd {direction}", ref, fwd_bytes, kernel_speedup=ref / fwd)
+    four_bytes = 4 * fwd_bytes - 3 * 2 * channels * side * side * itemsize  # x and lam read once
     four = timed(lambda: gspn_scan_4dir(x, logits, lam, args.chunk, True))
-    row("fwd 4dir (one launch)", four, 4 * fwd_bytes - 3 * 2 * channels * side * side * itemsize)
+    row("fwd 4dir (one launch)", four, four_bytes)
+    if ops.COLUMNS_AS_ROWS_MIN_PIXELS.get(device.type) is not None:
+        # All four directions in one launch of the strided kernel: no transposed copies.
+        with columns_as_rows(device, None):
+            four_strided = timed(lambda: gspn_scan_4dir(x, logits, lam, args.chunk, True))
+        row("fwd 4dir, strided kernel", four_strided, four_bytes)
     gates = [logits[:, d].contiguous() for d in range(4)]
     separate = timed(
         lambda: torch.stack([gspn_scan(x, gates[d], lam, dn, args.chunk, True) for d, dn in enumerate(DIRECTIONS)], 1)

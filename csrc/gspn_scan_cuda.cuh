@@ -54,8 +54,11 @@ namespace {
 // Lines whose inputs are loaded ahead (a tile) per thread; fewer when a thread
 // owns more positions per line, so two tiles (the current one and the one in
 // flight) stay in registers.
+constexpr int forward_tile_lines(int positions_per_thread) {
+  return positions_per_thread <= 2 ? 4 : (positions_per_thread == 4 ? 2 : 1);
+}
 template <int RPT>
-constexpr int forward_tile_lines() { return RPT <= 2 ? 4 : (RPT == 4 ? 2 : 1); }
+constexpr int forward_tile_lines() { return forward_tile_lines(RPT); }
 template <int RPT>
 constexpr int backward_tile_lines() { return RPT == 1 ? 4 : (RPT == 2 ? 2 : 1); }
 // 512 threads leave each thread up to 128 registers for its RPT positions of
@@ -239,6 +242,29 @@ __device__ inline void load_positions(const scalar_t* p, Stored<scalar_t, V>& ou
   }
 }
 
+// K consecutive elements from p in one or two vector loads (at most 16 bytes
+// each; the host aligns p to K elements, which the simulator checks).
+template <int K, typename scalar_t>
+__device__ inline void load_consecutive(const scalar_t* p, scalar_t (&out)[K]) {
+  constexpr int bytes = K * static_cast<int>(sizeof(scalar_t));
+#ifdef GSPN_CUDA_SIM
+  gspn_sim::device_check(reinterpret_cast<uintptr_t>(p) % bytes == 0, "misaligned line vector load");
+  for (int e = 0; e < K; ++e) out[e] = p[e];
+#else
+  if constexpr (bytes <= 16) {
+    using Word = std::conditional_t<bytes == 16, uint4, std::conditional_t<bytes == 8, uint2, unsigned int>>;
+    static_assert(sizeof(Word) == bytes, "4, 8 or 16 bytes");
+    const Word w = __ldg(reinterpret_cast<const Word*>(p));
+    std::memcpy(out, &w, bytes);
+  } else {
+    static_assert(bytes == 32, "two 16-byte words");
+    const uint4 lo = __ldg(reinterpret_cast<const uint4*>(p)), hi = __ldg(reinterpret_cast<const uint4*>(p) + 1);
+    std::memcpy(out, &lo, 16);
+    std::memcpy(reinterpret_cast<unsigned char*>(out) + 16, &hi, 16);
+  }
+#endif
+}
+
 // h (in acc_t) stored as V neighbouring elements of scalar_t from p.
 template <int V, typename scalar_t, typename acc_t>
 __device__ inline void store_positions(scalar_t* p, const acc_t (&h)[V]) {
@@ -292,11 +318,43 @@ __device__ inline BlockLines block_lines(const ScanProblem& pb, const BlockTask&
 
 // Lines t0 .. t0 + K - 1 of the forward's inputs; lines past t_last (the
 // chunk's last) re-read t_last (valid, unused), so every load is unconditional.
+// line_vectors (column scans whose tiles the host found aligned): a tile's K
+// lines are K consecutive columns, so each slot takes them in one vector load
+// per input instead of K loads that each touch another 32-byte sector of the
+// same rows; lines past the chunk come from the same aligned group (inside
+// the row, unused).
 template <typename scalar_t, int RPT, int V, int K>
 __device__ inline void load_forward_tile(ForwardSlot<scalar_t, V> (&tile)[K][RPT], const scalar_t* xp,
                                          const scalar_t* lp, const scalar_t* g0p, const scalar_t* g1p,
                                          const scalar_t* g2p, const BlockLines& lines,
-                                         const ThreadSlots<RPT, V>& slots, int t0, int t_last) {
+                                         const ThreadSlots<RPT, V>& slots, int t0, int t_last, bool line_vectors) {
+  if constexpr (V == 1 && K > 1) {
+    if (line_vectors) {  // uniform over the block
+      // Ascending addresses are lines t0, t0 + 1, ... for "lr" (line_stride 1), t0 + K - 1, ... for "rl".
+      const bool ascending = lines.line_stride > 0;
+      const int low = lines.offset(ascending ? t0 : t0 + K - 1);
+#pragma unroll
+      for (int r = 0; r < RPT; ++r) {
+        const int o = low + slots.offset[r];
+        scalar_t buf[5][K];
+        load_consecutive<K>(xp + o, buf[0]);
+        load_consecutive<K>(lp + o, buf[1]);
+        load_consecutive<K>(g0p + o, buf[2]);
+        load_consecutive<K>(g1p + o, buf[3]);
+        load_consecutive<K>(g2p + o, buf[4]);
+#pragma unroll
+        for (int s = 0; s < K; ++s) {
+          const int e = ascending ? s : K - 1 - s;
+          tile[s][r].x.v[0] = buf[0][e];
+          tile[s][r].lam.v[0] = buf[1][e];
+          tile[s][r].g0.v[0] = buf[2][e];
+          tile[s][r].g1.v[0] = buf[3][e];
+          tile[s][r].g2.v[0] = buf[4][e];
+        }
+      }
+      return;
+    }
+  }
 #pragma unroll
   for (int s = 0; s < K; ++s) {
     const int line = lines.offset(t0 + s < t_last ? t0 + s : t_last);
@@ -339,10 +397,12 @@ template <typename scalar_t, typename acc_t, int RPT, bool NORM, int V>
 __global__ void __launch_bounds__(kMaxThreads)
 scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ gates,
                     const scalar_t* __restrict__ lam, scalar_t* __restrict__ out, const ScanProblem pb,
-                    const int64_t chunks_per_plane) {
+                    const int64_t chunks_per_plane, const bool column_vectors) {
   constexpr int K = forward_tile_lines<RPT * V>();
   const BlockTask task = decode_block(pb, chunks_per_plane);
   const BlockLines lines = block_lines(pb, task);
+  const int dir = direction_of(pb, task.d);
+  const bool line_vectors = column_vectors && (dir == kLeftRight || dir == kRightLeft);
   if (lines.begin == lines.end) return;  // uniform over the block
   const int L = lines.length, t_begin = lines.begin, t_end = lines.end;
   const ThreadSlots<RPT, V> slots(L, lines.pos_stride);
@@ -367,7 +427,8 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
   // its first line: independent work that then overlaps, where computed inside
   // the line loop it sat on the per-line critical path between barriers.
   ForwardSlot<scalar_t, V> next[K][RPT];
-  load_forward_tile<scalar_t, RPT, V, K>(next, xp, lp, g0p, g1p, g2p, lines, slots, t_begin, t_end - 1);
+  load_forward_tile<scalar_t, RPT, V, K>(next, xp, lp, g0p, g1p, g2p, lines, slots, t_begin, t_end - 1,
+                                         line_vectors);
   for (int t0 = t_begin; t0 < t_end; t0 += K) {
     ForwardStep<acc_t> step[K][RPT][V];
 #pragma unroll
@@ -386,7 +447,8 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
       }
     }
     if (t0 + K < t_end) {
-      load_forward_tile<scalar_t, RPT, V, K>(next, xp, lp, g0p, g1p, g2p, lines, slots, t0 + K, t_end - 1);
+      load_forward_tile<scalar_t, RPT, V, K>(next, xp, lp, g0p, g1p, g2p, lines, slots, t0 + K, t_end - 1,
+                                             line_vectors);
     }
 #pragma unroll
     for (int s = 0; s < K; ++s) {
@@ -630,20 +692,34 @@ struct Launch {
   }
 };
 
+// Whether every plane of the tensors starts on an n-element boundary, given
+// rows of a multiple of n elements (so the planes' sizes are multiples of n).
+bool planes_aligned(const ScanProblem& pb, std::initializer_list<const at::Tensor*> tensors, int64_t n) {
+  for (const at::Tensor* t : tensors) {
+    if (reinterpret_cast<uintptr_t>(t->data_ptr()) % (n * t->element_size()) != 0) return false;
+  }
+  return pb.x_batch_stride % n == 0 && pb.x_dir_stride % n == 0 && pb.lam_batch_stride % n == 0 &&
+         pb.lam_dir_stride % n == 0;
+}
+
 // Whether a launch can run two neighbouring positions per slot (one vector
 // load per input): only row scans ("tb", "bt": neighbours are adjacent in
-// memory), of even rows, from tensors whose planes start on 2-element
-// boundaries (x and lam strides are multiples of the even plane size).
+// memory), of even rows, from planes starting on 2-element boundaries.
 bool pairs_fit(const ScanProblem& pb, std::initializer_list<const at::Tensor*> tensors) {
   for (int64_t d = 0; d < pb.D; ++d) {
     if (pb.dirs[d] != kTopBottom && pb.dirs[d] != kBottomTop) return false;
   }
-  if (pb.W % 2 != 0) return false;
-  for (const at::Tensor* t : tensors) {
-    if (reinterpret_cast<uintptr_t>(t->data_ptr()) % (2 * t->element_size()) != 0) return false;
-  }
-  return pb.x_batch_stride % 2 == 0 && pb.x_dir_stride % 2 == 0 && pb.lam_batch_stride % 2 == 0 &&
-         pb.lam_dir_stride % 2 == 0;
+  return pb.W % 2 == 0 && planes_aligned(pb, tensors, 2);
+}
+
+// Whether the forward's column scans ("lr", "rl") can load a tile's K lines,
+// K consecutive columns of a row, as one vector per input: every tile must
+// start K-aligned from the plane's left edge, so rows of a multiple of K,
+// chunks of a multiple of K lines (or one chunk), and K-aligned planes.
+bool column_vectors_fit(const ScanProblem& pb, std::initializer_list<const at::Tensor*> tensors, int K) {
+  if (K <= 1 || pb.W % K != 0) return false;
+  if (chunk_length(pb.chunk, pb.W) % K != 0) return false;
+  return planes_aligned(pb, tensors, K);
 }
 
 Launch plan_launch(const ScanProblem& pb, bool pairs = false) {
@@ -830,12 +906,15 @@ void launch_forward(const at::Tensor& x, const at::Tensor& gates, const at::Tens
     with_forward_kernel<scalar_t>(candidate, pb.normalize, [&](auto kernel) { r = residency_of(kernel, candidate, smem); });
     return r;
   });
+  const bool column_vectors =
+      plan.positions_per_slot == 1 &&
+      column_vectors_fit(pb, {&x, &gates, &lam}, forward_tile_lines(plan.rows_per_thread));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_forward_kernel<scalar_t>(plan, pb.normalize, [&](auto kernel) {
     set_shared_memory(kernel, smem);
     GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
         x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pb,
-        plan.chunks_per_plane);
+        plan.chunks_per_plane, column_vectors);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -41,6 +41,24 @@ def test_bench_op_writes_json(tmp_path, compiled_cpu):
     assert json.loads(out.read_text())["keep_freed_cpu_memory"] is False
 
 
+def test_bench_op_rows_of_the_column_route(tmp_path, compiled_cpu, monkeypatch):
+    """The rows bench_op times only where column scans run as row scans of
+    transposed planes (CUDA): the strided kernel's 'lr' and four-direction
+    forward beside the route's. Run here on the CPU with the route switched on
+    for it, so a GPU session's short lease does not find a crash in them."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_op
+    from gspn_diffusers import ops
+
+    monkeypatch.setitem(ops.COLUMNS_AS_ROWS_MIN_PIXELS, "cpu", 1)
+    out = tmp_path / "op.json"
+    bench_op.main(["--device", "cpu", "--channels", "2", "--sides", "8", "--groups", "1", "--repeats", "1",
+                   "--warmup", "0", "--no-reference", "--no-keep-freed", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {"fwd lr, strided kernel", "fwd 4dir, strided kernel", "fwd 4dir (one launch)"} <= {r["what"] for r in rows}
+    assert ops.COLUMNS_AS_ROWS_MIN_PIXELS["cpu"] == 1  # the route's threshold is restored after each strided row
+
+
 def test_bench_unet_quick_writes_json(tmp_path):
     out = tmp_path / "unet.json"
     run("bench_unet.py", "--device", "cpu", "--quick", "--repeats", "1", "--json", str(out))
