@@ -59,8 +59,11 @@ constexpr int forward_tile_lines(int positions_per_thread) {
 }
 template <int RPT>
 constexpr int forward_tile_lines() { return forward_tile_lines(RPT); }
+constexpr int backward_tile_lines(int positions_per_thread) {
+  return positions_per_thread == 1 ? 4 : (positions_per_thread == 2 ? 2 : 1);
+}
 template <int RPT>
-constexpr int backward_tile_lines() { return RPT == 1 ? 4 : (RPT == 2 ? 2 : 1); }
+constexpr int backward_tile_lines() { return backward_tile_lines(RPT); }
 // 512 threads leave each thread up to 128 registers for its RPT positions of
 // two staged tiles; lines up to 512 * 8 = 4096 positions (32K px).
 constexpr int kMaxThreads = 512;
@@ -344,12 +347,14 @@ __device__ inline void load_forward_tile(ForwardSlot<scalar_t, V> (&tile)[K][RPT
         load_consecutive<K>(g2p + o, buf[4]);
 #pragma unroll
         for (int s = 0; s < K; ++s) {
-          const int e = ascending ? s : K - 1 - s;
-          tile[s][r].x.v[0] = buf[0][e];
-          tile[s][r].lam.v[0] = buf[1][e];
-          tile[s][r].g0.v[0] = buf[2][e];
-          tile[s][r].g1.v[0] = buf[3][e];
-          tile[s][r].g2.v[0] = buf[4][e];
+          // Both indices constant, a select between them: a run-time index
+          // would put buf in local memory.
+          auto line_of = [&](const scalar_t(&b)[K]) { return ascending ? b[s] : b[K - 1 - s]; };
+          tile[s][r].x.v[0] = line_of(buf[0]);
+          tile[s][r].lam.v[0] = line_of(buf[1]);
+          tile[s][r].g0.v[0] = line_of(buf[2]);
+          tile[s][r].g1.v[0] = line_of(buf[3]);
+          tile[s][r].g2.v[0] = line_of(buf[4]);
         }
       }
       return;
@@ -485,13 +490,46 @@ struct BackwardSlot {
 
 // Lines t0 .. t0 + K - 1 of the backward's inputs, clipped to t_last as in
 // the forward. The chunk's first line has no previous line: it reads its own
-// h for hprev (valid, unused).
+// h for hprev (valid, unused). line_vectors: as in the forward, for the six
+// inputs of line t itself (the host found the tiles K-aligned, and then
+// every tile is whole); hprev, one line off that alignment, stays scalar.
 template <typename scalar_t, int RPT, int V, int K>
 __device__ inline void load_backward_tile(BackwardSlot<scalar_t, V> (&tile)[K][RPT], const scalar_t* ghp,
                                           const scalar_t* hp, const scalar_t* xp, const scalar_t* lp,
                                           const scalar_t* g0p, const scalar_t* g1p, const scalar_t* g2p,
                                           const BlockLines& lines, const ThreadSlots<RPT, V>& slots, int t0,
-                                          int t_last, int t_begin) {
+                                          int t_last, int t_begin, bool line_vectors) {
+  if constexpr (V == 1 && K > 1) {
+    if (line_vectors) {  // uniform over the block
+      const bool ascending = lines.line_stride > 0;
+      const int low = lines.offset(ascending ? t0 : t0 + K - 1);
+#pragma unroll
+      for (int r = 0; r < RPT; ++r) {
+        const int o = low + slots.offset[r];
+        scalar_t buf[6][K];
+        load_consecutive<K>(ghp + o, buf[0]);
+        load_consecutive<K>(xp + o, buf[1]);
+        load_consecutive<K>(lp + o, buf[2]);
+        load_consecutive<K>(g0p + o, buf[3]);
+        load_consecutive<K>(g1p + o, buf[4]);
+        load_consecutive<K>(g2p + o, buf[5]);
+#pragma unroll
+        for (int s = 0; s < K; ++s) {
+          auto line_of = [&](const scalar_t(&b)[K]) { return ascending ? b[s] : b[K - 1 - s]; };  // as in the forward
+          BackwardSlot<scalar_t, V>& in = tile[s][r];
+          in.go.v[0] = line_of(buf[0]);
+          in.x.v[0] = line_of(buf[1]);
+          in.lam.v[0] = line_of(buf[2]);
+          in.g0.v[0] = line_of(buf[3]);
+          in.g1.v[0] = line_of(buf[4]);
+          in.g2.v[0] = line_of(buf[5]);
+          const int t = t0 + s;
+          load_positions<V>(hp + (lines.offset(t > t_begin ? t - 1 : t) + slots.offset[r]), in.hprev);
+        }
+      }
+      return;
+    }
+  }
 #pragma unroll
   for (int s = 0; s < K; ++s) {
     const int t = t0 + s < t_last ? t0 + s : t_last;
@@ -532,11 +570,13 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
                      const scalar_t* __restrict__ x, const scalar_t* __restrict__ gates,
                      const scalar_t* __restrict__ lam, scalar_t* __restrict__ dx,
                      void* __restrict__ dgates_raw, scalar_t* __restrict__ dlam, const ScanProblem pb,
-                     const int64_t chunks_per_plane) {
+                     const int64_t chunks_per_plane, const bool column_vectors) {
   using dg_t = typename std::conditional<ATOMIC, acc_t, scalar_t>::type;
   constexpr int K = backward_tile_lines<RPT * V>();
   const BlockTask task = decode_block(pb, chunks_per_plane);
   const BlockLines lines = block_lines(pb, task);
+  const int dir = direction_of(pb, task.d);
+  const bool line_vectors = column_vectors && (dir == kLeftRight || dir == kRightLeft);
   if (lines.begin == lines.end) return;  // uniform over the block
   const int L = lines.length, t_begin = lines.begin, t_end = lines.end;
   const ThreadSlots<RPT, V> slots(L, lines.pos_stride);
@@ -574,7 +614,7 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
   auto tile_start = [&](int t_hi) { return t_hi - K > t_begin ? t_hi - K : t_begin; };
   BackwardSlot<scalar_t, V> next[K][RPT];
   load_backward_tile<scalar_t, RPT, V, K>(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots, tile_start(t_end),
-                                          t_end - 1, t_begin);
+                                          t_end - 1, t_begin, line_vectors);
   for (int t_hi = t_end; t_hi > t_begin; t_hi -= K) {
     const int t0 = tile_start(t_hi);
     BackwardStep<scalar_t, acc_t> step[K][RPT][V];
@@ -597,7 +637,7 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
     }
     if (t0 > t_begin) {
       load_backward_tile<scalar_t, RPT, V, K>(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots, tile_start(t0),
-                                              t0 - 1, t_begin);
+                                              t0 - 1, t_begin, line_vectors);
     }
 #pragma unroll
     for (int s = K - 1; s >= 0; --s) {
@@ -712,7 +752,7 @@ bool pairs_fit(const ScanProblem& pb, std::initializer_list<const at::Tensor*> t
   return pb.W % 2 == 0 && planes_aligned(pb, tensors, 2);
 }
 
-// Whether the forward's column scans ("lr", "rl") can load a tile's K lines,
+// Whether column scans ("lr", "rl") can load a tile's K lines,
 // K consecutive columns of a row, as one vector per input: every tile must
 // start K-aligned from the plane's left edge, so rows of a multiple of K,
 // chunks of a multiple of K lines (or one chunk), and K-aligned planes.
@@ -933,13 +973,16 @@ void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Te
                                    [&](auto kernel) { r = residency_of(kernel, candidate, smem); });
     return r;
   });
+  const bool column_vectors =
+      plan.positions_per_slot == 1 &&
+      column_vectors_fit(pb, {&grad_h, &x, &gates, &lam}, backward_tile_lines(plan.rows_per_thread));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_backward_kernel<scalar_t>(plan, pb.normalize, atomic, [&](auto kernel) {
     set_shared_memory(kernel, smem);
     GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
         grad_h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
         lam.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dgates.data_ptr(), dlam.data_ptr<scalar_t>(), pb,
-        plan.chunks_per_plane);
+        plan.chunks_per_plane, column_vectors);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -233,6 +233,37 @@ def test_row_scans_of_even_rows(device, dtype, width):
                     assert_close_scaled(g.grad, w.grad, grad_tolerance, f"{what} grad {name}")
 
 
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("height", [5, 600])
+def test_column_scans_of_aligned_columns(device, dtype, height):
+    """Column scans alone ("lr", "rl") of rows of a multiple of 4, where the
+    CUDA kernels take a tile's lines (consecutive columns) in one vector load
+    per input: 4 lines in the forward at up to 2 positions per thread, in the
+    backward 4 at 1 and 2 at 2 (600-row columns); global scans, chunks of 4
+    (aligned) and of 2 (not, for 4-line tiles), and an input one element off
+    alignment (scalar loads): forward and gradients against the reference."""
+    columns = ("lr", "rl")
+    tolerance = TOLERANCE[dtype] * (4 if dtype == torch.float16 else 1)  # the gates' rounding, as above
+    grad_tolerance = {torch.float32: 1e-4, torch.float16: 1e-2}[dtype]
+    for width, chunk in ((8, None), (12, 4), (8, 2)):
+        key = ("aligned columns", height, width, chunk)
+        x, gates, lam = make_inputs(1, 3, 3, height, width, dtype, device, *key, dirs=2)
+        shifted = torch.zeros(x.numel() + 1, dtype=dtype, device=device)[1:].view(x.shape).copy_(x)
+        grad = torch.randn(1, 2, 3, height, width, generator=generator_for("grad", *key), dtype=torch.float64)
+        ref_inputs = [t.detach().double().cpu().requires_grad_() for t in (x, gates, lam)]
+        want = scan_directions_reference(*ref_inputs, columns, chunk, True)
+        want.backward(grad)
+        for first in (x, shifted):
+            inputs = [t.detach().requires_grad_() for t in (first, gates, lam)]
+            got = gspn_scan_4dir(*inputs, chunk, True, directions=columns)
+            got.backward(grad.to(device=device, dtype=dtype))
+            what = f"{width} wide, chunk={chunk}, {'shifted' if first is shifted else 'aligned'}"
+            assert_close_scaled(got, want, tolerance, what)
+            for name, g, w in zip(("x", "gates", "lam"), inputs, ref_inputs):
+                assert_close_scaled(g.grad, w.grad, grad_tolerance, f"{what} grad {name}")
+
+
 # ---- gradients --------------------------------------------------------------
 
 
