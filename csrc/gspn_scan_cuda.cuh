@@ -268,6 +268,26 @@ __device__ inline void load_consecutive(const scalar_t* p, scalar_t (&out)[K]) {
 #endif
 }
 
+// A column tile's K lines of N inputs at offset o, one vector per input (K
+// consecutive columns of a row): calls assign(s, v) for each line s of the
+// tile, v[k] being input k there. ascending: the lines run with the
+// addresses ("lr"), else against them ("rl"). A line takes its element by a
+// select between two constant indices: a run-time index would put the
+// vectors in local memory (54-60 spilled accesses per backward variant).
+template <int K, int N, typename scalar_t, typename Assign>
+__device__ inline void load_column_tile(const scalar_t* const (&inputs)[N], int o, bool ascending, Assign&& assign) {
+  scalar_t buf[N][K];
+#pragma unroll
+  for (int k = 0; k < N; ++k) load_consecutive<K>(inputs[k] + o, buf[k]);
+#pragma unroll
+  for (int s = 0; s < K; ++s) {
+    scalar_t v[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) v[k] = ascending ? buf[k][s] : buf[k][K - 1 - s];
+    assign(s, v);
+  }
+}
+
 // h (in acc_t) stored as V neighbouring elements of scalar_t from p.
 template <int V, typename scalar_t, typename acc_t>
 __device__ inline void store_positions(scalar_t* p, const acc_t (&h)[V]) {
@@ -336,26 +356,17 @@ __device__ inline void load_forward_tile(ForwardSlot<scalar_t, V> (&tile)[K][RPT
       // Ascending addresses are lines t0, t0 + 1, ... for "lr" (line_stride 1), t0 + K - 1, ... for "rl".
       const bool ascending = lines.line_stride > 0;
       const int low = lines.offset(ascending ? t0 : t0 + K - 1);
+      const scalar_t* const inputs[5] = {xp, lp, g0p, g1p, g2p};
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
-        const int o = low + slots.offset[r];
-        scalar_t buf[5][K];
-        load_consecutive<K>(xp + o, buf[0]);
-        load_consecutive<K>(lp + o, buf[1]);
-        load_consecutive<K>(g0p + o, buf[2]);
-        load_consecutive<K>(g1p + o, buf[3]);
-        load_consecutive<K>(g2p + o, buf[4]);
-#pragma unroll
-        for (int s = 0; s < K; ++s) {
-          // Both indices constant, a select between them: a run-time index
-          // would put buf in local memory.
-          auto line_of = [&](const scalar_t(&b)[K]) { return ascending ? b[s] : b[K - 1 - s]; };
-          tile[s][r].x.v[0] = line_of(buf[0]);
-          tile[s][r].lam.v[0] = line_of(buf[1]);
-          tile[s][r].g0.v[0] = line_of(buf[2]);
-          tile[s][r].g1.v[0] = line_of(buf[3]);
-          tile[s][r].g2.v[0] = line_of(buf[4]);
-        }
+        load_column_tile<K>(inputs, low + slots.offset[r], ascending, [&](int s, const scalar_t(&v)[5]) {
+          ForwardSlot<scalar_t, V>& in = tile[s][r];
+          in.x.v[0] = v[0];
+          in.lam.v[0] = v[1];
+          in.g0.v[0] = v[2];
+          in.g1.v[0] = v[3];
+          in.g2.v[0] = v[4];
+        });
       }
       return;
     }
@@ -503,29 +514,20 @@ __device__ inline void load_backward_tile(BackwardSlot<scalar_t, V> (&tile)[K][R
     if (line_vectors) {  // uniform over the block
       const bool ascending = lines.line_stride > 0;
       const int low = lines.offset(ascending ? t0 : t0 + K - 1);
+      const scalar_t* const inputs[6] = {ghp, xp, lp, g0p, g1p, g2p};
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
-        const int o = low + slots.offset[r];
-        scalar_t buf[6][K];
-        load_consecutive<K>(ghp + o, buf[0]);
-        load_consecutive<K>(xp + o, buf[1]);
-        load_consecutive<K>(lp + o, buf[2]);
-        load_consecutive<K>(g0p + o, buf[3]);
-        load_consecutive<K>(g1p + o, buf[4]);
-        load_consecutive<K>(g2p + o, buf[5]);
-#pragma unroll
-        for (int s = 0; s < K; ++s) {
-          auto line_of = [&](const scalar_t(&b)[K]) { return ascending ? b[s] : b[K - 1 - s]; };  // as in the forward
+        load_column_tile<K>(inputs, low + slots.offset[r], ascending, [&](int s, const scalar_t(&v)[6]) {
           BackwardSlot<scalar_t, V>& in = tile[s][r];
-          in.go.v[0] = line_of(buf[0]);
-          in.x.v[0] = line_of(buf[1]);
-          in.lam.v[0] = line_of(buf[2]);
-          in.g0.v[0] = line_of(buf[3]);
-          in.g1.v[0] = line_of(buf[4]);
-          in.g2.v[0] = line_of(buf[5]);
+          in.go.v[0] = v[0];
+          in.x.v[0] = v[1];
+          in.lam.v[0] = v[2];
+          in.g0.v[0] = v[3];
+          in.g1.v[0] = v[4];
+          in.g2.v[0] = v[5];
           const int t = t0 + s;
           load_positions<V>(hp + (lines.offset(t > t_begin ? t - 1 : t) + slots.offset[r]), in.hprev);
-        }
+        });
       }
       return;
     }

@@ -201,6 +201,25 @@ def test_lines_of_several_positions_per_thread(device, length, pack, monkeypatch
         assert_close_scaled(g.grad, w.grad, 1e-4, f"grad {name}")
 
 
+def assert_aligned_and_shifted_match_reference(x, gates, lam, grad, directions, chunk, normalize, tolerance,
+                                               grad_tolerance, what):
+    """gspn_scan_4dir over the given directions, forward and gradients, from x
+    and from a copy of x that starts one element later (off any vector
+    alignment, so the kernels must fall back to scalar loads), against the
+    float64 reference."""
+    shifted = torch.zeros(x.numel() + 1, dtype=x.dtype, device=x.device)[1:].view(x.shape).copy_(x)
+    ref_inputs = [t.detach().double().cpu().requires_grad_() for t in (x, gates, lam)]
+    want = scan_directions_reference(*ref_inputs, directions, chunk, normalize)
+    want.backward(grad)
+    for first, label in ((x, f"{what}, aligned"), (shifted, f"{what}, shifted")):
+        inputs = [t.detach().requires_grad_() for t in (first, gates, lam)]
+        got = gspn_scan_4dir(*inputs, chunk, normalize, directions=directions)
+        got.backward(grad.to(device=x.device, dtype=x.dtype))
+        assert_close_scaled(got, want, tolerance, label)
+        for name, g, w in zip(("x", "gates", "lam"), inputs, ref_inputs):
+            assert_close_scaled(g.grad, w.grad, grad_tolerance, f"{label} grad {name}")
+
+
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("width", [2, 6, 64, 1100, 2050, 7])
@@ -218,19 +237,9 @@ def test_row_scans_of_even_rows(device, dtype, width):
     grad = torch.randn(2, 2, 4, 5, width, generator=generator_for("even rows grad", width), dtype=torch.float64)
     for groups in (4, 2):
         x, gates, lam = make_inputs(2, 4, groups, 5, width, dtype, device, "even rows", width, dirs=2)
-        shifted = torch.zeros(x.numel() + 1, dtype=dtype, device=device)[1:].view(x.shape).copy_(x)
         for chunk, normalize in ((None, True), (2, False)):
-            ref_inputs = [t.detach().double().cpu().requires_grad_() for t in (x, gates, lam)]
-            want = scan_directions_reference(*ref_inputs, rows, chunk, normalize)
-            want.backward(grad)
-            for first in (x, shifted):
-                inputs = [t.detach().requires_grad_() for t in (first, gates, lam)]
-                got = gspn_scan_4dir(*inputs, chunk, normalize, directions=rows)
-                got.backward(grad.to(device=device, dtype=dtype))
-                what = f"G={groups} chunk={chunk} normalize={normalize}"
-                assert_close_scaled(got, want, tolerance, what)
-                for name, g, w in zip(("x", "gates", "lam"), inputs, ref_inputs):
-                    assert_close_scaled(g.grad, w.grad, grad_tolerance, f"{what} grad {name}")
+            assert_aligned_and_shifted_match_reference(x, gates, lam, grad, rows, chunk, normalize, tolerance,
+                                                       grad_tolerance, f"G={groups} chunk={chunk} normalize={normalize}")
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
@@ -249,19 +258,9 @@ def test_column_scans_of_aligned_columns(device, dtype, height):
     for width, chunk in ((8, None), (12, 4), (8, 2)):
         key = ("aligned columns", height, width, chunk)
         x, gates, lam = make_inputs(1, 3, 3, height, width, dtype, device, *key, dirs=2)
-        shifted = torch.zeros(x.numel() + 1, dtype=dtype, device=device)[1:].view(x.shape).copy_(x)
         grad = torch.randn(1, 2, 3, height, width, generator=generator_for("grad", *key), dtype=torch.float64)
-        ref_inputs = [t.detach().double().cpu().requires_grad_() for t in (x, gates, lam)]
-        want = scan_directions_reference(*ref_inputs, columns, chunk, True)
-        want.backward(grad)
-        for first in (x, shifted):
-            inputs = [t.detach().requires_grad_() for t in (first, gates, lam)]
-            got = gspn_scan_4dir(*inputs, chunk, True, directions=columns)
-            got.backward(grad.to(device=device, dtype=dtype))
-            what = f"{width} wide, chunk={chunk}, {'shifted' if first is shifted else 'aligned'}"
-            assert_close_scaled(got, want, tolerance, what)
-            for name, g, w in zip(("x", "gates", "lam"), inputs, ref_inputs):
-                assert_close_scaled(g.grad, w.grad, grad_tolerance, f"{what} grad {name}")
+        assert_aligned_and_shifted_match_reference(x, gates, lam, grad, columns, chunk, True, tolerance, grad_tolerance,
+                                                   f"{width} wide, chunk={chunk}")
 
 
 # ---- gradients --------------------------------------------------------------
