@@ -57,13 +57,9 @@ namespace {
 constexpr int forward_tile_lines(int positions_per_thread) {
   return positions_per_thread <= 2 ? 4 : (positions_per_thread == 4 ? 2 : 1);
 }
-template <int RPT>
-constexpr int forward_tile_lines() { return forward_tile_lines(RPT); }
 constexpr int backward_tile_lines(int positions_per_thread) {
   return positions_per_thread == 1 ? 4 : (positions_per_thread == 2 ? 2 : 1);
 }
-template <int RPT>
-constexpr int backward_tile_lines() { return backward_tile_lines(RPT); }
 // 512 threads leave each thread up to 128 registers for its RPT positions of
 // two staged tiles; lines up to 512 * 8 = 4096 positions (32K px).
 constexpr int kMaxThreads = 512;
@@ -320,13 +316,15 @@ struct BlockLines {
   int begin, end;  // begin == end: this direction has fewer chunks than the widest one
   int length;      // positions per line
   int first, line_stride, pos_stride;
+  bool columns;    // "lr" / "rl": lines are columns
 
   // Offset of line t's first position inside the plane.
   __device__ int offset(int t) const { return first + t * line_stride; }
 };
 
 __device__ inline BlockLines block_lines(const ScanProblem& pb, const BlockTask& task) {
-  const LineGeometry geo = line_geometry(direction_of(pb, task.d), pb.H, pb.W);
+  const int dir = direction_of(pb, task.d);
+  const LineGeometry geo = line_geometry(dir, pb.H, pb.W);
   const int64_t clen = chunk_length(pb.chunk, geo.lines);
   const int64_t begin = task.chunk_index * clen;
   BlockLines lines;
@@ -336,6 +334,7 @@ __device__ inline BlockLines block_lines(const ScanProblem& pb, const BlockTask&
   lines.first = static_cast<int>(geo.first);
   lines.line_stride = static_cast<int>(geo.line_stride);
   lines.pos_stride = static_cast<int>(geo.pos_stride);
+  lines.columns = dir == kLeftRight || dir == kRightLeft;
   return lines;
 }
 
@@ -414,11 +413,10 @@ __global__ void __launch_bounds__(kMaxThreads)
 scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ gates,
                     const scalar_t* __restrict__ lam, scalar_t* __restrict__ out, const ScanProblem pb,
                     const int64_t chunks_per_plane, const bool column_vectors) {
-  constexpr int K = forward_tile_lines<RPT * V>();
+  constexpr int K = forward_tile_lines(RPT * V);
   const BlockTask task = decode_block(pb, chunks_per_plane);
   const BlockLines lines = block_lines(pb, task);
-  const int dir = direction_of(pb, task.d);
-  const bool line_vectors = column_vectors && (dir == kLeftRight || dir == kRightLeft);
+  const bool line_vectors = column_vectors && lines.columns;
   if (lines.begin == lines.end) return;  // uniform over the block
   const int L = lines.length, t_begin = lines.begin, t_end = lines.end;
   const ThreadSlots<RPT, V> slots(L, lines.pos_stride);
@@ -574,11 +572,10 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
                      void* __restrict__ dgates_raw, scalar_t* __restrict__ dlam, const ScanProblem pb,
                      const int64_t chunks_per_plane, const bool column_vectors) {
   using dg_t = typename std::conditional<ATOMIC, acc_t, scalar_t>::type;
-  constexpr int K = backward_tile_lines<RPT * V>();
+  constexpr int K = backward_tile_lines(RPT * V);
   const BlockTask task = decode_block(pb, chunks_per_plane);
   const BlockLines lines = block_lines(pb, task);
-  const int dir = direction_of(pb, task.d);
-  const bool line_vectors = column_vectors && (dir == kLeftRight || dir == kRightLeft);
+  const bool line_vectors = column_vectors && lines.columns;
   if (lines.begin == lines.end) return;  // uniform over the block
   const int L = lines.length, t_begin = lines.begin, t_end = lines.end;
   const ThreadSlots<RPT, V> slots(L, lines.pos_stride);
