@@ -42,6 +42,7 @@ void scan_backward_cuda(const at::Tensor& grad_h, const at::Tensor& h, const at:
                         const at::Tensor& gates, const at::Tensor& lam, at::Tensor& dx,
                         at::Tensor& dgates, at::Tensor& dlam, const ScanProblem& pb);
 at::Tensor contiguous_cuda(const at::Tensor& t);
+void transpose_into_cuda(at::Tensor& dst, const at::Tensor& src);
 #endif
 
 namespace {
@@ -93,6 +94,8 @@ ScanProblem make_problem(const at::Tensor& x, const at::Tensor& gates, const at:
   TORCH_CHECK(chunk >= 0, "gspn::scan: chunk must be >= 0 (0 = global), got ", chunk);
   pb.chunk = chunk;
   pb.normalize = normalize;
+  pb.Dt = pb.D;
+  pb.slots = kIdentitySlots;
   const int64_t plane = pb.H * pb.W;
   pb.x_dir_stride = x.dim() == 4 ? 0 : pb.C * plane;
   pb.x_batch_stride = x.dim() == 4 ? pb.C * plane : pb.D * pb.C * plane;
@@ -715,7 +718,7 @@ at::Tensor normalize_backward(const at::Tensor& logits, const at::Tensor& dgates
 }
 
 // t with contiguous (H, W) planes for the kernels. On CUDA, transposed views
-// (the column-scan route of gspn_diffusers.ops) take a tiled transpose.
+// take a tiled transpose.
 at::Tensor dense(const at::Tensor& t) {
 #ifdef GSPN_WITH_CUDA
   if (runs_cuda_kernels(t)) return contiguous_cuda(t);
@@ -723,84 +726,217 @@ at::Tensor dense(const at::Tensor& t) {
   return t.contiguous();
 }
 
-// t with its last two dims swapped, stored contiguously: how the column
-// route of gspn_diffusers.ops turns column scans into row scans and back.
-at::Tensor transpose_planes(const at::Tensor& t) {
-  TORCH_CHECK(t.dim() >= 2, "gspn::transpose_planes: expected a tensor of (..., R, S) planes, got ", t.dim(),
-              " dims");
-  return dense(t.transpose(-1, -2));
+// dst = src.transpose(-1, -2), both with contiguous planes and any leading
+// strides (slices of a direction of the op's tensors): on CUDA one tiled
+// transpose from the source's planes straight into the destination's.
+void copy_transposed(at::Tensor dst, const at::Tensor& src) {
+#ifdef GSPN_WITH_CUDA
+  if (runs_cuda_kernels(src)) {
+    transpose_into_cuda(dst, src);
+    return;
+  }
+#endif
+  dst.copy_(src.transpose(-1, -2));
 }
 
-at::Tensor scan_forward(const at::Tensor& x_in, const at::Tensor& gates_in, const at::Tensor& lam_in,
-                        at::IntArrayRef directions, int64_t chunk, bool normalize) {
-  const ScanProblem pb = make_problem(x_in, gates_in, lam_in, directions, chunk, normalize);
-  const at::Tensor x = dense(x_in), gates = dense(gates_in), lam = dense(lam_in);
-  at::Tensor out = at::empty({pb.B, pb.D, pb.C, pb.H, pb.W}, x.options());
-  if (out.numel() == 0) return out;
+// ---- the column route -------------------------------------------------------
+//
+// A column scan ("lr", "rl") of an (H, W) plane is a row scan ("tb", "bt") of
+// the transposed (W, H) plane: the same lines, positions, taps, chunks and
+// normalisation edges. On CUDA row scans read along contiguous addresses and
+// column scans across them (3-10x slower on an H200, BENCHMARKS.md), so from
+// gspn_diffusers.ops.COLUMNS_AS_ROWS_MIN_PIXELS pixels per plane (the op's
+// columns_as_rows argument; -1 never) the op runs its column directions as one
+// launch of row scans over transposed copies of their inputs, and its row
+// directions as another launch on the inputs in place. Both write into the
+// one (B, D, C, H, W) result: the row launch directly (ScanProblem::slot),
+// the column launch through one transpose of its output into the result's
+// column directions. The backward does the same with its gradients.
+struct ColumnRoute {
+  std::vector<int64_t> rows, columns;  // the call's directions of each kind
+  bool taken() const { return !columns.empty(); }
+};
+
+ColumnRoute column_route(const ScanProblem& pb, int64_t columns_as_rows) {
+  ColumnRoute route;
+  if (columns_as_rows < 0 || pb.plane() < columns_as_rows) return route;
+  for (int64_t d = 0; d < pb.D; ++d) {
+    const bool column = pb.dirs[d] == kLeftRight || pb.dirs[d] == kRightLeft;
+    (column ? route.columns : route.rows).push_back(d);
+  }
+  return route;
+}
+
+// The launch of the given directions of pb, on pb's tensors in place.
+ScanProblem launch_of(const ScanProblem& pb, const std::vector<int64_t>& which) {
+  ScanProblem sub = pb;
+  sub.D = static_cast<int64_t>(which.size());
+  sub.slots = 0;
+  for (int64_t d = 0; d < sub.D; ++d) {
+    sub.dirs[d] = pb.dirs[which[d]];
+    sub.slots |= static_cast<int>(pb.slot(which[d])) << (2 * d);
+  }
+  return sub;
+}
+
+// The column directions' planes of t transposed, as a compact tensor: a
+// shared (B, C, H, W) input once; a per-direction one (directions in dim 1)
+// as (B, Dc, ..., W, H).
+at::Tensor columns_transposed(const at::Tensor& t, const std::vector<int64_t>& columns, bool per_direction) {
+  if (!per_direction) return dense(t.transpose(-1, -2));
+  std::vector<int64_t> sizes = t.sizes().vec();
+  sizes[1] = static_cast<int64_t>(columns.size());
+  std::swap(sizes[sizes.size() - 1], sizes[sizes.size() - 2]);
+  at::Tensor out = at::empty(sizes, t.options());
+  for (size_t j = 0; j < columns.size(); ++j) copy_transposed(out.select(1, j), t.select(1, columns[j]));
+  return out;
+}
+
+// The launch of pb's column directions as the row scans of the transposed
+// planes that they are, with its compact transposed inputs.
+struct ColumnLaunch {
+  at::Tensor x, gates, lam;
+  ScanProblem pb;
+};
+
+ColumnLaunch column_launch(const ScanProblem& pb, const ColumnRoute& route, const at::Tensor& x,
+                           const at::Tensor& gates, const at::Tensor& lam) {
+  ColumnLaunch launch{columns_transposed(x, route.columns, x.dim() == 5),
+                      columns_transposed(gates, route.columns, true),
+                      columns_transposed(lam, route.columns, lam.dim() == 5), ScanProblem{}};
+  std::vector<int64_t> codes;
+  for (int64_t d : route.columns) codes.push_back(pb.dirs[d] == kLeftRight ? kTopBottom : kBottomTop);
+  launch.pb = make_problem(launch.x, launch.gates, launch.lam, codes, pb.chunk, pb.normalize);
+  return launch;
+}
+
+// The compact column launch's per-direction result back into the call's
+// column directions of `into`.
+void put_back_columns(at::Tensor& into, const at::Tensor& transposed, const std::vector<int64_t>& columns) {
+  for (size_t j = 0; j < columns.size(); ++j) copy_transposed(into.select(1, columns[j]), transposed.select(1, j));
+}
+
+// ---- forward and backward of one launch ------------------------------------
+
+// h of pb's directions into out (pb.Dt directions).
+void forward_into(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& lam, at::Tensor& out,
+                  const ScanProblem& pb) {
   if (runs_cuda_kernels(x)) {
 #ifdef GSPN_WITH_CUDA
     scan_forward_cuda(x, gates, lam, out, pb);
 #else
     TORCH_CHECK(false, "gspn::scan: this build has no CUDA kernels");
 #endif
-    return out;
+    return;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_scan_cpu", [&] {
-    forward_cpu<scalar_t>(pb, x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
-                          lam.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+    forward_cpu<scalar_t>(pb, x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(),
+                          out.data_ptr<scalar_t>());
   });
+}
+
+// Per-direction gradients of one call: dx and dlam (B, Dt, C, H, W), and the
+// gates' in `dgates` (B, Dt, G, 3, H, W), whose dtype says how they are
+// accumulated: the input dtype where each channel has its own gates on CUDA,
+// else float32 (float64 for double) -- CUDA channels sharing a group add
+// into it with atomics, CPU tasks write partial sums that are then added.
+struct Gradients {
+  at::Tensor dx, dgates, dlam;
+};
+
+Gradients allocate_gradients(const at::Tensor& x, const at::Tensor& gates, const ScanProblem& pb) {
+  const std::vector<int64_t> per_direction{pb.B, pb.Dt, pb.C, pb.H, pb.W};
+  Gradients g{at::empty(per_direction, x.options()), at::Tensor(), at::empty(per_direction, x.options())};
+  const auto acc = gates.options().dtype(at::toOpMathType(gates.scalar_type()));
+  if (!runs_cuda_kernels(x)) g.dgates = at::empty(gates.sizes(), acc);  // each launch fills its directions
+  else if (pb.G == pb.C) g.dgates = at::empty_like(gates);
+  else g.dgates = at::zeros(gates.sizes(), acc);
+  return g;
+}
+
+// The gradients of pb's directions into g. On CUDA with fused normalisation
+// they are the logits' already: the kernel applies the chain rule per
+// position (linear in the gates' gradients, so the channels of a group may
+// add theirs), where a separate pass over the gate tensor read the logits and
+// the gradients again. On the CPU that pass runs once over the whole call.
+void backward_into(const at::Tensor& grad_h, const at::Tensor& h, const at::Tensor& x, const at::Tensor& gates,
+                   const at::Tensor& lam, Gradients& g, const ScanProblem& pb) {
+  if (runs_cuda_kernels(x)) {
+#ifdef GSPN_WITH_CUDA
+    scan_backward_cuda(grad_h, h, x, gates, lam, g.dx, g.dgates, g.dlam, pb);
+#else
+    TORCH_CHECK(false, "gspn::scan_backward: this build has no CUDA kernels");
+#endif
+    return;
+  }
+  const CpuTasks plan = plan_tasks(pb);
+  at::Tensor partial = at::zeros({pb.B, pb.D, pb.G, plan.slices, 3, pb.H, pb.W}, g.dgates.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_scan_backward_cpu", [&] {
+    backward_cpu<scalar_t>(pb, plan, grad_h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                           gates.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), g.dx.data_ptr<scalar_t>(),
+                           partial.data_ptr<at::opmath_type<scalar_t>>(), g.dlam.data_ptr<scalar_t>());
+  });
+  const at::Tensor summed = plan.slices == 1 ? partial.squeeze(3) : partial.sum(3);
+  if (pb.D == pb.Dt) {
+    g.dgates = summed;  // every direction: no copy
+  } else {
+    for (int64_t d = 0; d < pb.D; ++d) g.dgates.select(1, pb.slot(d)).copy_(summed.select(1, d));
+  }
+}
+
+// ---- the op ---------------------------------------------------------------
+
+at::Tensor scan_forward(const at::Tensor& x_in, const at::Tensor& gates_in, const at::Tensor& lam_in,
+                        at::IntArrayRef directions, int64_t chunk, bool normalize, int64_t columns_as_rows) {
+  const ScanProblem pb = make_problem(x_in, gates_in, lam_in, directions, chunk, normalize);
+  const at::Tensor x = dense(x_in), gates = dense(gates_in), lam = dense(lam_in);
+  at::Tensor out = at::empty({pb.B, pb.D, pb.C, pb.H, pb.W}, x.options());
+  if (out.numel() == 0) return out;
+  const ColumnRoute route = column_route(pb, columns_as_rows);
+  if (!route.taken()) {
+    forward_into(x, gates, lam, out, pb);
+    return out;
+  }
+  if (!route.rows.empty()) forward_into(x, gates, lam, out, launch_of(pb, route.rows));
+  const ColumnLaunch columns = column_launch(pb, route, x, gates, lam);
+  at::Tensor ht = at::empty({pb.B, columns.pb.D, pb.C, pb.W, pb.H}, x.options());
+  forward_into(columns.x, columns.gates, columns.lam, ht, columns.pb);
+  put_back_columns(out, ht, route.columns);
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_backward(
     const at::Tensor& grad_h_in, const at::Tensor& h_in, const at::Tensor& x_in,
     const at::Tensor& gates_in, const at::Tensor& lam_in, at::IntArrayRef directions, int64_t chunk,
-    bool normalize) {
+    bool normalize, int64_t columns_as_rows) {
   const ScanProblem pb = make_problem(x_in, gates_in, lam_in, directions, chunk, normalize);
   const std::vector<int64_t> full{pb.B, pb.D, pb.C, pb.H, pb.W};
   TORCH_CHECK(grad_h_in.sizes() == at::IntArrayRef(full) && h_in.sizes() == at::IntArrayRef(full),
               "gspn::scan_backward: grad_h and h must be (B, D, C, H, W)");
   const at::Tensor grad_h = dense(grad_h_in).to(x_in.scalar_type()), h = dense(h_in);
   const at::Tensor x = dense(x_in), gates = dense(gates_in), lam = dense(lam_in);
-  // Per-direction gradients of x and lam; shared inputs are summed over D below.
-  at::Tensor dx = at::empty(full, x.options());
-  at::Tensor dlam = at::empty(full, x.options());
-  at::Tensor dgates;
+  Gradients g = allocate_gradients(x, gates, pb);
+  const ColumnRoute route = column_route(pb, columns_as_rows);
   if (x.numel() == 0 || gates.numel() == 0) {
-    dx.zero_();
-    dlam.zero_();
-    dgates = at::zeros_like(gates);
-  } else if (runs_cuda_kernels(x)) {
-#ifdef GSPN_WITH_CUDA
-    // Channels sharing a gate group add into one fp32 buffer with atomics;
-    // per-channel gates are written directly in the input dtype. With fused
-    // normalisation these are already the logits' gradients: the kernel
-    // applies the chain rule per position (linear in the gates' gradients, so
-    // the channels of a group may add theirs), where a separate pass over the
-    // gate tensor read the logits and the gradients again.
-    if (pb.G == pb.C) {
-      dgates = at::empty_like(gates);
-    } else {
-      dgates = at::zeros(gates.sizes(), gates.options().dtype(at::toOpMathType(gates.scalar_type())));
-    }
-    scan_backward_cuda(grad_h, h, x, gates, lam, dx, dgates, dlam, pb);
-#else
-    TORCH_CHECK(false, "gspn::scan_backward: this build has no CUDA kernels");
-#endif
+    g.dx.zero_();
+    g.dlam.zero_();
+    g.dgates.zero_();
+  } else if (!route.taken()) {
+    backward_into(grad_h, h, x, gates, lam, g, pb);
   } else {
-    const CpuTasks plan = plan_tasks(pb);
-    const auto acc = at::toOpMathType(x.scalar_type());
-    at::Tensor partial = at::zeros({pb.B, pb.D, pb.G, plan.slices, 3, pb.H, pb.W}, x.options().dtype(acc));
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_scan_backward_cpu", [&] {
-      backward_cpu<scalar_t>(pb, plan, grad_h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
-                             x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(),
-                             dx.data_ptr<scalar_t>(), partial.data_ptr<at::opmath_type<scalar_t>>(),
-                             dlam.data_ptr<scalar_t>());
-    });
-    dgates = plan.slices == 1 ? partial.squeeze(3) : partial.sum(3);
-    if (normalize) dgates = normalize_backward(gates, dgates, pb);
+    if (!route.rows.empty()) backward_into(grad_h, h, x, gates, lam, g, launch_of(pb, route.rows));
+    const ColumnLaunch columns = column_launch(pb, route, x, gates, lam);
+    Gradients gc = allocate_gradients(columns.x, columns.gates, columns.pb);
+    backward_into(columns_transposed(grad_h, route.columns, true), columns_transposed(h, route.columns, true),
+                  columns.x, columns.gates, columns.lam, gc, columns.pb);
+    put_back_columns(g.dx, gc.dx, route.columns);
+    put_back_columns(g.dlam, gc.dlam, route.columns);
+    put_back_columns(g.dgates, gc.dgates, route.columns);
   }
+  at::Tensor dgates = g.dgates;
+  if (normalize && !runs_cuda_kernels(x)) dgates = normalize_backward(gates, dgates, pb);
   dgates = dgates.to(gates.scalar_type());
+  at::Tensor dx = g.dx, dlam = g.dlam;
   if (x_in.dim() == 4) dx = pb.D == 1 ? dx.squeeze(1) : dx.sum(1);
   if (lam_in.dim() == 4) dlam = pb.D == 1 ? dlam.squeeze(1) : dlam.sum(1);
   return {dx, dgates, dlam};
@@ -811,14 +947,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_backward(
 TORCH_LIBRARY_IMPL(gspn, CPU, m) {
   m.impl("scan", &scan_forward);
   m.impl("scan_backward", &scan_backward);
-  m.impl("transpose_planes", &transpose_planes);
 }
 
 #if defined(GSPN_WITH_CUDA) && !defined(GSPN_CUDA_SIM)
 TORCH_LIBRARY_IMPL(gspn, CUDA, m) {
   m.impl("scan", &scan_forward);
   m.impl("scan_backward", &scan_backward);
-  m.impl("transpose_planes", &transpose_planes);
 }
 #endif
 

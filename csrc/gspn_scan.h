@@ -61,33 +61,44 @@ GSPN_HD int64_t chunk_length(int64_t chunk, int64_t lines) {
   return (chunk <= 0 || chunk >= lines) ? lines : chunk;
 }
 
-// Sizes of one call. x and lam are either shared by all D directions
-// (dir_stride 0) or given per direction.
+// Sizes of one launch. x and lam are either shared by all D directions
+// (dir_stride 0) or given per direction. A launch may run some of the
+// directions of its tensors (the op runs row and column directions of large
+// CUDA planes as two launches, see scan_forward): its direction d is then the
+// tensors' direction slot(d) of Dt; D == Dt and slot(d) == d otherwise.
 struct ScanProblem {
   int64_t B, D, C, G, H, W;
   int64_t chunk;            // lines per chunk; >= lines means one global chunk
   int64_t x_batch_stride, x_dir_stride;
   int64_t lam_batch_stride, lam_dir_stride;
+  int64_t Dt;               // directions in the tensors
+  int slots;                // 2 bits per launch direction: slot(d) = (slots >> 2d) & 3
   int dirs[4];
   bool normalize;           // gates hold logits; normalise on the fly
 
   GSPN_HD int64_t plane() const { return H * W; }
   GSPN_HD int64_t channels_per_group() const { return C / G; }
+  // The tensors' direction that launch direction d reads and writes (a
+  // shift, not an array index, so device code keeps it in registers).
+  GSPN_HD int64_t slot(int64_t d) const { return (slots >> (2 * d)) & 3; }
   // Offsets (in elements) of the start of one (H, W) plane.
   GSPN_HD int64_t x_plane(int64_t b, int64_t d, int64_t c) const {
-    return b * x_batch_stride + d * x_dir_stride + c * plane();
+    return b * x_batch_stride + slot(d) * x_dir_stride + c * plane();
   }
   GSPN_HD int64_t lam_plane(int64_t b, int64_t d, int64_t c) const {
-    return b * lam_batch_stride + d * lam_dir_stride + c * plane();
+    return b * lam_batch_stride + slot(d) * lam_dir_stride + c * plane();
   }
   GSPN_HD int64_t out_plane(int64_t b, int64_t d, int64_t c) const {
-    return ((b * D + d) * C + c) * plane();
+    return ((b * Dt + slot(d)) * C + c) * plane();
   }
   // Tap k of gate group g.
   GSPN_HD int64_t gate_plane(int64_t b, int64_t d, int64_t g, int k) const {
-    return (((b * D + d) * G + g) * 3 + k) * plane();
+    return (((b * Dt + slot(d)) * G + g) * 3 + k) * plane();
   }
 };
+
+// Slots of a launch that runs all its tensors' directions in order.
+constexpr int kIdentitySlots = 0 | (1 << 2) | (2 << 4) | (3 << 6);
 
 // exp for the gate sigmoid. On the GPU in float the hardware's approximate
 // exp2 with denormals flushed (ex2.approx.ftz: a multiply and one MUFU.EX2;

@@ -24,93 +24,117 @@ void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Te
 
 namespace {
 
-// Tiled transpose of planes, for the transposed views in which column scans of
-// large planes arrive (gspn_diffusers.ops runs them as row scans of the
-// transpose): ATen's copy of such a view ran at ~15% of the copy bandwidth on
-// an H200, and the copies cost 5x the scan itself. A block moves a 32x32 tile
-// through shared memory, reading and writing along contiguous addresses.
+// Tiled transpose of planes: the column route of the op (gspn_scan.cpp) runs
+// the column scans of large planes as row scans of transposed copies, and
+// transposed views arrive from callers too. ATen's copy of a transposed view
+// ran at ~15% of the copy bandwidth on an H200, and the copies cost 5x the
+// scan itself. A block moves a 32x32 tile through shared memory, reading and
+// writing along contiguous addresses; source and destination planes may sit
+// anywhere in their tensors (a direction's slice of the op's result).
 constexpr int kTile = 32, kTileRows = 8, kMaxLeadDims = 6;
 
-// The source's leading dims (everything before the plane), for the offset of
+// A tensor's leading dims (everything before the plane), for the offset of
 // plane n of them in row-major order.
 struct LeadLayout {
   int64_t sizes[kMaxLeadDims];
   int64_t strides[kMaxLeadDims];
   int dims;
-};
 
-// src element (r, s) of plane n is at lead_offset(n) + s * R + r; dst is the
-// contiguous (planes, R, S).
-template <typename T>
-__global__ void transpose_planes_kernel(const T* __restrict__ src, T* __restrict__ dst, int64_t planes, int64_t R,
-                                        int64_t S, const LeadLayout lead) {
-  __shared__ T tile[kTile][kTile + 1];  // [s][r]; the pad keeps a column's reads off one bank
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile, s0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  for (int64_t n = blockIdx.z; n < planes; n += gridDim.z) {
-    int64_t src_plane = 0, rest = n;
+  __device__ int64_t offset(int64_t n) const {
+    int64_t at = 0;
 #pragma unroll
-    for (int d = kMaxLeadDims - 1; d >= 0; --d) {  // unrolled: constant indices keep lead out of local memory
-      if (d < lead.dims) {
-        src_plane += (rest % lead.sizes[d]) * lead.strides[d];
-        rest /= lead.sizes[d];
+    for (int d = kMaxLeadDims - 1; d >= 0; --d) {  // unrolled: constant indices keep the layout out of local memory
+      if (d < dims) {
+        at += (n % sizes[d]) * strides[d];
+        n /= sizes[d];
       }
     }
-    const T* sp = src + src_plane;
-    T* dp = dst + n * R * S;
-    const int64_t r = r0 + threadIdx.x;
-#pragma unroll
-    for (int k = 0; k < kTile; k += kTileRows) {
-      const int64_t s = s0 + threadIdx.y + k;
-      if (r < R && s < S) tile[threadIdx.y + k][threadIdx.x] = sp[s * R + r];
-    }
-    __syncthreads();
+    return at;
+  }
+};
+
+LeadLayout lead_layout(const at::Tensor& t) {
+  LeadLayout lead{};
+  lead.dims = static_cast<int>(t.dim() - 2);
+  for (int d = 0; d < lead.dims; ++d) {
+    lead.sizes[d] = t.size(d);
+    lead.strides[d] = t.stride(d);
+  }
+  return lead;
+}
+
+// dst element (s, r) of plane n = src element (r, s) of plane n; src planes
+// are (R, S), dst planes (S, R), both stored row by row.
+template <typename T>
+__global__ void transpose_planes_kernel(const T* __restrict__ src, T* __restrict__ dst, int64_t planes, int64_t R,
+                                        int64_t S, const LeadLayout src_lead, const LeadLayout dst_lead) {
+  __shared__ T tile[kTile][kTile + 1];  // [r][s]; the pad keeps a column's reads off one bank
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile, s0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  for (int64_t n = blockIdx.z; n < planes; n += gridDim.z) {
+    const T* sp = src + src_lead.offset(n);
+    T* dp = dst + dst_lead.offset(n);
     const int64_t s = s0 + threadIdx.x;
 #pragma unroll
     for (int k = 0; k < kTile; k += kTileRows) {
-      const int64_t rr = r0 + threadIdx.y + k;
-      if (rr < R && s < S) dp[rr * S + s] = tile[threadIdx.x][threadIdx.y + k];
+      const int64_t r = r0 + threadIdx.y + k;
+      if (r < R && s < S) tile[threadIdx.y + k][threadIdx.x] = sp[r * S + s];
+    }
+    __syncthreads();
+    const int64_t r = r0 + threadIdx.x;
+#pragma unroll
+    for (int k = 0; k < kTile; k += kTileRows) {
+      const int64_t ss = s0 + threadIdx.y + k;
+      if (r < R && ss < S) dp[ss * R + r] = tile[threadIdx.x][threadIdx.y + k];
     }
     __syncthreads();  // the tile is refilled for the next plane
   }
 }
 
+bool rows_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 && t.stride(-2) == t.size(-1); }
+
 }  // namespace
 
-// t as a contiguous tensor: a tiled transpose when t is a transposed view of
-// contiguous planes (stride(-2) == 1, stride(-1) == size(-2)), else contiguous().
-at::Tensor contiguous_cuda(const at::Tensor& t) {
-  const int64_t dims = t.dim();
-  if (t.is_contiguous() || dims < 2 || dims - 2 > kMaxLeadDims || t.numel() == 0) return t.contiguous();
-  const int64_t R = t.size(-2), S = t.size(-1);
-  const int64_t item = t.element_size();
-  if (R < 2 || S < 2 || t.stride(-2) != 1 || t.stride(-1) != R || (item != 2 && item != 4 && item != 8)) {
-    return t.contiguous();
+// dst = src.transpose(-1, -2) for tensors whose planes are stored row by row
+// (any leading strides) through the tiled transpose; other layouts, or
+// element sizes it has no kernel for, through ATen's copy.
+void transpose_into_cuda(at::Tensor& dst, const at::Tensor& src) {
+  TORCH_CHECK(dst.dim() == src.dim() && dst.dim() >= 2 && dst.size(-2) == src.size(-1) &&
+                  dst.size(-1) == src.size(-2) && dst.scalar_type() == src.scalar_type(),
+              "gspn::scan (CUDA): transpose of ", src.sizes(), " into ", dst.sizes());
+  const int64_t R = src.size(-2), S = src.size(-1), item = src.element_size();
+  if (src.numel() == 0) return;
+  if (src.dim() - 2 > kMaxLeadDims || !rows_contiguous(src) || !rows_contiguous(dst) ||
+      (item != 2 && item != 4 && item != 8)) {
+    dst.copy_(src.transpose(-1, -2));
+    return;
   }
-  LeadLayout lead{};
-  lead.dims = static_cast<int>(dims - 2);
-  int64_t planes = 1;
-  for (int d = 0; d < lead.dims; ++d) {
-    lead.sizes[d] = t.size(d);
-    lead.strides[d] = t.stride(d);
-    planes *= t.size(d);
-  }
-  const c10::cuda::CUDAGuard guard(t.device());
-  at::Tensor out = at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t planes = src.numel() / (R * S);
+  TORCH_CHECK((R + kTile - 1) / kTile <= 65535, "gspn::scan (CUDA): planes of ", R, " rows are too tall to transpose");
+  const c10::cuda::CUDAGuard guard(src.device());
   const dim3 grid(static_cast<unsigned>((S + kTile - 1) / kTile), static_cast<unsigned>((R + kTile - 1) / kTile),
                   static_cast<unsigned>(std::min<int64_t>(planes, 65535)));
-  TORCH_CHECK((R + kTile - 1) / kTile <= 65535, "gspn::scan (CUDA): planes of ", R, " rows are too tall to transpose");
   const dim3 block(kTile, kTileRows);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const void* src = t.data_ptr();  // the view's first element (storage start + offset)
   auto launch = [&](auto zero) {
     using T = decltype(zero);
-    GSPN_LAUNCH(transpose_planes_kernel<T>, grid, block, 0, stream)(static_cast<const T*>(src),
-                                                                    static_cast<T*>(out.data_ptr()), planes, R, S, lead);
+    GSPN_LAUNCH(transpose_planes_kernel<T>, grid, block, 0, stream)(
+        static_cast<const T*>(src.data_ptr()), static_cast<T*>(dst.data_ptr()), planes, R, S, lead_layout(src),
+        lead_layout(dst));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (item == 2) launch(uint16_t{});
   else if (item == 4) launch(uint32_t{});
   else launch(uint64_t{});
+}
+
+// t as a contiguous tensor: a tiled transpose when t is a transposed view of
+// planes stored row by row, else contiguous().
+at::Tensor contiguous_cuda(const at::Tensor& t) {
+  if (t.is_contiguous() || t.dim() < 2 || t.size(-2) < 2 || t.size(-1) < 2) return t.contiguous();
+  const at::Tensor planes = t.transpose(-1, -2);
+  if (!rows_contiguous(planes)) return t.contiguous();
+  at::Tensor out = at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
+  transpose_into_cuda(out, planes);
   return out;
 }
 

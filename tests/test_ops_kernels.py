@@ -425,32 +425,59 @@ def test_long_scan_low_precision(device, dtype):
         assert_close_scaled(h, want, 4 * TOLERANCE[dtype], f"{direction} {dtype}")
 
 
+def ops_dispatched(fn):
+    """Names of the ATen ops fn dispatches (the compiled op's own included)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.name for event in prof.events()}
+
+
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
-@pytest.mark.parametrize("directions,shared", [(DIRECTIONS, True), (("rl", "tb", "lr"), False), (("lr",), True)])
+@pytest.mark.parametrize(
+    "directions,shared,groups,size,dtype",
+    [
+        (DIRECTIONS, True, 2, (7, 5), torch.float64),
+        (("rl", "tb", "lr"), False, 4, (7, 5), torch.float64),  # columns not one range of the result
+        (("lr",), True, 2, (7, 5), torch.float64),
+        (("tb", "lr", "bt", "rl"), False, 2, (47, 33), torch.float64),  # planes of several 32x32 tiles
+        (DIRECTIONS, True, 4, (1, 9), torch.float64),
+        (("rl", "bt"), True, 2, (9, 1), torch.float64),
+        (DIRECTIONS, True, 2, (47, 33), torch.float16),
+    ],
+    ids=str,
+)
 @pytest.mark.parametrize("chunk,normalize", [(None, True), (3, False)])
-def test_column_scans_as_row_scans_of_the_transpose(device, monkeypatch, directions, shared, chunk, normalize):
-    """Column scans run as row scans of transposed planes (the CUDA route for
-    large planes) give the strided kernels' outputs and gradients."""
+def test_column_route(device, monkeypatch, directions, shared, groups, size, dtype, chunk, normalize):
+    """Column scans run as row scans of transposed copies, written back into
+    the one result beside the row directions (the CUDA route for large
+    planes), give the strided kernels' outputs and gradients: every order of
+    row and column directions, shared and per-direction inputs, per-channel
+    and shared gates, degenerate and multi-tile planes."""
     from gspn_diffusers import ops
 
-    x, gates, lam = make_inputs(2, 4, 2, 7, 5, torch.float64, device, "columns", dirs=len(directions), shared=shared)
+    x, gates, lam = make_inputs(2, 4, groups, *size, dtype, device, "columns", dirs=len(directions), shared=shared)
     if normalize:
         gates = gates * 18 - 3  # logits
-    weights = torch.randn((2, len(directions), 4, 7, 5), generator=generator_for("weights"), dtype=torch.float64)
+    weights = torch.randn((2, len(directions), 4, *size), generator=generator_for("weights"), dtype=torch.float64)
 
     def run():
         inputs = [t.clone().requires_grad_() for t in (x, gates, lam)]
         h = gspn_scan_4dir(*inputs, chunk=chunk, normalize=normalize, directions=directions)
-        (h * weights.to(device)).sum().backward()
+        (h.double() * weights.to(device)).sum().backward()
         return [h.detach()] + [t.grad for t in inputs]
 
     monkeypatch.setitem(ops.COLUMNS_AS_ROWS_MIN_PIXELS, device.type, None)
     strided = run()
-    monkeypatch.setitem(ops.COLUMNS_AS_ROWS_MIN_PIXELS, device.type, 0)
-    transposed = run()
-    for what, got, want in zip(("h", "dx", "dgates", "dlam"), transposed, strided):
-        assert got.is_contiguous() or what != "h"
-        assert_close_scaled(got, want, 1e-12, what)
+    assert "aten::select" not in ops_dispatched(run)
+    monkeypatch.setitem(ops.COLUMNS_AS_ROWS_MIN_PIXELS, device.type, size[0] * size[1])
+    routed = run()
+    assert "aten::select" in ops_dispatched(run)  # the route's transposes of one direction each
+    tolerance = 1e-12 if dtype == torch.float64 else 4 * TOLERANCE[dtype]
+    for what, got, want in zip(("h", "dx", "dgates", "dlam"), routed, strided):
+        assert got.is_contiguous()
+        assert_close_scaled(got.double(), want.double(), tolerance, what)
+    monkeypatch.setitem(ops.COLUMNS_AS_ROWS_MIN_PIXELS, device.type, size[0] * size[1] + 1)
+    assert "aten::select" not in ops_dispatched(run)  # below the threshold
 
 
 # ---- torch.library integration ---------------------------------------------
@@ -458,29 +485,12 @@ def test_column_scans_as_row_scans_of_the_transpose(device, monkeypatch, directi
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_opcheck(device):
-    for normalize, x_dirs in ((False, None), (True, 4)):
+    # the second call runs its column directions through the column route
+    for normalize, x_dirs, columns_as_rows in ((False, None, -1), (True, 4, 0)):
         x, gates, lam = make_inputs(2, 4, 2, 5, 7, torch.float64, device, "opcheck", dirs=4, shared=x_dirs is None)
-        args = (x.requires_grad_(), gates.requires_grad_(), lam.requires_grad_(), [0, 1, 2, 3], 2, normalize)
+        args = (x.requires_grad_(), gates.requires_grad_(), lam.requires_grad_(), [0, 1, 2, 3], 2, normalize,
+                columns_as_rows)
         torch.library.opcheck(torch.ops.gspn.scan.default, args)
-
-
-@pytest.mark.parametrize("device", DEVICES, indirect=True)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16], ids=str)
-def test_transpose_planes(device, dtype):
-    """The column route's transpose (tiled on CUDA): exact, for planes that
-    are not whole 32x32 tiles, strided leading dims and degenerate planes;
-    its gradient is the transpose back; opcheck."""
-    base = torch.randn(3, 4, 47, 33, generator=generator_for("transpose", dtype), dtype=torch.float64)
-    base = base.to(device=device, dtype=dtype)
-    for t in (base, base[:, 1:3], base[:, :, :1], base[..., :1]):
-        got = torch.ops.gspn.transpose_planes(t)
-        assert got.is_contiguous() and torch.equal(got, t.transpose(-1, -2)), tuple(t.shape)
-    t = base[:, 1:3].detach().requires_grad_()
-    weights = torch.randn(3, 2, 33, 47, generator=generator_for("transpose grad"), dtype=torch.float64)
-    weights = weights.to(device=device, dtype=dtype)
-    (torch.ops.gspn.transpose_planes(t) * weights).sum().backward()
-    assert torch.equal(t.grad, weights.transpose(-1, -2))
-    torch.library.opcheck(torch.ops.gspn.transpose_planes.default, (t.detach().requires_grad_(),))
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)

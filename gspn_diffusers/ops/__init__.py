@@ -4,8 +4,9 @@
 all four) in one kernel launch, reading the shared input with strided access
 instead of flipped copies (on CUDA, planes from 128x128 up run their column
 scans as row scans of transposed copies, see ``COLUMNS_AS_ROWS_MIN_PIXELS``;
-then the rows and the columns are one launch each). Both are differentiable in x, gates
-and lam (and in the gate logits with ``normalize=True``), run the compiled
+then the rows and the columns are one launch each, into one result). Both are
+differentiable in x, gates and lam (and in the gate logits with
+``normalize=True``), run the compiled
 ``gspn::scan`` custom op when it is available and the pure-PyTorch reference
 otherwise, and trace under ``torch.compile(fullgraph=True)``.
 """
@@ -107,57 +108,20 @@ def _check_inputs(x, gates, lam, num_dirs: Optional[int]) -> None:
 
 # Column scans ("lr", "rl") on CUDA read one column per line, so a warp's 32
 # threads touch 32 rows: on an H200 they ran 3-10x slower than row scans
-# (BENCHMARKS.md). From this many pixels per plane they run instead as row
-# scans ("tb", "bt") of the transposed planes: the transposing copies (the
-# op's own tiled transpose, gspn::transpose_planes) cost far less than the
-# strided reads.
-# A device type missing here (the CPU kernels transpose tiles themselves) or
-# None keeps the strided kernel.
+# (BENCHMARKS.md). From this many pixels per plane the op runs them instead as
+# row scans ("tb", "bt") of transposed copies of their inputs (its own tiled
+# transpose) and writes their hidden states back transposed into the one
+# (B, D, C, H, W) result, beside the row directions (the op's
+# ``columns_as_rows`` argument). A device type missing here (the CPU kernels
+# transpose tiles themselves) or None keeps the strided kernel.
 COLUMNS_AS_ROWS_MIN_PIXELS = {"cuda": 128 * 128}
-_ROW_SCAN_OF_COLUMN_SCAN = {2: 0, 3: 1}  # "lr" is "tb" of the transpose, "rl" is "bt"
-
-
-def _directions_of(t: torch.Tensor, index: list) -> torch.Tensor:
-    """The given directions of a per-direction tensor (dim 1); a shared 4-D x or lam as is."""
-    if t.dim() == 4:
-        return t
-    if index == list(range(index[0], index[-1] + 1)):
-        return t[:, index[0]:index[-1] + 1]  # a view, no copy
-    return t[:, index]
 
 
 def _scan(x, gates, lam, directions: Sequence[str], codes: list, chunk: int, normalize: bool):
     if not uses_compiled_kernels(x.device.type):
         return scan_directions_reference(x, gates, lam, directions, chunk or None, normalize)
     threshold = COLUMNS_AS_ROWS_MIN_PIXELS.get(x.device.type)
-    columns = [d for d, code in enumerate(codes) if code in _ROW_SCAN_OF_COLUMN_SCAN]
-    if not columns or threshold is None or x.shape[-2] * x.shape[-1] < threshold:
-        return torch.ops.gspn.scan(x, gates, lam, codes, chunk, normalize)
-    # Lines, positions, taps, chunks and the fused normalisation's edges of a
-    # column scan are those of a row scan over the transposed planes. The
-    # transposes are the op's own (tiled on CUDA), both ways and in the
-    # backward, so no ATen copy of a transposed view is left on this route.
-    transpose = torch.ops.gspn.transpose_planes
-    h_columns = transpose(
-        torch.ops.gspn.scan(
-            transpose(_directions_of(x, columns)),
-            transpose(_directions_of(gates, columns)),
-            transpose(_directions_of(lam, columns)),
-            [_ROW_SCAN_OF_COLUMN_SCAN[codes[d]] for d in columns],
-            chunk,
-            normalize,
-        )
-    )
-    rows = [d for d in range(len(codes)) if d not in columns]
-    if not rows:
-        return h_columns
-    h_rows = torch.ops.gspn.scan(
-        _directions_of(x, rows), _directions_of(gates, rows), _directions_of(lam, rows),
-        [codes[d] for d in rows], chunk, normalize,
-    )
-    h = torch.cat([h_rows, h_columns], dim=1)
-    order = rows + columns
-    return h if order == sorted(order) else h[:, [order.index(d) for d in range(len(codes))]]
+    return torch.ops.gspn.scan(x, gates, lam, codes, chunk, normalize, -1 if threshold is None else threshold)
 
 
 def gspn_scan(

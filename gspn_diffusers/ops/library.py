@@ -3,17 +3,16 @@
 Declared once, here. The compiled extension (csrc/) registers the CPU and CUDA
 kernels for these schemas when it loads; see :mod:`gspn_diffusers.ops.build`.
 
-``gspn::scan(x, gates, lam, directions, chunk, normalize) -> h``
+``gspn::scan(x, gates, lam, directions, chunk, normalize, columns_as_rows=-1) -> h``
     gates ``(B, D, G, 3, H, W)``; x and lam ``(B, C, H, W)`` (shared by the D
     directions) or ``(B, D, C, H, W)``; ``directions`` D codes, indices into
     :data:`~gspn_diffusers.ops.reference.DIRECTIONS`; ``chunk`` 0 = global scan;
-    ``normalize`` = gates are logits. Returns h ``(B, D, C, H, W)``.
-``gspn::scan_backward(grad_h, h, x, gates, lam, directions, chunk, normalize)``
+    ``normalize`` = gates are logits; ``columns_as_rows``: from this many
+    pixels per plane the column directions run as row scans of transposed
+    copies of their inputs, written back into the one result (-1: never; see
+    ``gspn_diffusers.ops.COLUMNS_AS_ROWS_MIN_PIXELS``). Returns h ``(B, D, C, H, W)``.
+``gspn::scan_backward(grad_h, h, x, gates, lam, directions, chunk, normalize, columns_as_rows=-1)``
     -> ``(grad_x, grad_gates, grad_lam)``, shaped like the inputs.
-``gspn::transpose_planes(t) -> t.transpose(-1, -2)``, stored contiguously: on
-    CUDA a tiled transpose through shared memory (ATen's copy of a transposed
-    view ran at ~15 % of the copy bandwidth on an H200). Column scans of large
-    planes run as row scans of such transposes (:mod:`gspn_diffusers.ops`).
 """
 
 from __future__ import annotations
@@ -24,56 +23,45 @@ NAMESPACE = "gspn"
 
 torch.library.define(
     f"{NAMESPACE}::scan",
-    "(Tensor x, Tensor gates, Tensor lam, int[] directions, int chunk, bool normalize) -> Tensor",
+    "(Tensor x, Tensor gates, Tensor lam, int[] directions, int chunk, bool normalize, int columns_as_rows=-1) "
+    "-> Tensor",
 )
 torch.library.define(
     f"{NAMESPACE}::scan_backward",
     "(Tensor grad_h, Tensor h, Tensor x, Tensor gates, Tensor lam, int[] directions, int chunk, "
-    "bool normalize) -> (Tensor, Tensor, Tensor)",
+    "bool normalize, int columns_as_rows=-1) -> (Tensor, Tensor, Tensor)",
 )
-
-torch.library.define(f"{NAMESPACE}::transpose_planes", "(Tensor t) -> Tensor")
 
 
 @torch.library.register_fake(f"{NAMESPACE}::scan")
-def _scan_fake(x, gates, lam, directions, chunk, normalize):
+def _scan_fake(x, gates, lam, directions, chunk, normalize, columns_as_rows=-1):
     batch, dirs, _, _, height, width = gates.shape
     return x.new_empty((batch, dirs, x.shape[-3], height, width))
 
 
 @torch.library.register_fake(f"{NAMESPACE}::scan_backward")
-def _scan_backward_fake(grad_h, h, x, gates, lam, directions, chunk, normalize):
+def _scan_backward_fake(grad_h, h, x, gates, lam, directions, chunk, normalize, columns_as_rows=-1):
     return x.new_empty(x.shape), gates.new_empty(gates.shape), lam.new_empty(lam.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    x, gates, lam, directions, chunk, normalize = inputs
+    x, gates, lam, directions, chunk, normalize, columns_as_rows = inputs  # defaults filled in
     # The backward needs the hidden state of the previous line for the gate
     # gradients; keeping the output costs nothing a caller does not keep anyway.
     ctx.save_for_backward(x, gates, lam, output)
     ctx.directions = directions
     ctx.chunk = chunk
     ctx.normalize = normalize
+    ctx.columns_as_rows = columns_as_rows
 
 
 def _backward(ctx, grad_h):
     x, gates, lam, h = ctx.saved_tensors
     grad_x, grad_gates, grad_lam = torch.ops.gspn.scan_backward(
-        grad_h, h, x, gates, lam, ctx.directions, ctx.chunk, ctx.normalize
+        grad_h, h, x, gates, lam, ctx.directions, ctx.chunk, ctx.normalize, ctx.columns_as_rows
     )
-    return grad_x, grad_gates, grad_lam, None, None, None
+    return grad_x, grad_gates, grad_lam, None, None, None, None
 
 
 torch.library.register_autograd(f"{NAMESPACE}::scan", _backward, setup_context=_setup_context)
 
-
-@torch.library.register_fake(f"{NAMESPACE}::transpose_planes")
-def _transpose_planes_fake(t):
-    return t.new_empty((*t.shape[:-2], t.shape[-1], t.shape[-2]))
-
-
-def _transpose_planes_backward(ctx, grad):
-    return torch.ops.gspn.transpose_planes(grad)
-
-
-torch.library.register_autograd(f"{NAMESPACE}::transpose_planes", _transpose_planes_backward)
