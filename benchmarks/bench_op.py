@@ -89,7 +89,7 @@ def measure_size(args, device, dtype, gen, results, channels, groups, side, item
         entry = {"C": channels, "G": groups, "side": side, "what": what, "ms": ms,
                  "GBps": gbs, "pct_copy": 100 * gbs / copy_gbs, **extra}
         results["rows"].append(entry)
-        print(f"{channels:>4} {groups:>4} {side:>5} {what:<22} {ms:>10.3f} {gbs:>8.1f} {entry['pct_copy']:>5.0f}%")
+        print(f"{channels:>4} {groups:>4} {side:>5} {what:<24} {ms:>10.3f} {gbs:>8.1f} {entry['pct_copy']:>5.0f}%")
 
     row("copy (read+write)", copy_ms, 2 * src.numel() * itemsize, copy_GBps=copy_gbs)
     row("copy inputs once", inputs_copy_ms, 2 * inputs_copy.numel() * itemsize)
@@ -115,13 +115,25 @@ def measure_size(args, device, dtype, gen, results, channels, groups, side, item
             ref = median_ms(device, lambda: scan_reference(x, g, lam, direction, args.chunk, True), 1)
             row(f"reference fwd {direction}", ref, fwd_bytes, kernel_speedup=ref / fwd)
     four_bytes = 4 * fwd_bytes - 3 * 2 * channels * side * side * itemsize  # x and lam read once
-    four = timed(lambda: gspn_scan_4dir(x, logits, lam, args.chunk, True))
-    row("fwd 4dir (one launch)", four, four_bytes)
+    # Its backward alone, counted as the single directions' ("bwd"): grad_h and
+    # h of four directions, grad_x and grad_lam written once (shared x and
+    # lam), the gates read and their gradients written.
+    four_bwd_bytes = (10 * channels + 24 * groups) * side * side * itemsize
+    xr, gr, lr = (t.detach().clone().requires_grad_() for t in (x, logits, lam))
+    grad = torch.randn((1, 4, *shape[1:]), device=device, dtype=dtype, generator=gen)
+
+    def four_directions(suffix: str) -> None:
+        four = timed(lambda: gspn_scan_4dir(x, logits, lam, args.chunk, True))
+        row(f"fwd 4dir{suffix}", four, four_bytes)
+        out = gspn_scan_4dir(xr, gr, lr, args.chunk, True)
+        four_bwd = timed(lambda: torch.autograd.grad(out, (xr, gr, lr), grad, retain_graph=True))
+        row(f"bwd 4dir{suffix}", four_bwd, four_bwd_bytes)
+
+    four_directions(" (one call)")
     if ops.COLUMNS_AS_ROWS_MIN_PIXELS.get(device.type) is not None:
         # All four directions in one launch of the strided kernel: no transposed copies.
         with columns_as_rows(device, None):
-            four_strided = timed(lambda: gspn_scan_4dir(x, logits, lam, args.chunk, True))
-        row("fwd 4dir, strided kernel", four_strided, four_bytes)
+            four_directions(", strided kernel")
     gates = [logits[:, d].contiguous() for d in range(4)]
     separate = timed(
         lambda: torch.stack([gspn_scan(x, gates[d], lam, dn, args.chunk, True) for d, dn in enumerate(DIRECTIONS)], 1)
@@ -178,7 +190,7 @@ def run(args) -> dict:
           + ("  malloc: keep freed memory" if keep_freed else "")
           + ("  CUDA blocks: widest (GSPN_CUDA_PACK=0)" if device.type == "cuda" and not results["cuda_pack_blocks"]
              else ""))
-    print(f"{'C':>4} {'G':>4} {'side':>5} {'what':<22} {'ms':>10} {'GB/s':>8} {'%copy':>6}")
+    print(f"{'C':>4} {'G':>4} {'side':>5} {'what':<24} {'ms':>10} {'GB/s':>8} {'%copy':>6}")
     gen = torch.Generator(device=device).manual_seed(0)
     for channels in args.channels:
         for groups in sorted({1 if g == "1" else channels if g == "C" else int(g) for g in args.groups}):

@@ -26,7 +26,7 @@ def test_bench_op_writes_json(tmp_path, compiled_cpu):
     result = json.loads(out.read_text())
     rows = result["rows"]
     whats = {r["what"] for r in rows}
-    assert {"fwd tb", "bwd rl", "fwd 4dir (one launch)", "reference fwd lr", "copy inputs once"} <= whats
+    assert {"fwd tb", "bwd rl", "fwd 4dir (one call)", "bwd 4dir (one call)", "reference fwd lr", "copy inputs once"} <= whats
     assert all(r["ms"] > 0 and r["GBps"] > 0 for r in rows)
     # the CPU targets: forward vs one copy of its inputs, and vs the reference, per direction and G
     verdicts = {(v["G"], v["what"]): v for v in result["targets"]}
@@ -43,8 +43,8 @@ def test_bench_op_writes_json(tmp_path, compiled_cpu):
 
 def test_bench_op_rows_of_the_column_route(tmp_path, compiled_cpu, monkeypatch):
     """The rows bench_op times only where column scans run as row scans of
-    transposed planes (CUDA): the strided kernel's 'lr' and four-direction
-    forward beside the route's. Run here on the CPU with the route switched on
+    transposed planes (CUDA): the strided kernel's 'lr' forward and
+    four-direction forward and backward beside the route's. Run here on the CPU with the route switched on
     for it, so a GPU session's short lease does not find a crash in them."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bench_op
@@ -55,7 +55,8 @@ def test_bench_op_rows_of_the_column_route(tmp_path, compiled_cpu, monkeypatch):
     bench_op.main(["--device", "cpu", "--channels", "2", "--sides", "8", "--groups", "1", "--repeats", "1",
                    "--warmup", "0", "--no-reference", "--no-keep-freed", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert {"fwd lr, strided kernel", "fwd 4dir, strided kernel", "fwd 4dir (one launch)"} <= {r["what"] for r in rows}
+    assert {"fwd lr, strided kernel", "fwd 4dir, strided kernel", "bwd 4dir, strided kernel", "fwd 4dir (one call)",
+            "bwd 4dir (one call)"} <= {r["what"] for r in rows}
     assert ops.COLUMNS_AS_ROWS_MIN_PIXELS["cpu"] == 1  # the route's threshold is restored after each strided row
 
 
