@@ -33,46 +33,82 @@ namespace {
 // anywhere in their tensors (a direction's slice of the op's result).
 constexpr int kTile = 32, kTileRows = 8, kMaxLeadDims = 6;
 
-// A tensor's leading dims (everything before the plane), for the offset of
-// plane n of them in row-major order.
-struct LeadLayout {
-  int64_t sizes[kMaxLeadDims];
-  int64_t strides[kMaxLeadDims];
-  int dims;
+// n / d for 32-bit n < 2^31 by a multiply-high, an add and a shift, with the
+// multiplier found on the host (Granlund-Montgomery, as torch's IntDivider):
+// a 64-bit division is a ~70-instruction subroutine, and with one per leading
+// dim and tensor for every tile it was most of the transpose's instructions.
+struct FastDivider {
+  uint32_t divisor, multiplier, shift;
 
-  __device__ int64_t offset(int64_t n) const {
-    int64_t at = 0;
-#pragma unroll
-    for (int d = kMaxLeadDims - 1; d >= 0; --d) {  // unrolled: constant indices keep the layout out of local memory
-      if (d < dims) {
-        at += (n % sizes[d]) * strides[d];
-        n /= sizes[d];
-      }
-    }
-    return at;
+  static FastDivider of(uint32_t d) {
+    FastDivider f{d, 0, 0};
+    while ((uint64_t(1) << f.shift) < d) ++f.shift;
+    f.multiplier = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << f.shift) - d)) / d + 1);
+    return f;
+  }
+  __device__ uint32_t div(uint32_t n) const {
+    const uint32_t high = static_cast<uint32_t>((static_cast<uint64_t>(n) * multiplier) >> 32);
+    return (high + n) >> shift;
   }
 };
 
-LeadLayout lead_layout(const at::Tensor& t) {
-  LeadLayout lead{};
-  lead.dims = static_cast<int>(t.dim() - 2);
-  for (int d = 0; d < lead.dims; ++d) {
-    lead.sizes[d] = t.size(d);
-    lead.strides[d] = t.stride(d);
+// The leading dims (everything before the plane) of a source and a
+// destination of equal sizes, for where plane n of them sits in each
+// (row-major order). Dims that both tensors step through as one are merged
+// on the host, so a contiguous batch of planes is one dim, a direction's
+// slice of the op's result two.
+struct LeadLayouts {
+  FastDivider sizes[kMaxLeadDims];
+  int64_t src[kMaxLeadDims], dst[kMaxLeadDims];
+  int dims;
+
+  __device__ void offsets(uint32_t n, int64_t& src_at, int64_t& dst_at) const {
+    src_at = dst_at = 0;
+#pragma unroll
+    for (int d = kMaxLeadDims - 1; d >= 0; --d) {  // unrolled: constant indices keep the layout out of local memory
+      if (d < dims) {
+        const uint32_t q = sizes[d].div(n), index = n - q * sizes[d].divisor;
+        src_at += static_cast<int64_t>(index) * src[d];
+        dst_at += static_cast<int64_t>(index) * dst[d];
+        n = q;
+      }
+    }
   }
+};
+
+LeadLayouts lead_layouts(const at::Tensor& src, const at::Tensor& dst) {
+  LeadLayouts lead{};
+  int64_t size[kMaxLeadDims];
+  for (int64_t d = 0; d < src.dim() - 2; ++d) {
+    if (src.size(d) == 1) continue;
+    const int m = lead.dims;
+    if (m > 0 && lead.src[m - 1] == src.stride(d) * src.size(d) && lead.dst[m - 1] == dst.stride(d) * src.size(d)) {
+      size[m - 1] *= src.size(d);  // one step of the outer dim is a whole run of this one, in both tensors
+      lead.src[m - 1] = src.stride(d);
+      lead.dst[m - 1] = dst.stride(d);
+      continue;
+    }
+    size[m] = src.size(d);
+    lead.src[m] = src.stride(d);
+    lead.dst[m] = dst.stride(d);
+    ++lead.dims;
+  }
+  for (int d = 0; d < lead.dims; ++d) lead.sizes[d] = FastDivider::of(static_cast<uint32_t>(size[d]));
   return lead;
 }
 
 // dst element (s, r) of plane n = src element (r, s) of plane n; src planes
 // are (R, S), dst planes (S, R), both stored row by row.
 template <typename T>
-__global__ void transpose_planes_kernel(const T* __restrict__ src, T* __restrict__ dst, int64_t planes, int64_t R,
-                                        int64_t S, const LeadLayout src_lead, const LeadLayout dst_lead) {
+__global__ void transpose_planes_kernel(const T* __restrict__ src, T* __restrict__ dst, uint32_t planes, int64_t R,
+                                        int64_t S, const LeadLayouts lead) {
   __shared__ T tile[kTile][kTile + 1];  // [r][s]; the pad keeps a column's reads off one bank
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile, s0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  for (int64_t n = blockIdx.z; n < planes; n += gridDim.z) {
-    const T* sp = src + src_lead.offset(n);
-    T* dp = dst + dst_lead.offset(n);
+  for (uint32_t n = blockIdx.z; n < planes; n += gridDim.z) {
+    int64_t src_at, dst_at;
+    lead.offsets(n, src_at, dst_at);
+    const T* sp = src + src_at;
+    T* dp = dst + dst_at;
     const int64_t s = s0 + threadIdx.x;
 #pragma unroll
     for (int k = 0; k < kTile; k += kTileRows) {
@@ -109,6 +145,10 @@ void transpose_into_cuda(at::Tensor& dst, const at::Tensor& src) {
     return;
   }
   const int64_t planes = src.numel() / (R * S);
+  if (planes >= (int64_t(1) << 31)) {  // FastDivider's range; ~2^31 tiny planes, never the op's
+    dst.copy_(src.transpose(-1, -2));
+    return;
+  }
   TORCH_CHECK((R + kTile - 1) / kTile <= 65535, "gspn::scan (CUDA): planes of ", R, " rows are too tall to transpose");
   const c10::cuda::CUDAGuard guard(src.device());
   const dim3 grid(static_cast<unsigned>((S + kTile - 1) / kTile), static_cast<unsigned>((R + kTile - 1) / kTile),
@@ -118,8 +158,8 @@ void transpose_into_cuda(at::Tensor& dst, const at::Tensor& src) {
   auto launch = [&](auto zero) {
     using T = decltype(zero);
     GSPN_LAUNCH(transpose_planes_kernel<T>, grid, block, 0, stream)(
-        static_cast<const T*>(src.data_ptr()), static_cast<T*>(dst.data_ptr()), planes, R, S, lead_layout(src),
-        lead_layout(dst));
+        static_cast<const T*>(src.data_ptr()), static_cast<T*>(dst.data_ptr()), static_cast<uint32_t>(planes), R, S,
+        lead_layouts(src, dst));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (item == 2) launch(uint16_t{});
