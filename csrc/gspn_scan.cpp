@@ -718,7 +718,7 @@ at::Tensor normalize_backward(const at::Tensor& logits, const at::Tensor& dgates
 }
 
 // t with contiguous (H, W) planes for the kernels. On CUDA, transposed views
-// take a tiled transpose.
+// and channels-last planes take a tiled transpose (contiguous_cuda).
 at::Tensor dense(const at::Tensor& t) {
 #ifdef GSPN_WITH_CUDA
   if (runs_cuda_kernels(t)) return contiguous_cuda(t);

@@ -168,14 +168,25 @@ void transpose_into_cuda(at::Tensor& dst, const at::Tensor& src) {
 }
 
 // t as a contiguous tensor: a tiled transpose when t is a transposed view of
-// planes stored row by row, else contiguous().
+// planes stored row by row, or stores its last three dims (C, H, W) as
+// (H, W, C) (channels_last, and the planes a layer makes of (B, N, C)
+// tokens): then each (H W, C) matrix is transposed. Else contiguous().
 at::Tensor contiguous_cuda(const at::Tensor& t) {
   if (t.is_contiguous() || t.dim() < 2 || t.size(-2) < 2 || t.size(-1) < 2) return t.contiguous();
   const at::Tensor planes = t.transpose(-1, -2);
-  if (!rows_contiguous(planes)) return t.contiguous();
-  at::Tensor out = at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
-  transpose_into_cuda(out, planes);
-  return out;
+  if (rows_contiguous(planes)) {
+    at::Tensor out = at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
+    transpose_into_cuda(out, planes);
+    return out;
+  }
+  if (t.dim() >= 3 && t.size(-3) >= 2 && t.stride(-3) == 1 && t.stride(-1) == t.size(-3) &&
+      t.stride(-2) == t.size(-1) * t.size(-3)) {
+    at::Tensor out = at::empty(t.sizes(), t.options().memory_format(at::MemoryFormat::Contiguous));
+    at::Tensor channels_of_pixels = out.flatten(-2);  // (..., C, H W)
+    transpose_into_cuda(channels_of_pixels, t.movedim(-3, -1).flatten(-3, -2));  // from (..., H W, C)
+    return out;
+  }
+  return t.contiguous();
 }
 
 void scan_forward_cuda(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& lam, at::Tensor& out,

@@ -113,9 +113,10 @@ def test_non_contiguous_inputs(device, layout):
     if layout == "transposed":  # same values, non-contiguous storage
         x2, lam2 = (t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in (x, lam))
         gates2 = gates.transpose(-1, -2).contiguous().transpose(-1, -2)
-    elif layout == "channels_last":
+    elif layout == "channels_last":  # CUDA: a tiled transpose of each (H W, C) matrix
         x2, lam2 = (t.contiguous(memory_format=torch.channels_last) for t in (x, lam))
-        gates2 = gates
+        gates2 = gates.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)  # taps innermost
+        assert gates2.stride(-3) == 1
     else:
         big = torch.zeros(2, 8, 17, 12, dtype=x.dtype, device=device)
         big[:, ::2] = x
