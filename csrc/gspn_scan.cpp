@@ -779,17 +779,43 @@ ScanProblem launch_of(const ScanProblem& pb, const std::vector<int64_t>& which) 
   return sub;
 }
 
+// Whether the column directions are one ascending run of the call's (the
+// default order's "lr", "rl" are): their slices of a tensor are then one
+// view, transposed in one launch.
+bool one_run(const std::vector<int64_t>& columns) {
+  for (size_t j = 0; j < columns.size(); ++j) {
+    if (columns[j] != columns[0] + static_cast<int64_t>(j)) return false;
+  }
+  return true;
+}
+
 // The column directions' planes of t transposed, as a compact tensor: a
 // shared (B, C, H, W) input once; a per-direction one (directions in dim 1)
 // as (B, Dc, ..., W, H).
 at::Tensor columns_transposed(const at::Tensor& t, const std::vector<int64_t>& columns, bool per_direction) {
   if (!per_direction) return dense(t.transpose(-1, -2));
+  const int64_t count = static_cast<int64_t>(columns.size());
   std::vector<int64_t> sizes = t.sizes().vec();
-  sizes[1] = static_cast<int64_t>(columns.size());
+  sizes[1] = count;
   std::swap(sizes[sizes.size() - 1], sizes[sizes.size() - 2]);
   at::Tensor out = at::empty(sizes, t.options());
-  for (size_t j = 0; j < columns.size(); ++j) copy_transposed(out.select(1, j), t.select(1, columns[j]));
+  if (one_run(columns)) {
+    copy_transposed(out, t.narrow(1, columns[0], count));
+  } else {
+    for (int64_t j = 0; j < count; ++j) copy_transposed(out.select(1, j), t.select(1, columns[j]));
+  }
   return out;
+}
+
+// The compact column launch's per-direction result back into the call's
+// column directions of `into`.
+void put_back_columns(at::Tensor& into, const at::Tensor& transposed, const std::vector<int64_t>& columns) {
+  const int64_t count = static_cast<int64_t>(columns.size());
+  if (one_run(columns)) {
+    copy_transposed(into.narrow(1, columns[0], count), transposed);
+  } else {
+    for (int64_t j = 0; j < count; ++j) copy_transposed(into.select(1, columns[j]), transposed.select(1, j));
+  }
 }
 
 // The launch of pb's column directions as the row scans of the transposed
@@ -808,12 +834,6 @@ ColumnLaunch column_launch(const ScanProblem& pb, const ColumnRoute& route, cons
   for (int64_t d : route.columns) codes.push_back(pb.dirs[d] == kLeftRight ? kTopBottom : kBottomTop);
   launch.pb = make_problem(launch.x, launch.gates, launch.lam, codes, pb.chunk, pb.normalize);
   return launch;
-}
-
-// The compact column launch's per-direction result back into the call's
-// column directions of `into`.
-void put_back_columns(at::Tensor& into, const at::Tensor& transposed, const std::vector<int64_t>& columns) {
-  for (size_t j = 0; j < columns.size(); ++j) copy_transposed(into.select(1, columns[j]), transposed.select(1, j));
 }
 
 // ---- forward and backward of one launch ------------------------------------
