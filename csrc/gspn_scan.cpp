@@ -779,14 +779,26 @@ ScanProblem launch_of(const ScanProblem& pb, const std::vector<int64_t>& which) 
   return sub;
 }
 
-// Whether the column directions are one ascending run of the call's (the
-// default order's "lr", "rl" are): their slices of a tensor are then one
-// view, transposed in one launch.
-bool one_run(const std::vector<int64_t>& columns) {
-  for (size_t j = 0; j < columns.size(); ++j) {
-    if (columns[j] != columns[0] + static_cast<int64_t>(j)) return false;
+// dst's directions to (dim 1) = src's directions from, each plane
+// transposed: one launch when both are ascending runs (the default order's
+// "lr", "rl" are), whose slices are then one view each.
+void copy_directions_transposed(const at::Tensor& dst, const std::vector<int64_t>& to, const at::Tensor& src,
+                                const std::vector<int64_t>& from) {
+  const int64_t count = static_cast<int64_t>(to.size());
+  bool runs = true;
+  for (int64_t j = 0; j < count; ++j) runs = runs && to[j] == to[0] + j && from[j] == from[0] + j;
+  if (runs) {
+    copy_transposed(dst.narrow(1, to[0], count), src.narrow(1, from[0], count));
+  } else {
+    for (int64_t j = 0; j < count; ++j) copy_transposed(dst.select(1, to[j]), src.select(1, from[j]));
   }
-  return true;
+}
+
+// 0, 1, ..., n - 1: the directions of the compact column launch.
+std::vector<int64_t> first(size_t n) {
+  std::vector<int64_t> all(n);
+  for (size_t j = 0; j < n; ++j) all[j] = static_cast<int64_t>(j);
+  return all;
 }
 
 // The column directions' planes of t transposed, as a compact tensor: a
@@ -794,28 +806,18 @@ bool one_run(const std::vector<int64_t>& columns) {
 // as (B, Dc, ..., W, H).
 at::Tensor columns_transposed(const at::Tensor& t, const std::vector<int64_t>& columns, bool per_direction) {
   if (!per_direction) return dense(t.transpose(-1, -2));
-  const int64_t count = static_cast<int64_t>(columns.size());
   std::vector<int64_t> sizes = t.sizes().vec();
-  sizes[1] = count;
+  sizes[1] = static_cast<int64_t>(columns.size());
   std::swap(sizes[sizes.size() - 1], sizes[sizes.size() - 2]);
   at::Tensor out = at::empty(sizes, t.options());
-  if (one_run(columns)) {
-    copy_transposed(out, t.narrow(1, columns[0], count));
-  } else {
-    for (int64_t j = 0; j < count; ++j) copy_transposed(out.select(1, j), t.select(1, columns[j]));
-  }
+  copy_directions_transposed(out, first(columns.size()), t, columns);
   return out;
 }
 
 // The compact column launch's per-direction result back into the call's
 // column directions of `into`.
-void put_back_columns(at::Tensor& into, const at::Tensor& transposed, const std::vector<int64_t>& columns) {
-  const int64_t count = static_cast<int64_t>(columns.size());
-  if (one_run(columns)) {
-    copy_transposed(into.narrow(1, columns[0], count), transposed);
-  } else {
-    for (int64_t j = 0; j < count; ++j) copy_transposed(into.select(1, columns[j]), transposed.select(1, j));
-  }
+void put_back_columns(const at::Tensor& into, const at::Tensor& transposed, const std::vector<int64_t>& columns) {
+  copy_directions_transposed(into, columns, transposed, first(columns.size()));
 }
 
 // The launch of pb's column directions as the row scans of the transposed

@@ -139,13 +139,9 @@ void transpose_into_cuda(at::Tensor& dst, const at::Tensor& src) {
               "gspn::scan (CUDA): transpose of ", src.sizes(), " into ", dst.sizes());
   const int64_t R = src.size(-2), S = src.size(-1), item = src.element_size();
   if (src.numel() == 0) return;
-  if (src.dim() - 2 > kMaxLeadDims || !rows_contiguous(src) || !rows_contiguous(dst) ||
-      (item != 2 && item != 4 && item != 8)) {
-    dst.copy_(src.transpose(-1, -2));
-    return;
-  }
   const int64_t planes = src.numel() / (R * S);
-  if (planes >= (int64_t(1) << 31)) {  // FastDivider's range; ~2^31 tiny planes, never the op's
+  if (src.dim() - 2 > kMaxLeadDims || !rows_contiguous(src) || !rows_contiguous(dst) ||
+      (item != 2 && item != 4 && item != 8) || planes >= (int64_t(1) << 31)) {  // the last: FastDivider's range
     dst.copy_(src.transpose(-1, -2));
     return;
   }
