@@ -20,6 +20,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -37,10 +39,11 @@ namespace gspn {
 
 #ifdef GSPN_WITH_CUDA
 void scan_forward_cuda(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& lam,
-                       at::Tensor& out, const ScanProblem& pb);
+                       at::Tensor& out, const ScanProblem& pb, bool columns_staged);
 void scan_backward_cuda(const at::Tensor& grad_h, const at::Tensor& h, const at::Tensor& x,
                         const at::Tensor& gates, const at::Tensor& lam, at::Tensor& dx,
-                        at::Tensor& dgates, at::Tensor& dlam, const ScanProblem& pb);
+                        at::Tensor& dgates, at::Tensor& dlam, const ScanProblem& pb, bool columns_staged);
+bool columns_staged_fit_cuda(const ScanProblem& pb, const std::vector<at::Tensor>& tensors, bool backward);
 at::Tensor contiguous_cuda(const at::Tensor& t);
 void transpose_into_cuda(at::Tensor& dst, const at::Tensor& src);
 #endif
@@ -744,14 +747,19 @@ void copy_transposed(at::Tensor dst, const at::Tensor& src) {
 // A column scan ("lr", "rl") of an (H, W) plane is a row scan ("tb", "bt") of
 // the transposed (W, H) plane: the same lines, positions, taps, chunks and
 // normalisation edges. On CUDA row scans read along contiguous addresses and
-// column scans across them (3-10x slower on an H200, BENCHMARKS.md), so from
-// gspn_diffusers.ops.COLUMNS_AS_ROWS_MIN_PIXELS pixels per plane (the op's
-// columns_as_rows argument; -1 never) the op runs its column directions as one
-// launch of row scans over transposed copies of their inputs, and its row
-// directions as another launch on the inputs in place. Both write into the
-// one (B, D, C, H, W) result: the row launch directly (ScanProblem::slot),
-// the column launch through one transpose of its output into the result's
-// column directions. The backward does the same with its gradients.
+// column scans across them (3-10x slower on an H200 with one load per line,
+// BENCHMARKS.md), so from gspn_diffusers.ops.COLUMNS_AS_ROWS_MIN_PIXELS
+// pixels per plane (the op's columns_as_rows argument; -1 never) the op runs
+// its row directions as one launch on the inputs in place and its column
+// directions as another, in one of two ways:
+// - staged (the default where the tensors align for it and the lines are
+//   short enough, columns_staged): in place too, the kernel copying groups
+//   of columns into shared memory ahead of their lines (ColumnStages in
+//   gspn_scan_cuda.cuh); no copies;
+// - else as row scans over transposed copies of their inputs, whose output
+//   is transposed into the result's column directions.
+// Both launches write into the one (B, D, C, H, W) result (ScanProblem::slot).
+// The backward does the same with its gradients.
 struct ColumnRoute {
   std::vector<int64_t> rows, columns;  // the call's directions of each kind
   bool taken() const { return !columns.empty(); }
@@ -765,6 +773,24 @@ ColumnRoute column_route(const ScanProblem& pb, int64_t columns_as_rows) {
     (column ? route.columns : route.rows).push_back(d);
   }
   return route;
+}
+
+// Whether the column route runs the column directions of `columns` (a
+// launch of them) staged, in place, on these tensors: CUDA kernels, and
+// tensors and lines that fit the staged kernels (columns_staged_fit_cuda).
+// GSPN_CUDA_COLUMNS=transposed takes the transposed copies instead, so that a
+// benchmark can time both with one build.
+bool columns_staged(const ScanProblem& columns, const std::vector<at::Tensor>& tensors, bool backward) {
+  const char* how = std::getenv("GSPN_CUDA_COLUMNS");
+  TORCH_CHECK(how == nullptr || std::strcmp(how, "staged") == 0 || std::strcmp(how, "transposed") == 0,
+              "GSPN_CUDA_COLUMNS=", how, " is not a way to run column scans: use \"staged\" (the default) or "
+              "\"transposed\"");
+  if (how != nullptr && std::strcmp(how, "transposed") == 0) return false;
+#ifdef GSPN_WITH_CUDA
+  return runs_cuda_kernels(tensors.front()) && columns_staged_fit_cuda(columns, tensors, backward);
+#else
+  return false;
+#endif
 }
 
 // The launch of the given directions of pb, on pb's tensors in place.
@@ -840,12 +866,13 @@ ColumnLaunch column_launch(const ScanProblem& pb, const ColumnRoute& route, cons
 
 // ---- forward and backward of one launch ------------------------------------
 
-// h of pb's directions into out (pb.Dt directions).
+// h of pb's directions into out (pb.Dt directions). columns_staged: pb's
+// directions are columns that columns_staged() found fit to run staged.
 void forward_into(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& lam, at::Tensor& out,
-                  const ScanProblem& pb) {
+                  const ScanProblem& pb, bool columns_staged = false) {
   if (runs_cuda_kernels(x)) {
 #ifdef GSPN_WITH_CUDA
-    scan_forward_cuda(x, gates, lam, out, pb);
+    scan_forward_cuda(x, gates, lam, out, pb, columns_staged);
 #else
     TORCH_CHECK(false, "gspn::scan: this build has no CUDA kernels");
 #endif
@@ -876,16 +903,16 @@ Gradients allocate_gradients(const at::Tensor& x, const at::Tensor& gates, const
   return g;
 }
 
-// The gradients of pb's directions into g. On CUDA with fused normalisation
+// The gradients of pb's directions into g (columns_staged as in forward_into). On CUDA with fused normalisation
 // they are the logits' already: the kernel applies the chain rule per
 // position (linear in the gates' gradients, so the channels of a group may
 // add theirs), where a separate pass over the gate tensor read the logits and
 // the gradients again. On the CPU that pass runs once over the whole call.
 void backward_into(const at::Tensor& grad_h, const at::Tensor& h, const at::Tensor& x, const at::Tensor& gates,
-                   const at::Tensor& lam, Gradients& g, const ScanProblem& pb) {
+                   const at::Tensor& lam, Gradients& g, const ScanProblem& pb, bool columns_staged = false) {
   if (runs_cuda_kernels(x)) {
 #ifdef GSPN_WITH_CUDA
-    scan_backward_cuda(grad_h, h, x, gates, lam, g.dx, g.dgates, g.dlam, pb);
+    scan_backward_cuda(grad_h, h, x, gates, lam, g.dx, g.dgates, g.dlam, pb, columns_staged);
 #else
     TORCH_CHECK(false, "gspn::scan_backward: this build has no CUDA kernels");
 #endif
@@ -920,6 +947,11 @@ at::Tensor scan_forward(const at::Tensor& x_in, const at::Tensor& gates_in, cons
     return out;
   }
   if (!route.rows.empty()) forward_into(x, gates, lam, out, launch_of(pb, route.rows));
+  const ScanProblem in_place = launch_of(pb, route.columns);
+  if (columns_staged(in_place, {x, gates, lam, out}, false)) {
+    forward_into(x, gates, lam, out, in_place, true);
+    return out;
+  }
   const ColumnLaunch columns = column_launch(pb, route, x, gates, lam);
   at::Tensor ht = at::empty({pb.B, columns.pb.D, pb.C, pb.W, pb.H}, x.options());
   forward_into(columns.x, columns.gates, columns.lam, ht, columns.pb);
@@ -947,13 +979,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_backward(
     backward_into(grad_h, h, x, gates, lam, g, pb);
   } else {
     if (!route.rows.empty()) backward_into(grad_h, h, x, gates, lam, g, launch_of(pb, route.rows));
-    const ColumnLaunch columns = column_launch(pb, route, x, gates, lam);
-    Gradients gc = allocate_gradients(columns.x, columns.gates, columns.pb);
-    backward_into(columns_transposed(grad_h, route.columns, true), columns_transposed(h, route.columns, true),
-                  columns.x, columns.gates, columns.lam, gc, columns.pb);
-    put_back_columns(g.dx, gc.dx, route.columns);
-    put_back_columns(g.dlam, gc.dlam, route.columns);
-    put_back_columns(g.dgates, gc.dgates, route.columns);
+    const ScanProblem in_place = launch_of(pb, route.columns);
+    if (columns_staged(in_place, {grad_h, h, x, gates, lam, g.dx, g.dlam}, true)) {
+      backward_into(grad_h, h, x, gates, lam, g, in_place, true);
+    } else {
+      const ColumnLaunch columns = column_launch(pb, route, x, gates, lam);
+      Gradients gc = allocate_gradients(columns.x, columns.gates, columns.pb);
+      backward_into(columns_transposed(grad_h, route.columns, true), columns_transposed(h, route.columns, true),
+                    columns.x, columns.gates, columns.lam, gc, columns.pb);
+      put_back_columns(g.dx, gc.dx, route.columns);
+      put_back_columns(g.dlam, gc.dlam, route.columns);
+      put_back_columns(g.dgates, gc.dgates, route.columns);
+    }
   }
   at::Tensor dgates = g.dgates;
   if (normalize && !runs_cuda_kernels(x)) dgates = normalize_backward(gates, dgates, pb);

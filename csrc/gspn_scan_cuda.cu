@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "gspn_cuda_api.cuh"
 #include "gspn_scan.h"
@@ -16,11 +17,13 @@ namespace gspn {
 // Instantiated in gspn_scan_cuda_<dtype>.cu.
 template <typename scalar_t>
 void launch_forward(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& lam, at::Tensor& out,
-                    const ScanProblem& pb);
+                    const ScanProblem& pb, bool staged);
 template <typename scalar_t>
 void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Tensor& x, const at::Tensor& gates,
                      const at::Tensor& lam, at::Tensor& dx, at::Tensor& dgates, at::Tensor& dlam,
-                     const ScanProblem& pb, bool atomic);
+                     const ScanProblem& pb, bool atomic, bool staged);
+template <typename scalar_t>
+bool columns_staged_fit(const ScanProblem& pb, const std::vector<at::Tensor>& tensors, bool backward);
 
 namespace {
 
@@ -186,22 +189,30 @@ at::Tensor contiguous_cuda(const at::Tensor& t) {
 }
 
 void scan_forward_cuda(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& lam, at::Tensor& out,
-                       const ScanProblem& pb) {
+                       const ScanProblem& pb, bool columns_staged) {
   const c10::cuda::CUDAGuard guard(x.device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_scan_cuda",
-                                  [&] { launch_forward<scalar_t>(x, gates, lam, out, pb); });
+                                  [&] { launch_forward<scalar_t>(x, gates, lam, out, pb, columns_staged); });
 }
 
 void scan_backward_cuda(const at::Tensor& grad_h, const at::Tensor& h, const at::Tensor& x, const at::Tensor& gates,
                         const at::Tensor& lam, at::Tensor& dx, at::Tensor& dgates, at::Tensor& dlam,
-                        const ScanProblem& pb) {
+                        const ScanProblem& pb, bool columns_staged) {
   const c10::cuda::CUDAGuard guard(x.device());
   const bool atomic = dgates.scalar_type() != gates.scalar_type() || pb.G != pb.C;
   TORCH_CHECK(!atomic || dgates.scalar_type() == at::toOpMathType(gates.scalar_type()),
               "gspn::scan_backward (CUDA): shared gate groups accumulate in an fp32 buffer");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_scan_backward_cuda", [&] {
-    launch_backward<scalar_t>(grad_h, h, x, gates, lam, dx, dgates, dlam, pb, atomic);
+    launch_backward<scalar_t>(grad_h, h, x, gates, lam, dx, dgates, dlam, pb, atomic, columns_staged);
   });
+}
+
+bool columns_staged_fit_cuda(const ScanProblem& pb, const std::vector<at::Tensor>& tensors, bool backward) {
+  const c10::cuda::CUDAGuard guard(tensors.front().device());
+  bool fit = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, tensors.front().scalar_type(), "gspn_columns_staged_fit",
+                                  [&] { fit = columns_staged_fit<scalar_t>(pb, tensors, backward); });
+  return fit;
 }
 
 }  // namespace gspn

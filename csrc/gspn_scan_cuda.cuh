@@ -44,6 +44,7 @@
 #include <mutex>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "gspn_cuda_api.cuh"
 #include "gspn_scan.h"
@@ -242,25 +243,95 @@ __device__ inline void load_positions(const scalar_t* p, Stored<scalar_t, V>& ou
 }
 
 // K consecutive elements from p in one or two vector loads (at most 16 bytes
-// each; the host aligns p to K elements, which the simulator checks).
-template <int K, typename scalar_t>
+// each; the host aligns p to K elements, which the simulator checks). SHARED:
+// p is in shared memory (a plain load, which the compiler makes an LDS), else
+// in global memory (__ldg).
+template <int K, bool SHARED = false, typename scalar_t>
 __device__ inline void load_consecutive(const scalar_t* p, scalar_t (&out)[K]) {
   constexpr int bytes = K * static_cast<int>(sizeof(scalar_t));
 #ifdef GSPN_CUDA_SIM
-  gspn_sim::device_check(reinterpret_cast<uintptr_t>(p) % bytes == 0, "misaligned line vector load");
+  // a 32-byte vector is two 16-byte accesses
+  gspn_sim::device_check(reinterpret_cast<uintptr_t>(p) % (bytes > 16 ? 16 : bytes) == 0, "misaligned line vector load");
   for (int e = 0; e < K; ++e) out[e] = p[e];
 #else
-  if constexpr (bytes <= 16) {
+  auto load = [](const auto* q) { return SHARED ? *q : __ldg(q); };
+  if constexpr (K == 1) {
+    out[0] = SHARED ? *p : load_global(p);
+  } else if constexpr (bytes <= 16) {
     using Word = std::conditional_t<bytes == 16, uint4, std::conditional_t<bytes == 8, uint2, unsigned int>>;
     static_assert(sizeof(Word) == bytes, "4, 8 or 16 bytes");
-    const Word w = __ldg(reinterpret_cast<const Word*>(p));
+    const Word w = load(reinterpret_cast<const Word*>(p));
     std::memcpy(out, &w, bytes);
   } else {
     static_assert(bytes == 32, "two 16-byte words");
-    const uint4 lo = __ldg(reinterpret_cast<const uint4*>(p)), hi = __ldg(reinterpret_cast<const uint4*>(p) + 1);
+    const uint4 lo = load(reinterpret_cast<const uint4*>(p)), hi = load(reinterpret_cast<const uint4*>(p) + 1);
     std::memcpy(out, &lo, 16);
     std::memcpy(reinterpret_cast<unsigned char*>(out) + 16, &hi, 16);
   }
+#endif
+}
+
+// K consecutive elements to p in global memory in one or two vector stores
+// (the host aligns p to K elements, which the simulator checks).
+template <int K, typename scalar_t>
+__device__ inline void store_consecutive(scalar_t* p, const scalar_t (&in)[K]) {
+  constexpr int bytes = K * static_cast<int>(sizeof(scalar_t));
+#ifdef GSPN_CUDA_SIM
+  gspn_sim::device_check(reinterpret_cast<uintptr_t>(p) % (bytes > 16 ? 16 : bytes) == 0, "misaligned line vector store");
+  for (int e = 0; e < K; ++e) p[e] = in[e];
+#else
+  if constexpr (K == 1) {
+    store_global(p, in[0]);
+  } else if constexpr (bytes == 4) {
+    unsigned int w;
+    std::memcpy(&w, in, 4);
+    asm volatile("st.global.b32 [%0], %1;" ::"l"(p), "r"(w));
+  } else if constexpr (bytes == 8) {
+    uint2 w;
+    std::memcpy(&w, in, 8);
+    asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(p), "r"(w.x), "r"(w.y));
+  } else {
+    static_assert(bytes % 16 == 0 && bytes <= 32, "4, 8, 16 or 32 bytes");
+#pragma unroll
+    for (int half = 0; half < bytes / 16; ++half) {
+      uint4 w;
+      std::memcpy(&w, reinterpret_cast<const unsigned char*>(in) + 16 * half, 16);
+      asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(reinterpret_cast<unsigned char*>(p) + 16 * half),
+                   "r"(w.x), "r"(w.y), "r"(w.z), "r"(w.w));
+    }
+  }
+#endif
+}
+
+// 16 bytes from global memory to shared memory without passing through
+// registers (cp.async.cg, sm_80 and later; a load and a store before that),
+// in the thread's open group of copies; copy_async_commit closes the group,
+// copy_async_wait<n>() waits until every committed group but the n newest
+// has landed. A thread's copies are visible to itself after the wait; other
+// threads would need a barrier as well.
+__device__ inline void copy_async16(void* shared_dst, const void* global_src) {
+#ifdef GSPN_CUDA_SIM
+  gspn_sim::copy_async(shared_dst, global_src, 16);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(shared_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(global_src) : "memory");
+#else
+  *static_cast<uint4*>(shared_dst) = __ldg(static_cast<const uint4*>(global_src));
+#endif
+}
+__device__ inline void copy_async_commit() {
+#ifdef GSPN_CUDA_SIM
+  gspn_sim::copy_async_commit();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+template <int N>
+__device__ inline void copy_async_wait() {
+#ifdef GSPN_CUDA_SIM
+  gspn_sim::copy_async_wait(N);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 #endif
 }
 
@@ -270,17 +341,35 @@ __device__ inline void load_consecutive(const scalar_t* p, scalar_t (&out)[K]) {
 // addresses ("lr"), else against them ("rl"). A line takes its element by a
 // select between two constant indices: a run-time index would put the
 // vectors in local memory (54-60 spilled accesses per backward variant).
-template <int K, int N, typename scalar_t, typename Assign>
+// SHARED: the inputs are a column stage in shared memory (ColumnStages).
+template <int K, int N, bool SHARED = false, typename scalar_t, typename Assign>
 __device__ inline void load_column_tile(const scalar_t* const (&inputs)[N], int o, bool ascending, Assign&& assign) {
   scalar_t buf[N][K];
 #pragma unroll
-  for (int k = 0; k < N; ++k) load_consecutive<K>(inputs[k] + o, buf[k]);
+  for (int k = 0; k < N; ++k) load_consecutive<K, SHARED>(inputs[k] + o, buf[k]);
 #pragma unroll
   for (int s = 0; s < K; ++s) {
     scalar_t v[N];
 #pragma unroll
     for (int k = 0; k < N; ++k) v[k] = ascending ? buf[k][s] : buf[k][K - 1 - s];
     assign(s, v);
+  }
+}
+
+// A column tile's K lines of one output, h[s][r] for line s of the tile at
+// slot r, stored as one vector per slot (K consecutive columns of its row,
+// from offset low, the tile's lowest address); ascending as in
+// load_column_tile.
+template <int K, int RPT, typename scalar_t>
+__device__ inline void store_column_tile(scalar_t* p, int low, const int (&offset)[RPT], const bool (&live)[RPT],
+                                         const scalar_t (&h)[K][RPT], bool ascending) {
+#pragma unroll
+  for (int r = 0; r < RPT; ++r) {
+    if (!live[r]) continue;
+    scalar_t v[K];
+#pragma unroll
+    for (int s = 0; s < K; ++s) v[s] = ascending ? h[s][r] : h[K - 1 - s][r];
+    store_consecutive<K>(p + (low + offset[r]), v);
   }
 }
 
@@ -338,35 +427,133 @@ __device__ inline BlockLines block_lines(const ScanProblem& pb, const BlockTask&
   return lines;
 }
 
+// How a launch's column scans ("lr", "rl") read their inputs; row scans
+// always read along their rows.
+enum ColumnMode : int {
+  kColumnLines = 0,    // one load per line and position
+  kColumnVectors = 1,  // a tile's K lines (consecutive columns) in one vector load per position
+  kColumnStaged = 2,   // groups of lines copied ahead into shared memory (ColumnStages)
+};
+
+// Lines per group of a staged column scan: 16 bytes of each row (32 for
+// double: the forward's 4-line tiles).
+template <typename scalar_t>
+constexpr int staged_group_lines() {
+  return 16 / static_cast<int>(sizeof(scalar_t)) > 4 ? 16 / static_cast<int>(sizeof(scalar_t)) : 4;
+}
+
+// Where the column stages start in a block's dynamic shared memory, after
+// `rows` padded rows of the hidden state (16-byte aligned for the copies).
+__host__ __device__ inline size_t column_stages_offset(int rows, int64_t length, size_t acc_bytes) {
+  return (rows * (length + 2) * acc_bytes + 15) / 16 * 16;
+}
+
+// Column scans staged through shared memory (kColumnStaged). A group of GK
+// lines is GK consecutive columns: one 16-byte segment of each row (32 for
+// double) per input. While a group's lines run, the next group's segments
+// travel into the other of two stages by asynchronous copies (cp.async),
+// issued a whole group ahead and holding no registers on the way. Each
+// thread copies the rows it owns and reads only those, so a group needs its
+// copies' wait and no barrier. Stage j, input k, row p is the segment at
+// base + ((j * N + k) * length + p) * GK elements. Groups start at t_begin,
+// the chunk's first line (the host checks chunks of whole groups).
+template <typename scalar_t, int N>
+struct ColumnStages {
+  static constexpr int GK = staged_group_lines<scalar_t>();
+  scalar_t* base;
+  int length;          // rows per stage: positions per line
+  int t_begin, t_end;  // the chunk's lines
+
+  __device__ int group_of(int t) const { return t_begin + (t - t_begin) / GK * GK; }
+  __device__ int stage_of(int g0) const { return ((g0 - t_begin) / GK) & 1; }
+  __device__ scalar_t* segment(int stage, int k, int row) const {
+    return base + ((stage * N + k) * length + row) * GK;
+  }
+  // The N segments of this thread's live rows of the group from line g0,
+  // into its stage, in the open group of copies.
+  template <int RPT>
+  __device__ void fetch(const scalar_t* const (&inputs)[N], const BlockLines& lines, const ThreadSlots<RPT, 1>& slots,
+                        int g0) const {
+    constexpr int per_copy = 16 / static_cast<int>(sizeof(scalar_t));
+    const int low = lines.offset(lines.line_stride > 0 ? g0 : g0 + GK - 1);  // the group's lowest column
+    const int stage = stage_of(g0);
+#pragma unroll
+    for (int r = 0; r < RPT; ++r) {
+      if (!slots.live[r]) continue;
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+#pragma unroll
+        for (int c = 0; c < GK / per_copy; ++c) {
+          copy_async16(segment(stage, k, slots.pos[r]) + c * per_copy, inputs[k] + low + slots.offset[r] + c * per_copy);
+        }
+      }
+    }
+  }
+  // The N inputs' stage for the tile of K lines from t0 (inside the group
+  // from g0), and the offset of slot r's K elements in each.
+  template <int K>
+  __device__ int tile_offset(int t0, int g0, int row, bool ascending) const {
+    const int within = t0 - g0;
+    return row * GK + (ascending ? within : GK - K - within);
+  }
+};
+
 // Lines t0 .. t0 + K - 1 of the forward's inputs; lines past t_last (the
 // chunk's last) re-read t_last (valid, unused), so every load is unconditional.
-// line_vectors (column scans whose tiles the host found aligned): a tile's K
-// lines are K consecutive columns, so each slot takes them in one vector load
-// per input instead of K loads that each touch another 32-byte sector of the
-// same rows; lines past the chunk come from the same aligned group (inside
-// the row, unused).
+// Column scans (mode, see ColumnMode; the host found their tiles aligned):
+// kColumnVectors: a tile's K lines are K consecutive columns, so each slot
+// takes them in one vector load per input instead of K loads that each touch
+// another 32-byte sector of the same rows. kColumnStaged: the same vectors
+// from the tile's group in shared memory; a group's first tile starts the
+// next group's copies and waits for its own.
 template <typename scalar_t, int RPT, int V, int K>
 __device__ inline void load_forward_tile(ForwardSlot<scalar_t, V> (&tile)[K][RPT], const scalar_t* xp,
                                          const scalar_t* lp, const scalar_t* g0p, const scalar_t* g1p,
                                          const scalar_t* g2p, const BlockLines& lines,
-                                         const ThreadSlots<RPT, V>& slots, int t0, int t_last, bool line_vectors) {
-  if constexpr (V == 1 && K > 1) {
-    if (line_vectors) {  // uniform over the block
-      // Ascending addresses are lines t0, t0 + 1, ... for "lr" (line_stride 1), t0 + K - 1, ... for "rl".
-      const bool ascending = lines.line_stride > 0;
-      const int low = lines.offset(ascending ? t0 : t0 + K - 1);
-      const scalar_t* const inputs[5] = {xp, lp, g0p, g1p, g2p};
+                                         const ThreadSlots<RPT, V>& slots, int t0, int t_last, int mode,
+                                         const ColumnStages<scalar_t, 5>& stages) {
+  if constexpr (V == 1) {
+    auto assign = [&](int r) {
+      return [&, r](int s, const scalar_t(&v)[5]) {
+        ForwardSlot<scalar_t, V>& in = tile[s][r];
+        in.x.v[0] = v[0];
+        in.lam.v[0] = v[1];
+        in.g0.v[0] = v[2];
+        in.g1.v[0] = v[3];
+        in.g2.v[0] = v[4];
+      };
+    };
+    // Ascending addresses are lines t0, t0 + 1, ... for "lr" (line_stride 1), t0 + K - 1, ... for "rl".
+    const bool ascending = lines.line_stride > 0;
+    const scalar_t* const inputs[5] = {xp, lp, g0p, g1p, g2p};
+    if (mode == kColumnStaged) {  // uniform over the block
+      constexpr int GK = ColumnStages<scalar_t, 5>::GK;
+      if (t0 == stages.t_begin) {  // the first group
+        stages.fetch(inputs, lines, slots, t0);
+        copy_async_commit();
+      }
+      const int g0 = stages.group_of(t0);
+      if (t0 == g0) {
+        if (g0 + GK < stages.t_end) stages.fetch(inputs, lines, slots, g0 + GK);
+        copy_async_commit();
+        copy_async_wait<1>();
+      }
+      const int stage = stages.stage_of(g0);
+      const scalar_t* const staged[5] = {stages.segment(stage, 0, 0), stages.segment(stage, 1, 0),
+                                         stages.segment(stage, 2, 0), stages.segment(stage, 3, 0),
+                                         stages.segment(stage, 4, 0)};
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
-        load_column_tile<K>(inputs, low + slots.offset[r], ascending, [&](int s, const scalar_t(&v)[5]) {
-          ForwardSlot<scalar_t, V>& in = tile[s][r];
-          in.x.v[0] = v[0];
-          in.lam.v[0] = v[1];
-          in.g0.v[0] = v[2];
-          in.g1.v[0] = v[3];
-          in.g2.v[0] = v[4];
-        });
+        const int row = slots.live[r] ? slots.pos[r] : 0;  // a dead slot reads row 0: valid, unused
+        load_column_tile<K, 5, true>(staged, stages.template tile_offset<K>(t0, g0, row, ascending), ascending,
+                                     assign(r));
       }
+      return;
+    }
+    if (K > 1 && mode == kColumnVectors) {  // uniform over the block
+      const int low = lines.offset(ascending ? t0 : t0 + K - 1);
+#pragma unroll
+      for (int r = 0; r < RPT; ++r) load_column_tile<K>(inputs, low + slots.offset[r], ascending, assign(r));
       return;
     }
   }
@@ -412,16 +599,20 @@ template <typename scalar_t, typename acc_t, int RPT, bool NORM, int V>
 __global__ void __launch_bounds__(kMaxThreads)
 scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ gates,
                     const scalar_t* __restrict__ lam, scalar_t* __restrict__ out, const ScanProblem pb,
-                    const int64_t chunks_per_plane, const bool column_vectors) {
+                    const int64_t chunks_per_plane, const int column_mode) {
   constexpr int K = forward_tile_lines(RPT * V);
   const BlockTask task = decode_block(pb, chunks_per_plane);
   const BlockLines lines = block_lines(pb, task);
-  const bool line_vectors = column_vectors && lines.columns;
+  const int mode = lines.columns ? column_mode : kColumnLines;
+  // Tiles of K consecutive columns: stored as one vector per slot too.
+  const bool tile_vectors = V == 1 && mode != kColumnLines;
   if (lines.begin == lines.end) return;  // uniform over the block
   const int L = lines.length, t_begin = lines.begin, t_end = lines.end;
   const ThreadSlots<RPT, V> slots(L, lines.pos_stride);
 
   GSPN_DYNAMIC_SHARED(smem_raw);
+  const ColumnStages<scalar_t, 5> stages{
+      reinterpret_cast<scalar_t*>(smem_raw + column_stages_offset(2, L, sizeof(acc_t))), L, t_begin, t_end};
   // Two rows of the hidden state, each padded by one zero on both sides; row j
   // starts at smem + j * (L + 2) + 1 (computed, not indexed from an array, so
   // nothing goes to local memory).
@@ -441,8 +632,8 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
   // its first line: independent work that then overlaps, where computed inside
   // the line loop it sat on the per-line critical path between barriers.
   ForwardSlot<scalar_t, V> next[K][RPT];
-  load_forward_tile<scalar_t, RPT, V, K>(next, xp, lp, g0p, g1p, g2p, lines, slots, t_begin, t_end - 1,
-                                         line_vectors);
+  load_forward_tile<scalar_t, RPT, V, K>(next, xp, lp, g0p, g1p, g2p, lines, slots, t_begin, t_end - 1, mode,
+                                         stages);
   for (int t0 = t_begin; t0 < t_end; t0 += K) {
     ForwardStep<acc_t> step[K][RPT][V];
 #pragma unroll
@@ -461,9 +652,10 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
       }
     }
     if (t0 + K < t_end) {
-      load_forward_tile<scalar_t, RPT, V, K>(next, xp, lp, g0p, g1p, g2p, lines, slots, t0 + K, t_end - 1,
-                                             line_vectors);
+      load_forward_tile<scalar_t, RPT, V, K>(next, xp, lp, g0p, g1p, g2p, lines, slots, t0 + K, t_end - 1, mode,
+                                             stages);
     }
+    scalar_t tile_h[K][RPT];  // tile_vectors: the tile's output, stored after its lines
 #pragma unroll
     for (int s = 0; s < K; ++s) {
       const int t = t0 + s;
@@ -483,10 +675,15 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
             h[v] = first ? st.lx : propagate(st.lx, st.g0, st.g1, st.g2, prev + p);
             row[p] = h[v];
           }
-          store_positions<V>(op + (line + slots.offset[r]), h);
+          if (tile_vectors) tile_h[s][r] = static_cast<scalar_t>(h[0]);
+          else store_positions<V>(op + (line + slots.offset[r]), h);
         }
       }
       __syncthreads();
+    }
+    if (tile_vectors) {  // uniform; tiles are whole
+      const bool ascending = lines.line_stride > 0;
+      store_column_tile<K>(op, lines.offset(ascending ? t0 : t0 + K - 1), slots.offset, slots.live, tile_h, ascending);
     }
   }
 }
@@ -499,33 +696,76 @@ struct BackwardSlot {
 
 // Lines t0 .. t0 + K - 1 of the backward's inputs, clipped to t_last as in
 // the forward. The chunk's first line has no previous line: it reads its own
-// h for hprev (valid, unused). line_vectors: as in the forward, for the six
-// inputs of line t itself (the host found the tiles K-aligned, and then
-// every tile is whole); hprev, one line off that alignment, stays scalar.
+// h for hprev (valid, unused). Column modes as in the forward (the host found
+// the tiles aligned, and then every tile is whole), for the six inputs of
+// line t itself; hprev is one line off that alignment: kColumnVectors loads
+// it per line; kColumnStaged stages h's groups too and takes hprev from the
+// group of line t, except at the group's first line, whose previous line is
+// in the group after it in the backward's order: one load from global memory
+// per group. Tiles run from the chunk's end backwards, so a group's first
+// tile here is its last in line order.
 template <typename scalar_t, int RPT, int V, int K>
 __device__ inline void load_backward_tile(BackwardSlot<scalar_t, V> (&tile)[K][RPT], const scalar_t* ghp,
                                           const scalar_t* hp, const scalar_t* xp, const scalar_t* lp,
                                           const scalar_t* g0p, const scalar_t* g1p, const scalar_t* g2p,
                                           const BlockLines& lines, const ThreadSlots<RPT, V>& slots, int t0,
-                                          int t_last, int t_begin, bool line_vectors) {
-  if constexpr (V == 1 && K > 1) {
-    if (line_vectors) {  // uniform over the block
-      const bool ascending = lines.line_stride > 0;
-      const int low = lines.offset(ascending ? t0 : t0 + K - 1);
-      const scalar_t* const inputs[6] = {ghp, xp, lp, g0p, g1p, g2p};
+                                          int t_last, int t_begin, int mode, const ColumnStages<scalar_t, 7>& stages) {
+  if constexpr (V == 1) {
+    auto assign = [&](int r) {
+      return [&, r](int s, const scalar_t(&v)[6]) {
+        BackwardSlot<scalar_t, V>& in = tile[s][r];
+        in.go.v[0] = v[0];
+        in.x.v[0] = v[1];
+        in.lam.v[0] = v[2];
+        in.g0.v[0] = v[3];
+        in.g1.v[0] = v[4];
+        in.g2.v[0] = v[5];
+      };
+    };
+    auto hprev_from_global = [&](int r, int t, Stored<scalar_t, V>& out) {
+      load_positions<V>(hp + (lines.offset(t > t_begin ? t - 1 : t) + slots.offset[r]), out);
+    };
+    const bool ascending = lines.line_stride > 0;
+    const scalar_t* const inputs[6] = {ghp, xp, lp, g0p, g1p, g2p};
+    if (mode == kColumnStaged) {  // uniform over the block
+      constexpr int GK = ColumnStages<scalar_t, 7>::GK;
+      const scalar_t* const copied[7] = {ghp, xp, lp, g0p, g1p, g2p, hp};
+      const int g0 = stages.group_of(t0);
+      if (t0 + K == stages.t_end) {  // the first tile: the last group
+        stages.fetch(copied, lines, slots, g0);
+        copy_async_commit();
+      }
+      if (t0 + K == g0 + GK) {
+        if (g0 > stages.t_begin) stages.fetch(copied, lines, slots, g0 - GK);
+        copy_async_commit();
+        copy_async_wait<1>();
+      }
+      const int stage = stages.stage_of(g0);
+      const scalar_t* const staged[6] = {stages.segment(stage, 0, 0), stages.segment(stage, 1, 0),
+                                         stages.segment(stage, 2, 0), stages.segment(stage, 3, 0),
+                                         stages.segment(stage, 4, 0), stages.segment(stage, 5, 0)};
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
-        load_column_tile<K>(inputs, low + slots.offset[r], ascending, [&](int s, const scalar_t(&v)[6]) {
-          BackwardSlot<scalar_t, V>& in = tile[s][r];
-          in.go.v[0] = v[0];
-          in.x.v[0] = v[1];
-          in.lam.v[0] = v[2];
-          in.g0.v[0] = v[3];
-          in.g1.v[0] = v[4];
-          in.g2.v[0] = v[5];
-          const int t = t0 + s;
-          load_positions<V>(hp + (lines.offset(t > t_begin ? t - 1 : t) + slots.offset[r]), in.hprev);
-        });
+        const int row = slots.live[r] ? slots.pos[r] : 0;  // a dead slot reads row 0: valid, unused
+        load_column_tile<K, 6, true>(staged, stages.template tile_offset<K>(t0, g0, row, ascending), ascending,
+                                     assign(r));
+        const scalar_t* h_row = stages.segment(stage, 6, row);
+#pragma unroll
+        for (int s = 0; s < K; ++s) {
+          const int before = t0 + s - 1 - g0;  // line t - 1 in the group
+          if (before >= 0) tile[s][r].hprev.v[0] = h_row[ascending ? before : GK - 1 - before];
+          else hprev_from_global(r, t0 + s, tile[s][r].hprev);
+        }
+      }
+      return;
+    }
+    if (K > 1 && mode == kColumnVectors) {  // uniform over the block
+      const int low = lines.offset(ascending ? t0 : t0 + K - 1);
+#pragma unroll
+      for (int r = 0; r < RPT; ++r) {
+        load_column_tile<K>(inputs, low + slots.offset[r], ascending, assign(r));
+#pragma unroll
+        for (int s = 0; s < K; ++s) hprev_from_global(r, t0 + s, tile[s][r].hprev);
       }
       return;
     }
@@ -570,12 +810,14 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
                      const scalar_t* __restrict__ x, const scalar_t* __restrict__ gates,
                      const scalar_t* __restrict__ lam, scalar_t* __restrict__ dx,
                      void* __restrict__ dgates_raw, scalar_t* __restrict__ dlam, const ScanProblem pb,
-                     const int64_t chunks_per_plane, const bool column_vectors) {
+                     const int64_t chunks_per_plane, const int column_mode) {
   using dg_t = typename std::conditional<ATOMIC, acc_t, scalar_t>::type;
   constexpr int K = backward_tile_lines(RPT * V);
   const BlockTask task = decode_block(pb, chunks_per_plane);
   const BlockLines lines = block_lines(pb, task);
-  const bool line_vectors = column_vectors && lines.columns;
+  const int mode = lines.columns ? column_mode : kColumnLines;
+  // Tiles of K consecutive columns: dx and dlam stored as one vector per slot too.
+  const bool tile_vectors = V == 1 && mode != kColumnLines;
   if (lines.begin == lines.end) return;  // uniform over the block
   const int L = lines.length, t_begin = lines.begin, t_end = lines.end;
   const ThreadSlots<RPT, V> slots(L, lines.pos_stride);
@@ -583,6 +825,8 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
   GSPN_DYNAMIC_SHARED(smem_raw);
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
   const int pitch = L + 2;
+  const ColumnStages<scalar_t, 7> stages{
+      reinterpret_cast<scalar_t*>(smem_raw + column_stages_offset(8, L, sizeof(acc_t))), L, t_begin, t_end};
   // Eight padded rows: v_k of parity j at row 3j + k, h[t-1] of parity j at
   // row 6 + j (j alternates with the line). Position p of a row is at
   // row * pitch + 1 + p.
@@ -613,7 +857,7 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
   auto tile_start = [&](int t_hi) { return t_hi - K > t_begin ? t_hi - K : t_begin; };
   BackwardSlot<scalar_t, V> next[K][RPT];
   load_backward_tile<scalar_t, RPT, V, K>(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots, tile_start(t_end),
-                                          t_end - 1, t_begin, line_vectors);
+                                          t_end - 1, t_begin, mode, stages);
   for (int t_hi = t_end; t_hi > t_begin; t_hi -= K) {
     const int t0 = tile_start(t_hi);
     BackwardStep<scalar_t, acc_t> step[K][RPT][V];
@@ -636,8 +880,9 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
     }
     if (t0 > t_begin) {
       load_backward_tile<scalar_t, RPT, V, K>(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots, tile_start(t0),
-                                              t0 - 1, t_begin, line_vectors);
+                                              t0 - 1, t_begin, mode, stages);
     }
+    scalar_t tile_dx[K][RPT], tile_dlam[K][RPT];  // tile_vectors: stored after the tile's lines
 #pragma unroll
     for (int s = K - 1; s >= 0; --s) {
       const int t = t0 + s;
@@ -671,8 +916,13 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
             vc[2 * pitch + p] = st.g2 * a;
             hcur[p] = first ? acc_t(0) : static_cast<acc_t>(st.hprev);
           }
-          store_positions<V>(dxp + o, dx_v);
-          store_positions<V>(dlp + o, dlam_v);
+          if (tile_vectors) {
+            tile_dx[s][r] = static_cast<scalar_t>(dx_v[0]);
+            tile_dlam[s][r] = static_cast<scalar_t>(dlam_v[0]);
+          } else {
+            store_positions<V>(dxp + o, dx_v);
+            store_positions<V>(dlp + o, dlam_v);
+          }
         }
       }
       __syncthreads();
@@ -710,6 +960,12 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
           store_positions<V>(dg2 + o, d2);
         }
       }
+    }
+    if (tile_vectors) {  // uniform; tiles are whole
+      const bool ascending = lines.line_stride > 0;
+      const int low = lines.offset(ascending ? t0 : t0 + K - 1);
+      store_column_tile<K>(dxp, low, slots.offset, slots.live, tile_dx, ascending);
+      store_column_tile<K>(dlp, low, slots.offset, slots.live, tile_dlam, ascending);
     }
   }
 }
@@ -759,6 +1015,38 @@ bool column_vectors_fit(const ScanProblem& pb, std::initializer_list<const at::T
   if (K <= 1 || pb.W % K != 0) return false;
   if (chunk_length(pb.chunk, pb.W) % K != 0) return false;
   return planes_aligned(pb, tensors, K);
+}
+
+// Dynamic shared memory of a block: `rows` padded rows of the hidden state
+// in acc_t, then, for staged column scans, two stages of the N inputs' groups.
+template <typename scalar_t>
+size_t shared_bytes(int rows, int64_t length, bool staged, int N) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (!staged) return rows * (length + 2) * sizeof(acc_t);
+  return column_stages_offset(rows, length, sizeof(acc_t)) +
+         2 * N * length * staged_group_lines<scalar_t>() * sizeof(scalar_t);
+}
+
+int max_shared_bytes() {
+  int device = 0, limit = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return limit;
+}
+
+// Whether every direction of pb is a column scan that can run staged
+// (kColumnStaged): groups aligned like column_vectors_fit's tiles, and two
+// stages of their N inputs (5 forward, 7 backward) fitting a block's shared
+// memory beside the hidden rows (lines up to ~1400 positions forward, ~900
+// backward on an H100).
+template <typename scalar_t>
+bool staged_fit(const ScanProblem& pb, std::initializer_list<const at::Tensor*> tensors, bool backward) {
+  for (int64_t d = 0; d < pb.D; ++d) {
+    if (pb.dirs[d] != kLeftRight && pb.dirs[d] != kRightLeft) return false;
+  }
+  if (!column_vectors_fit(pb, tensors, staged_group_lines<scalar_t>())) return false;
+  const size_t bytes = backward ? shared_bytes<scalar_t>(8, pb.H, true, 7) : shared_bytes<scalar_t>(2, pb.H, true, 5);
+  return bytes <= static_cast<size_t>(max_shared_bytes());
 }
 
 Launch plan_launch(const ScanProblem& pb, bool pairs = false) {
@@ -841,9 +1129,7 @@ void pack_blocks(Launch& plan, ResidencyOf&& residency) {
 
 template <typename Kernel>
 void set_shared_memory(Kernel kernel, size_t bytes) {
-  int device = 0, limit = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int limit = max_shared_bytes();
   TORCH_CHECK(bytes <= static_cast<size_t>(limit), "gspn::scan (CUDA): lines this long need ", bytes,
               " bytes of shared memory per block; this GPU allows ", limit);
   if (bytes > 48 * 1024) {
@@ -934,64 +1220,82 @@ void with_backward_kernel(const Launch& plan, bool normalize, bool atomic, F&& f
 
 }  // namespace
 
+// How a launch's column scans read (ColumnMode): staged when asked and
+// staged_fit allows, else as vectors when the plan's tiles of K lines align.
+inline int column_mode(const ScanProblem& pb, std::initializer_list<const at::Tensor*> tensors, bool staged, int K,
+                       const Launch& plan) {
+  if (staged) return kColumnStaged;
+  return plan.positions_per_slot == 1 && column_vectors_fit(pb, tensors, K) ? kColumnVectors : kColumnLines;
+}
+
+// staged: run the column scans staged (ColumnStages); pb must be columns
+// only, and the caller checks staged_fit (columns_staged_fit_cuda).
 template <typename scalar_t>
 void launch_forward(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& lam, at::Tensor& out,
-                    const ScanProblem& pb) {
-  using acc_t = at::opmath_type<scalar_t>;
+                    const ScanProblem& pb, bool staged) {
+  staged = staged && staged_fit<scalar_t>(pb, {&x, &gates, &lam, &out}, false);
   Launch plan = plan_launch(pb, pairs_fit(pb, {&x, &gates, &lam, &out}));
-  const size_t smem = 2 * (plan.max_length + 2) * sizeof(acc_t);
+  const size_t smem = shared_bytes<scalar_t>(2, plan.max_length, staged, 5);
   pack_blocks(plan, [&](const Launch& candidate) {
     Residency r{};
     with_forward_kernel<scalar_t>(candidate, pb.normalize, [&](auto kernel) { r = residency_of(kernel, candidate, smem); });
     return r;
   });
-  const bool column_vectors =
-      plan.positions_per_slot == 1 &&
-      column_vectors_fit(pb, {&x, &gates, &lam}, forward_tile_lines(plan.rows_per_thread));
+  const int mode = column_mode(pb, {&x, &gates, &lam, &out}, staged, forward_tile_lines(plan.rows_per_thread), plan);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_forward_kernel<scalar_t>(plan, pb.normalize, [&](auto kernel) {
     set_shared_memory(kernel, smem);
     GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
         x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pb,
-        plan.chunks_per_plane, column_vectors);
+        plan.chunks_per_plane, mode);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-// atomic: gate gradients of channels sharing a group are added into an fp32 buffer.
+// atomic: gate gradients of channels sharing a group are added into an fp32
+// buffer. staged: as in launch_forward.
 template <typename scalar_t>
 void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Tensor& x, const at::Tensor& gates,
                      const at::Tensor& lam, at::Tensor& dx, at::Tensor& dgates, at::Tensor& dlam,
-                     const ScanProblem& pb, bool atomic) {
-  using acc_t = at::opmath_type<scalar_t>;
+                     const ScanProblem& pb, bool atomic, bool staged) {
+  const std::initializer_list<const at::Tensor*> strided{&grad_h, &h, &x, &gates, &lam, &dx, &dlam};
+  staged = staged && staged_fit<scalar_t>(pb, strided, true);
   Launch plan = plan_launch(pb, pairs_fit(pb, {&grad_h, &h, &x, &gates, &lam, &dx, &dgates, &dlam}));
-  const size_t smem = 8 * (plan.max_length + 2) * sizeof(acc_t);
+  const size_t smem = shared_bytes<scalar_t>(8, plan.max_length, staged, 7);
   pack_blocks(plan, [&](const Launch& candidate) {
     Residency r{};
     with_backward_kernel<scalar_t>(candidate, pb.normalize, atomic,
                                    [&](auto kernel) { r = residency_of(kernel, candidate, smem); });
     return r;
   });
-  const bool column_vectors =
-      plan.positions_per_slot == 1 &&
-      column_vectors_fit(pb, {&grad_h, &x, &gates, &lam}, backward_tile_lines(plan.rows_per_thread));
+  const int mode = column_mode(pb, strided, staged, backward_tile_lines(plan.rows_per_thread), plan);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_backward_kernel<scalar_t>(plan, pb.normalize, atomic, [&](auto kernel) {
     set_shared_memory(kernel, smem);
     GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
         grad_h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
         lam.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dgates.data_ptr(), dlam.data_ptr<scalar_t>(), pb,
-        plan.chunks_per_plane, column_vectors);
+        plan.chunks_per_plane, mode);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+// Whether launch_forward (backward: launch_backward) can run pb's column
+// scans staged on these tensors (theirs, in that order).
+template <typename scalar_t>
+bool columns_staged_fit(const ScanProblem& pb, const std::vector<at::Tensor>& tensors, bool backward) {
+  bool fit = true;
+  for (const at::Tensor& t : tensors) fit = fit && staged_fit<scalar_t>(pb, {&t}, backward);
+  return fit;
 }
 
 // One line per dtype file: instantiates the launches for SCALAR.
 #define GSPN_INSTANTIATE_CUDA_LAUNCHES(SCALAR)                                                                  \
   template void launch_forward<SCALAR>(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&,   \
-                                       const ScanProblem&);                                                    \
+                                       const ScanProblem&, bool);                                              \
   template void launch_backward<SCALAR>(const at::Tensor&, const at::Tensor&, const at::Tensor&,               \
                                         const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,        \
-                                        at::Tensor&, const ScanProblem&, bool);
+                                        at::Tensor&, const ScanProblem&, bool, bool);                          \
+  template bool columns_staged_fit<SCALAR>(const ScanProblem&, const std::vector<at::Tensor>&, bool);
 
 }  // namespace gspn

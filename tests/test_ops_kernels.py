@@ -483,6 +483,85 @@ def test_column_route(device, monkeypatch, directions, shared, groups, size, dty
     assert not route_ops & ops_dispatched(run)  # below the threshold
 
 
+def runs_cuda_kernels(device) -> bool:
+    """Whether tensors on device run the CUDA kernels (a GPU, or CPU tensors
+    in the simulator build that CI tests them with)."""
+    import os
+
+    return device.type == "cuda" or os.environ.get("GSPN_CUDA_SIM") == "1"
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize(
+    "dtype,size,chunk,normalize,groups,shared",
+    [
+        (torch.float64, (13, 16), None, False, 2, True),  # groups of 4 lines, 32-byte rows
+        (torch.float32, (13, 16), 4, True, 4, False),  # a group per chunk, per-direction x and lam
+        (torch.float32, (256, 8), None, True, 1, True),  # long columns: 2 positions per thread
+        (torch.float16, (40, 24), 8, True, 2, True),  # several tiles per group
+        (torch.bfloat16, (9, 32), 16, False, 4, True),
+    ],
+    ids=str,
+)
+def test_columns_staged(device, monkeypatch, dtype, size, chunk, normalize, groups, shared):
+    """The CUDA route's column scans staged through shared memory, in place
+    (its default where the tensors align), against the reference and against
+    the transposed copies (GSPN_CUDA_COLUMNS=transposed): outputs and every
+    gradient, shared and per-channel gates, chunks of one and several groups."""
+    from gspn_diffusers import ops
+
+    x, gates, lam = make_inputs(2, 4, groups, *size, dtype, device, "staged", dirs=4, shared=shared)
+    if normalize:
+        gates = gates * 18 - 3  # logits
+    weights = torch.randn((2, 4, 4, *size), generator=generator_for("staged weights"), dtype=torch.float64)
+
+    def run():
+        inputs = [t.clone().requires_grad_() for t in (x, gates, lam)]
+        h = gspn_scan_4dir(*inputs, chunk=chunk, normalize=normalize)
+        (h.double() * weights.to(device)).sum().backward()
+        return [h.detach()] + [t.grad for t in inputs]
+
+    monkeypatch.setitem(ops.COLUMNS_AS_ROWS_MIN_PIXELS, device.type, 0)
+    transposes = {"aten::select", "aten::narrow"}
+    monkeypatch.setenv("GSPN_CUDA_COLUMNS", "staged")
+    staged = run()
+    # in place: nothing sliced to be transposed (the CPU kernels always transpose)
+    assert bool(transposes & ops_dispatched(run)) != runs_cuda_kernels(device)
+    assert_close_scaled(staged[0].double().cpu(), reference_of(x, gates, lam, chunk, normalize), 4 * TOLERANCE[dtype], "h")
+    monkeypatch.setenv("GSPN_CUDA_COLUMNS", "transposed")
+    transposed = run()
+    assert transposes & ops_dispatched(run)
+    tolerance = 1e-12 if dtype == torch.float64 else 4 * TOLERANCE[dtype]
+    for what, got, want in zip(("h", "dx", "dgates", "dlam"), staged, transposed):
+        assert_close_scaled(got.double(), want.double(), tolerance, what)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("width,chunk", [(20, None), (24, 4)], ids=["row not whole groups", "chunk not whole groups"])
+def test_columns_staged_falls_back_to_transposes(device, monkeypatch, width, chunk):
+    """fp16 columns stage in groups of 8: planes and chunks that do not split
+    into whole groups take the transposed copies, with the same results."""
+    from gspn_diffusers import ops
+
+    x, gates, lam = make_inputs(1, 2, 2, 16, width, torch.float16, device, "fallback", dirs=4)
+    monkeypatch.setitem(ops.COLUMNS_AS_ROWS_MIN_PIXELS, device.type, 0)
+    monkeypatch.setenv("GSPN_CUDA_COLUMNS", "staged")
+    run = lambda: gspn_scan_4dir(x, gates, lam, chunk=chunk)  # noqa: E731
+    assert {"aten::select", "aten::narrow"} & ops_dispatched(run)
+    assert_close_scaled(run().double().cpu(), reference_of(x, gates, lam, chunk), 4 * TOLERANCE[torch.float16], "h")
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_columns_mode_must_be_known(device, monkeypatch):
+    from gspn_diffusers import ops
+
+    x, gates, lam = make_inputs(1, 2, 2, 8, 8, torch.float32, device, "mode", dirs=4)
+    monkeypatch.setitem(ops.COLUMNS_AS_ROWS_MIN_PIXELS, device.type, 0)
+    monkeypatch.setenv("GSPN_CUDA_COLUMNS", "strided")
+    with pytest.raises(RuntimeError, match="GSPN_CUDA_COLUMNS=strided.*staged.*transposed"):
+        gspn_scan_4dir(x, gates, lam)
+
+
 # ---- torch.library integration ---------------------------------------------
 
 

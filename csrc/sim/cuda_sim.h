@@ -14,7 +14,10 @@
 // as a wrong result. Dynamic shared memory starts as NaN bytes (0xFF) in every
 // block, so a read of a shared element nobody wrote poisons the output.
 // Threads of one block that reach __syncthreads different numbers of times (a
-// barrier inside divergent code) raise an error.
+// barrier inside divergent code) raise an error. Asynchronous copies to shared
+// memory (cp.async) land only when their thread waits for their group, so a
+// read before the wait sees the stale bytes; a block that ends with copies
+// nobody waited for raises an error.
 //
 // Device code takes the host paths of gspn_scan.h (__CUDA_ARCH__ is not
 // defined): exact expf and division instead of __expf and approximate
@@ -119,12 +122,22 @@ namespace gspn_sim {
 
 constexpr size_t kFiberStack = 64 * 1024;  // a kernel's frame is a few KB
 
+// One cp.async of a thread, not yet landed; group: the commit group it joins.
+struct PendingCopy {
+  void* dst;
+  const void* src;
+  size_t bytes;
+  int64_t group;
+};
+
 struct Fiber {
   ucontext_t context;
   std::unique_ptr<char[]> stack;  // uninitialised: untouched pages cost nothing
   dim3 thread;
   int64_t barriers = 0;
   bool done = false;
+  std::vector<PendingCopy> copies;
+  int64_t committed = 0;  // groups committed so far; the open group's number
 };
 
 // The block being simulated on this OS thread.
@@ -163,6 +176,8 @@ inline void run_block(unsigned threads, uint64_t seed) {
     f.thread = dim3(i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y));
     f.barriers = 0;
     f.done = false;
+    f.copies.clear();
+    f.committed = 0;
     getcontext(&f.context);
     f.context.uc_stack.ss_sp = f.stack.get();
     f.context.uc_stack.ss_size = kFiberStack;
@@ -189,6 +204,10 @@ inline void run_block(unsigned threads, uint64_t seed) {
   // uniformly over the block, so unequal counts mean one sat in divergent code.
   const auto [fewest, most] = std::minmax_element(
       running.fibers.begin(), running.fibers.end(), [](const Fiber& a, const Fiber& b) { return a.barriers < b.barriers; });
+  for (const Fiber& f : running.fibers) {
+    TORCH_CHECK(f.copies.empty(), "CUDA simulator: in block (", blockIdx.x, ", ", blockIdx.y, ", ", blockIdx.z,
+                "), thread ", f.thread.x, " ended with ", f.copies.size(), " asynchronous copies it never waited for");
+  }
   TORCH_CHECK(fewest->barriers == most->barriers, "CUDA simulator: in block (", blockIdx.x, ", ", blockIdx.y, ", ",
               blockIdx.z, "), thread ", fewest->thread.x, " reached __syncthreads ", fewest->barriers,
               " times and thread ", most->thread.x, " ", most->barriers, " times (a barrier in divergent code)");
@@ -203,6 +222,28 @@ inline void __syncthreads() {
 }
 
 namespace gspn_sim {
+
+// cp.async of `bytes` from global src to shared dst, in the thread's open group.
+inline void copy_async(void* dst, const void* src, size_t bytes) {
+  Fiber* f = running.current;
+  device_check(reinterpret_cast<uintptr_t>(dst) % bytes == 0 && reinterpret_cast<uintptr_t>(src) % bytes == 0,
+               "misaligned asynchronous copy");
+  f->copies.push_back(PendingCopy{dst, src, bytes, f->committed});
+}
+
+// cp.async.commit_group: closes the open group.
+inline void copy_async_commit() { ++running.current->committed; }
+
+// cp.async.wait_group n: the copies of every committed group but the n newest land.
+inline void copy_async_wait(int n) {
+  Fiber* f = running.current;
+  std::vector<PendingCopy> still;
+  for (const PendingCopy& c : f->copies) {
+    if (c.group < f->committed - n) std::memcpy(c.dst, c.src, c.bytes);
+    else still.push_back(c);
+  }
+  f->copies.swap(still);
+}
 
 // kernel<<<grid, block, shared_bytes>>>(args...): the arguments are converted
 // to the kernel's parameter types once, as a launch copies them, and every
