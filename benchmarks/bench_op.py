@@ -64,6 +64,21 @@ def columns_as_rows(device: torch.device, threshold):
         ops.COLUMNS_AS_ROWS_MIN_PIXELS[device.type] = saved
 
 
+@contextlib.contextmanager
+def transposed_columns():
+    """Temporarily run the route's column scans on transposed copies
+    (GSPN_CUDA_COLUMNS=transposed) instead of staged in place, the default."""
+    saved = os.environ.get("GSPN_CUDA_COLUMNS")
+    os.environ["GSPN_CUDA_COLUMNS"] = "transposed"
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["GSPN_CUDA_COLUMNS"]
+        else:
+            os.environ["GSPN_CUDA_COLUMNS"] = saved
+
+
 def measure_size(args, device, dtype, gen, results, channels, groups, side, itemsize) -> None:
     """Times every backend/direction row of one (C, G, side) and appends them to results."""
     shape = (1, channels, side, side)
@@ -97,11 +112,16 @@ def measure_size(args, device, dtype, gen, results, channels, groups, side, item
         g = logits[:, d].contiguous()
         fwd = timed(lambda: gspn_scan(x, g, lam, direction, args.chunk, True))
         row(f"fwd {direction}", fwd, fwd_bytes, x_inputs_copy=fwd / inputs_copy_ms)
-        if direction == "lr" and ops.COLUMNS_AS_ROWS_MIN_PIXELS.get(device.type) is not None:
-            # The route the column scans replaced (row scans of transposed planes).
+        # On CUDA large planes' column scans take the route: staged in place
+        # where they align (the row above), else transposed copies; both
+        # against the plain strided kernel.
+        variants = direction == "lr" and ops.COLUMNS_AS_ROWS_MIN_PIXELS.get(device.type) is not None
+        if variants:
             with columns_as_rows(device, None):
                 strided = timed(lambda: gspn_scan(x, g, lam, direction, args.chunk, True))
             row("fwd lr, strided kernel", strided, fwd_bytes)
+            with transposed_columns():
+                row("fwd lr, transposed", timed(lambda: gspn_scan(x, g, lam, direction, args.chunk, True)), fwd_bytes)
         xr, gr, lr = (t.detach().clone().requires_grad_() for t in (x, g, lam))
         grad = torch.randn(shape, device=device, dtype=dtype, generator=gen)
 
@@ -109,8 +129,12 @@ def measure_size(args, device, dtype, gen, results, channels, groups, side, item
         # and subtracting the forward can go negative on small, noisy sizes.
         out = gspn_scan(xr, gr, lr, direction, args.chunk, True)
         bwd = timed(lambda: torch.autograd.grad(out, (xr, gr, lr), grad, retain_graph=True))
-        del out
         row(f"bwd {direction}", bwd, bwd_bytes - fwd_bytes)
+        if variants:
+            with transposed_columns():
+                transposed = timed(lambda: torch.autograd.grad(out, (xr, gr, lr), grad, retain_graph=True))
+            row("bwd lr, transposed", transposed, bwd_bytes - fwd_bytes)
+        del out
         if args.reference and side <= args.reference_max_side:
             ref = median_ms(device, lambda: scan_reference(x, g, lam, direction, args.chunk, True), 1)
             row(f"reference fwd {direction}", ref, fwd_bytes, kernel_speedup=ref / fwd)
@@ -131,7 +155,9 @@ def measure_size(args, device, dtype, gen, results, channels, groups, side, item
 
     four_directions(" (one call)")
     if ops.COLUMNS_AS_ROWS_MIN_PIXELS.get(device.type) is not None:
-        # All four directions in one launch of the strided kernel: no transposed copies.
+        with transposed_columns():
+            four_directions(", transposed")
+        # All four directions in one launch of the strided kernel.
         with columns_as_rows(device, None):
             four_directions(", strided kernel")
     gates = [logits[:, d].contiguous() for d in range(4)]

@@ -21,7 +21,9 @@
 //   trip per line and position slot and ran at 2-5% of copy bandwidth.
 // - Coalescing: for "tb"/"bt" consecutive threads read consecutive addresses of
 //   a row. For "lr"/"rl" a thread reads a tile's consecutive columns of its
-//   row, so a fetched 32-byte sector serves the next loads of the same thread.
+//   row, so a fetched 32-byte sector serves the next loads of the same thread;
+//   the column route's launches copy 16 bytes of each row a group of lines
+//   ahead into shared memory instead (ColumnStages).
 // - Plane starts are 64-bit (a 16K-pixel layer exceeds 2^31 elements); offsets
 //   inside one plane are 32-bit (see ThreadSlots).
 // - In float the gate sigmoid and normalisation use __expf and approximate
@@ -454,7 +456,9 @@ __host__ __device__ inline size_t column_stages_offset(int rows, int64_t length,
 // travel into the other of two stages by asynchronous copies (cp.async),
 // issued a whole group ahead and holding no registers on the way. Each
 // thread copies the rows it owns and reads only those, so a group needs its
-// copies' wait and no barrier. Stage j, input k, row p is the segment at
+// copies' wait and no barrier (a thread's own reads of a stage are done
+// before it refills it: a tile's lines and their barriers lie between, but
+// for one case that takes a barrier of its own, see load_forward_tile). Stage j, input k, row p is the segment at
 // base + ((j * N + k) * length + p) * GK elements. Groups start at t_begin,
 // the chunk's first line (the host checks chunks of whole groups).
 template <typename scalar_t, int N>
@@ -534,6 +538,10 @@ __device__ inline void load_forward_tile(ForwardSlot<scalar_t, V> (&tile)[K][RPT
       }
       const int g0 = stages.group_of(t0);
       if (t0 == g0) {
+        // The copies go into the stage this thread last read a tile ago, with
+        // the line barriers of a tile in between; but for the second tile,
+        // when a group is one tile, only the first tile's reads precede them.
+        if (t0 == stages.t_begin + K) __syncthreads();
         if (g0 + GK < stages.t_end) stages.fetch(inputs, lines, slots, g0 + GK);
         copy_async_commit();
         copy_async_wait<1>();
@@ -736,6 +744,7 @@ __device__ inline void load_backward_tile(BackwardSlot<scalar_t, V> (&tile)[K][R
         copy_async_commit();
       }
       if (t0 + K == g0 + GK) {
+        if (t0 + 2 * K == stages.t_end) __syncthreads();  // as in the forward
         if (g0 > stages.t_begin) stages.fetch(copied, lines, slots, g0 - GK);
         copy_async_commit();
         copy_async_wait<1>();
@@ -1284,9 +1293,11 @@ void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Te
 // scans staged on these tensors (theirs, in that order).
 template <typename scalar_t>
 bool columns_staged_fit(const ScanProblem& pb, const std::vector<at::Tensor>& tensors, bool backward) {
-  bool fit = true;
-  for (const at::Tensor& t : tensors) fit = fit && staged_fit<scalar_t>(pb, {&t}, backward);
-  return fit;
+  if (!staged_fit<scalar_t>(pb, {}, backward)) return false;  // directions, shapes, strides, shared memory
+  for (const at::Tensor& t : tensors) {
+    if (!planes_aligned(pb, {&t}, staged_group_lines<scalar_t>())) return false;
+  }
+  return true;
 }
 
 // One line per dtype file: instantiates the launches for SCALAR.

@@ -4,6 +4,7 @@ they assert nothing about speed)."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -42,10 +43,11 @@ def test_bench_op_writes_json(tmp_path, compiled_cpu):
 
 
 def test_bench_op_rows_of_the_column_route(tmp_path, compiled_cpu, monkeypatch):
-    """The rows bench_op times only where column scans run as row scans of
-    transposed planes (CUDA): the strided kernel's 'lr' forward and
-    four-direction forward and backward beside the route's. Run here on the CPU with the route switched on
-    for it, so a GPU session's short lease does not find a crash in them."""
+    """The rows bench_op times only where the column route runs (CUDA): the
+    strided kernel's and the transposed copies' 'lr' and four-direction
+    rows beside the route's default (staged). Run here on the CPU with the
+    route switched on for it, so a GPU session's short lease does not find a
+    crash in them."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bench_op
     from gspn_diffusers import ops
@@ -56,8 +58,10 @@ def test_bench_op_rows_of_the_column_route(tmp_path, compiled_cpu, monkeypatch):
                    "--warmup", "0", "--no-reference", "--no-keep-freed", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert {"fwd lr, strided kernel", "fwd 4dir, strided kernel", "bwd 4dir, strided kernel", "fwd 4dir (one call)",
-            "bwd 4dir (one call)"} <= {r["what"] for r in rows}
+            "bwd 4dir (one call)", "fwd lr, transposed", "bwd lr, transposed", "fwd 4dir, transposed",
+            "bwd 4dir, transposed"} <= {r["what"] for r in rows}
     assert ops.COLUMNS_AS_ROWS_MIN_PIXELS["cpu"] == 1  # the route's threshold is restored after each strided row
+    assert "GSPN_CUDA_COLUMNS" not in os.environ  # and the default way of running columns
 
 
 def test_bench_unet_quick_writes_json(tmp_path):

@@ -2,9 +2,10 @@
 
 ``gspn_scan`` runs one scan direction, ``gspn_scan_4dir`` several (by default
 all four) in one kernel launch, reading the shared input with strided access
-instead of flipped copies (on CUDA, planes from 128x128 up run their column
-scans as row scans of transposed copies, see ``COLUMNS_AS_ROWS_MIN_PIXELS``;
-then the rows and the columns are one launch each, into one result). Both are
+instead of flipped copies (on CUDA, planes from 128x128 up run their row and
+column scans as one launch each, into one result, the columns staged through
+shared memory or, where the planes do not align for that, as row scans of
+transposed copies; see ``COLUMNS_AS_ROWS_MIN_PIXELS``). Both are
 differentiable in x, gates and lam (and in the gate logits with
 ``normalize=True``), run the compiled
 ``gspn::scan`` custom op when it is available and the pure-PyTorch reference
@@ -107,13 +108,16 @@ def _check_inputs(x, gates, lam, num_dirs: Optional[int]) -> None:
 
 
 # Column scans ("lr", "rl") on CUDA read one column per line, so a warp's 32
-# threads touch 32 rows: on an H200 they ran 3-10x slower than row scans
-# (BENCHMARKS.md). From this many pixels per plane the op runs them instead as
-# row scans ("tb", "bt") of transposed copies of their inputs (its own tiled
-# transpose) and writes their hidden states back transposed into the one
-# (B, D, C, H, W) result, beside the row directions (the op's
-# ``columns_as_rows`` argument). A device type missing here (the CPU kernels
-# transpose tiles themselves) or None keeps the strided kernel.
+# threads touch 32 rows: read line by line on an H200 they ran 3-10x slower
+# than row scans (BENCHMARKS.md). From this many pixels per plane the op runs
+# them as a launch of their own (the op's ``columns_as_rows`` argument), in
+# place with groups of columns copied ahead into shared memory where the
+# planes align for it (rows and chunks of whole 16-byte groups, lines up to
+# ~1400 positions forward, ~900 backward), else as row scans ("tb", "bt") of
+# transposed copies of their inputs whose hidden states are transposed back
+# into the one (B, D, C, H, W) result; GSPN_CUDA_COLUMNS=transposed takes
+# the copies always. A device type missing here (the CPU kernels transpose
+# tiles themselves) or None keeps the single launch of the strided kernel.
 COLUMNS_AS_ROWS_MIN_PIXELS = {"cuda": 128 * 128}
 
 
@@ -168,8 +172,9 @@ def gspn_scan_4dir(
 
     Args:
         x, lam: ``(B, C, H, W)`` shared by every direction (read in place,
-            never flipped; transposed once for the column scans of large
-            planes on CUDA), or ``(B, D, C, H, W)`` with one map per direction.
+            never flipped; on CUDA transposed once for the column scans of
+            large planes that cannot run staged), or ``(B, D, C, H, W)``
+            with one map per direction.
         gates: ``(B, D, G, 3, H, W)``, one gate set per direction.
         chunk, normalize: as in :func:`gspn_scan`.
         directions: the D directions, default ``("tb", "bt", "lr", "rl")``.

@@ -8,9 +8,11 @@ kernels for these schemas when it loads; see :mod:`gspn_diffusers.ops.build`.
     directions) or ``(B, D, C, H, W)``; ``directions`` D codes, indices into
     :data:`~gspn_diffusers.ops.reference.DIRECTIONS`; ``chunk`` 0 = global scan;
     ``normalize`` = gates are logits; ``columns_as_rows``: from this many
-    pixels per plane the column directions run as row scans of transposed
-    copies of their inputs, written back into the one result (-1: never; see
-    ``gspn_diffusers.ops.COLUMNS_AS_ROWS_MIN_PIXELS``). Returns h ``(B, D, C, H, W)``.
+    pixels per plane the column directions run as a launch of their own,
+    staged through shared memory on CUDA where the planes align, else as row
+    scans of transposed copies of their inputs, written back into the one
+    result (-1: never; see ``gspn_diffusers.ops.COLUMNS_AS_ROWS_MIN_PIXELS``).
+    Returns h ``(B, D, C, H, W)``.
 ``gspn::scan_backward(grad_h, h, x, gates, lam, directions, chunk, normalize, columns_as_rows=-1)``
     -> ``(grad_x, grad_gates, grad_lam)``, shaped like the inputs.
 """
