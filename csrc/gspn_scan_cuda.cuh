@@ -444,6 +444,13 @@ constexpr int staged_group_lines() {
   return 16 / static_cast<int>(sizeof(scalar_t)) > 4 ? 16 / static_cast<int>(sizeof(scalar_t)) : 4;
 }
 
+// Staged column launches have kernels of their own (STAGED, so that the
+// others keep their registers), for single positions at up to
+// kMaxStagedRows per thread: staged lines fit shared memory only up to ~1400
+// positions, 4 per thread at 512 threads, and packing more slots into fewer
+// threads would not fit more stages per SM.
+constexpr int kMaxStagedRows = 4;
+
 // Where the column stages start in a block's dynamic shared memory, after
 // `rows` padded rows of the hidden state (16-byte aligned for the copies).
 __host__ __device__ inline size_t column_stages_offset(int rows, int64_t length, size_t acc_bytes) {
@@ -510,7 +517,7 @@ struct ColumnStages {
 // another 32-byte sector of the same rows. kColumnStaged: the same vectors
 // from the tile's group in shared memory; a group's first tile starts the
 // next group's copies and waits for its own.
-template <typename scalar_t, int RPT, int V, int K>
+template <typename scalar_t, int RPT, int V, int K, bool STAGED>
 __device__ inline void load_forward_tile(ForwardSlot<scalar_t, V> (&tile)[K][RPT], const scalar_t* xp,
                                          const scalar_t* lp, const scalar_t* g0p, const scalar_t* g1p,
                                          const scalar_t* g2p, const BlockLines& lines,
@@ -530,7 +537,7 @@ __device__ inline void load_forward_tile(ForwardSlot<scalar_t, V> (&tile)[K][RPT
     // Ascending addresses are lines t0, t0 + 1, ... for "lr" (line_stride 1), t0 + K - 1, ... for "rl".
     const bool ascending = lines.line_stride > 0;
     const scalar_t* const inputs[5] = {xp, lp, g0p, g1p, g2p};
-    if (mode == kColumnStaged) {  // uniform over the block
+    if constexpr (STAGED) {
       constexpr int GK = ColumnStages<scalar_t, 5>::GK;
       if (t0 == stages.t_begin) {  // the first group
         stages.fetch(inputs, lines, slots, t0);
@@ -603,7 +610,7 @@ struct ForwardStep {
 // 2-element vector load per input and one vector store: half the memory
 // instructions and their address arithmetic (plan_launch picks it for row
 // scans of even lines).
-template <typename scalar_t, typename acc_t, int RPT, bool NORM, int V>
+template <typename scalar_t, typename acc_t, int RPT, bool NORM, int V, bool STAGED>
 __global__ void __launch_bounds__(kMaxThreads)
 scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ gates,
                     const scalar_t* __restrict__ lam, scalar_t* __restrict__ out, const ScanProblem pb,
@@ -611,9 +618,13 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
   constexpr int K = forward_tile_lines(RPT * V);
   const BlockTask task = decode_block(pb, chunks_per_plane);
   const BlockLines lines = block_lines(pb, task);
-  const int mode = lines.columns ? column_mode : kColumnLines;
-  // Tiles of K consecutive columns: stored as one vector per slot too.
-  const bool tile_vectors = V == 1 && mode != kColumnLines;
+  // STAGED: a launch of column scans staged (ColumnStages), its own kernels
+  // so that the others keep their registers.
+  const int mode = STAGED ? kColumnStaged : lines.columns ? column_mode : kColumnLines;
+  // Staged tiles of K consecutive columns are stored as one vector per slot
+  // too (in the other kernels the K outputs held for it cost 12-16 registers
+  // and spills at 8 slots per thread).
+  constexpr bool tile_vectors = STAGED;
   if (lines.begin == lines.end) return;  // uniform over the block
   const int L = lines.length, t_begin = lines.begin, t_end = lines.end;
   const ThreadSlots<RPT, V> slots(L, lines.pos_stride);
@@ -640,7 +651,7 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
   // its first line: independent work that then overlaps, where computed inside
   // the line loop it sat on the per-line critical path between barriers.
   ForwardSlot<scalar_t, V> next[K][RPT];
-  load_forward_tile<scalar_t, RPT, V, K>(next, xp, lp, g0p, g1p, g2p, lines, slots, t_begin, t_end - 1, mode,
+  load_forward_tile<scalar_t, RPT, V, K, STAGED>(next, xp, lp, g0p, g1p, g2p, lines, slots, t_begin, t_end - 1, mode,
                                          stages);
   for (int t0 = t_begin; t0 < t_end; t0 += K) {
     ForwardStep<acc_t> step[K][RPT][V];
@@ -660,7 +671,7 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
       }
     }
     if (t0 + K < t_end) {
-      load_forward_tile<scalar_t, RPT, V, K>(next, xp, lp, g0p, g1p, g2p, lines, slots, t0 + K, t_end - 1, mode,
+      load_forward_tile<scalar_t, RPT, V, K, STAGED>(next, xp, lp, g0p, g1p, g2p, lines, slots, t0 + K, t_end - 1, mode,
                                              stages);
     }
     scalar_t tile_h[K][RPT];  // tile_vectors: the tile's output, stored after its lines
@@ -683,13 +694,13 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
             h[v] = first ? st.lx : propagate(st.lx, st.g0, st.g1, st.g2, prev + p);
             row[p] = h[v];
           }
-          if (tile_vectors) tile_h[s][r] = static_cast<scalar_t>(h[0]);
+          if constexpr (tile_vectors) tile_h[s][r] = static_cast<scalar_t>(h[0]);
           else store_positions<V>(op + (line + slots.offset[r]), h);
         }
       }
       __syncthreads();
     }
-    if (tile_vectors) {  // uniform; tiles are whole
+    if constexpr (tile_vectors) {  // tiles are whole
       const bool ascending = lines.line_stride > 0;
       store_column_tile<K>(op, lines.offset(ascending ? t0 : t0 + K - 1), slots.offset, slots.live, tile_h, ascending);
     }
@@ -712,7 +723,7 @@ struct BackwardSlot {
 // in the group after it in the backward's order: one load from global memory
 // per group. Tiles run from the chunk's end backwards, so a group's first
 // tile here is its last in line order.
-template <typename scalar_t, int RPT, int V, int K>
+template <typename scalar_t, int RPT, int V, int K, bool STAGED>
 __device__ inline void load_backward_tile(BackwardSlot<scalar_t, V> (&tile)[K][RPT], const scalar_t* ghp,
                                           const scalar_t* hp, const scalar_t* xp, const scalar_t* lp,
                                           const scalar_t* g0p, const scalar_t* g1p, const scalar_t* g2p,
@@ -735,7 +746,7 @@ __device__ inline void load_backward_tile(BackwardSlot<scalar_t, V> (&tile)[K][R
     };
     const bool ascending = lines.line_stride > 0;
     const scalar_t* const inputs[6] = {ghp, xp, lp, g0p, g1p, g2p};
-    if (mode == kColumnStaged) {  // uniform over the block
+    if constexpr (STAGED) {
       constexpr int GK = ColumnStages<scalar_t, 7>::GK;
       const scalar_t* const copied[7] = {ghp, xp, lp, g0p, g1p, g2p, hp};
       const int g0 = stages.group_of(t0);
@@ -813,7 +824,7 @@ struct BackwardStep {
 // line the forward state h[t-1] whose neighbours the gate gradients read.
 // ATOMIC: several channels share a gate group and add into an fp32 buffer.
 // V = 2: two neighbouring positions per slot, as in the forward.
-template <typename scalar_t, typename acc_t, int RPT, bool NORM, bool ATOMIC, int V>
+template <typename scalar_t, typename acc_t, int RPT, bool NORM, bool ATOMIC, int V, bool STAGED>
 __global__ void __launch_bounds__(kMaxThreads)
 scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __restrict__ h,
                      const scalar_t* __restrict__ x, const scalar_t* __restrict__ gates,
@@ -824,9 +835,11 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
   constexpr int K = backward_tile_lines(RPT * V);
   const BlockTask task = decode_block(pb, chunks_per_plane);
   const BlockLines lines = block_lines(pb, task);
-  const int mode = lines.columns ? column_mode : kColumnLines;
-  // Tiles of K consecutive columns: dx and dlam stored as one vector per slot too.
-  const bool tile_vectors = V == 1 && mode != kColumnLines;
+  // STAGED: a launch of column scans staged (ColumnStages), its own kernels
+  // so that the others keep their registers.
+  const int mode = STAGED ? kColumnStaged : lines.columns ? column_mode : kColumnLines;
+  // Staged tiles store dx and dlam as one vector per slot, as the forward h.
+  constexpr bool tile_vectors = STAGED;
   if (lines.begin == lines.end) return;  // uniform over the block
   const int L = lines.length, t_begin = lines.begin, t_end = lines.end;
   const ThreadSlots<RPT, V> slots(L, lines.pos_stride);
@@ -865,7 +878,7 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
   // line, as in the forward.
   auto tile_start = [&](int t_hi) { return t_hi - K > t_begin ? t_hi - K : t_begin; };
   BackwardSlot<scalar_t, V> next[K][RPT];
-  load_backward_tile<scalar_t, RPT, V, K>(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots, tile_start(t_end),
+  load_backward_tile<scalar_t, RPT, V, K, STAGED>(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots, tile_start(t_end),
                                           t_end - 1, t_begin, mode, stages);
   for (int t_hi = t_end; t_hi > t_begin; t_hi -= K) {
     const int t0 = tile_start(t_hi);
@@ -888,7 +901,7 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
       }
     }
     if (t0 > t_begin) {
-      load_backward_tile<scalar_t, RPT, V, K>(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots, tile_start(t0),
+      load_backward_tile<scalar_t, RPT, V, K, STAGED>(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots, tile_start(t0),
                                               t0 - 1, t_begin, mode, stages);
     }
     scalar_t tile_dx[K][RPT], tile_dlam[K][RPT];  // tile_vectors: stored after the tile's lines
@@ -925,7 +938,7 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
             vc[2 * pitch + p] = st.g2 * a;
             hcur[p] = first ? acc_t(0) : static_cast<acc_t>(st.hprev);
           }
-          if (tile_vectors) {
+          if constexpr (tile_vectors) {
             tile_dx[s][r] = static_cast<scalar_t>(dx_v[0]);
             tile_dlam[s][r] = static_cast<scalar_t>(dlam_v[0]);
           } else {
@@ -970,7 +983,7 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
         }
       }
     }
-    if (tile_vectors) {  // uniform; tiles are whole
+    if constexpr (tile_vectors) {  // tiles are whole
       const bool ascending = lines.line_stride > 0;
       const int low = lines.offset(ascending ? t0 : t0 + K - 1);
       store_column_tile<K>(dxp, low, slots.offset, slots.live, tile_dx, ascending);
@@ -1054,6 +1067,7 @@ bool staged_fit(const ScanProblem& pb, std::initializer_list<const at::Tensor*> 
     if (pb.dirs[d] != kLeftRight && pb.dirs[d] != kRightLeft) return false;
   }
   if (!column_vectors_fit(pb, tensors, staged_group_lines<scalar_t>())) return false;
+  if (pb.H > int64_t(kMaxThreads) * kMaxStagedRows) return false;
   const size_t bytes = backward ? shared_bytes<scalar_t>(8, pb.H, true, 7) : shared_bytes<scalar_t>(2, pb.H, true, 5);
   return bytes <= static_cast<size_t>(max_shared_bytes());
 }
@@ -1114,8 +1128,9 @@ struct Residency {
 // do), unless the widest blocks' kernel spills too.
 // residency(plan): how many blocks of that plan one SM holds (the occupancy
 // API) and whether its kernel spills.
+// most_rows: the most slots per thread a candidate may take.
 template <typename ResidencyOf>
-void pack_blocks(Launch& plan, ResidencyOf&& residency) {
+void pack_blocks(Launch& plan, ResidencyOf&& residency, int most_rows = kMaxRowsPerThread) {
   const int64_t sms = multiprocessors();
   if (plan.blocks <= sms || !packing_enabled()) return;
   const Residency widest = residency(plan);
@@ -1123,7 +1138,7 @@ void pack_blocks(Launch& plan, ResidencyOf&& residency) {
     if (r.blocks_per_sm <= 0 || (r.spills && !widest.spills)) return std::numeric_limits<int64_t>::max();
     return (candidate.blocks + sms * r.blocks_per_sm - 1) / (sms * r.blocks_per_sm);
   };
-  const int max_rows = plan.positions_per_slot == 2 ? kMaxRowsPerThread / 2 : kMaxRowsPerThread;
+  const int max_rows = std::min(most_rows, plan.positions_per_slot == 2 ? kMaxRowsPerThread / 2 : kMaxRowsPerThread);
   int64_t fewest = waves(plan, widest);
   for (Launch candidate = plan; fewest > 1 && candidate.rows_per_thread < max_rows && candidate.threads > 32;) {
     candidate.rows_per_thread *= 2;
@@ -1199,29 +1214,42 @@ Residency residency_of(Kernel kernel, const Launch& plan, size_t shared_bytes) {
   return known[key] = Residency{blocks, attributes.localSizeBytes > 0};
 }
 
-// Calls f(kernel) with the forward kernel of plan's slot layout.
+// Calls f(kernel) with the forward kernel of plan's slot layout (staged: the
+// staged column kernel; the plan must be single positions, at most
+// kMaxStagedRows per thread).
 template <typename scalar_t, typename F>
-void with_forward_kernel(const Launch& plan, bool normalize, F&& f) {
+void with_forward_kernel(const Launch& plan, bool normalize, bool staged, F&& f) {
   using acc_t = at::opmath_type<scalar_t>;
   with_slot_layout(plan, [&](auto rpt, auto positions) {
     with_bool(normalize, [&](auto norm) {
       // decay: in a nested generic lambda GCC gives decltype of the outer parameters as references
-      f(scan_forward_kernel<scalar_t, acc_t, std::decay_t<decltype(rpt)>::value, decltype(norm)::value,
-                            std::decay_t<decltype(positions)>::value>);
+      constexpr int R = std::decay_t<decltype(rpt)>::value, V = std::decay_t<decltype(positions)>::value;
+      constexpr bool N = std::decay_t<decltype(norm)>::value;
+      if constexpr (V == 1 && R <= kMaxStagedRows) {
+        if (staged) return f(scan_forward_kernel<scalar_t, acc_t, R, N, V, true>);
+      }
+      TORCH_CHECK(!staged, "gspn::scan (CUDA): no staged kernel for ", R, " slots of ", V, " positions per thread");
+      f(scan_forward_kernel<scalar_t, acc_t, R, N, V, false>);
     });
   });
 }
 
-// Calls f(kernel) with the backward kernel of plan's slot layout.
+// Calls f(kernel) with the backward kernel of plan's slot layout (staged as
+// in with_forward_kernel).
 template <typename scalar_t, typename F>
-void with_backward_kernel(const Launch& plan, bool normalize, bool atomic, F&& f) {
+void with_backward_kernel(const Launch& plan, bool normalize, bool atomic, bool staged, F&& f) {
   using acc_t = at::opmath_type<scalar_t>;
   with_slot_layout(plan, [&](auto rpt, auto positions) {
     with_bool(normalize, [&](auto norm) {
       with_bool(atomic, [&](auto use_atomic) {
-        f(scan_backward_kernel<scalar_t, acc_t, std::decay_t<decltype(rpt)>::value,
-                               std::decay_t<decltype(norm)>::value, decltype(use_atomic)::value,
-                               std::decay_t<decltype(positions)>::value>);
+        constexpr int R = std::decay_t<decltype(rpt)>::value, V = std::decay_t<decltype(positions)>::value;
+        constexpr bool N = std::decay_t<decltype(norm)>::value, A = std::decay_t<decltype(use_atomic)>::value;
+        if constexpr (V == 1 && R <= kMaxStagedRows) {
+          if (staged) return f(scan_backward_kernel<scalar_t, acc_t, R, N, A, V, true>);
+        }
+        TORCH_CHECK(!staged, "gspn::scan_backward (CUDA): no staged kernel for ", R, " slots of ", V,
+                    " positions per thread");
+        f(scan_backward_kernel<scalar_t, acc_t, R, N, A, V, false>);
       });
     });
   });
@@ -1245,14 +1273,18 @@ void launch_forward(const at::Tensor& x, const at::Tensor& gates, const at::Tens
   staged = staged && staged_fit<scalar_t>(pb, {&x, &gates, &lam, &out}, false);
   Launch plan = plan_launch(pb, pairs_fit(pb, {&x, &gates, &lam, &out}));
   const size_t smem = shared_bytes<scalar_t>(2, plan.max_length, staged, 5);
-  pack_blocks(plan, [&](const Launch& candidate) {
-    Residency r{};
-    with_forward_kernel<scalar_t>(candidate, pb.normalize, [&](auto kernel) { r = residency_of(kernel, candidate, smem); });
-    return r;
-  });
+  pack_blocks(
+      plan,
+      [&](const Launch& candidate) {
+        Residency r{};
+        with_forward_kernel<scalar_t>(candidate, pb.normalize, staged,
+                                      [&](auto kernel) { r = residency_of(kernel, candidate, smem); });
+        return r;
+      },
+      staged ? kMaxStagedRows : kMaxRowsPerThread);
   const int mode = column_mode(pb, {&x, &gates, &lam, &out}, staged, forward_tile_lines(plan.rows_per_thread), plan);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  with_forward_kernel<scalar_t>(plan, pb.normalize, [&](auto kernel) {
+  with_forward_kernel<scalar_t>(plan, pb.normalize, staged, [&](auto kernel) {
     set_shared_memory(kernel, smem);
     GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
         x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pb,
@@ -1271,15 +1303,18 @@ void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Te
   staged = staged && staged_fit<scalar_t>(pb, strided, true);
   Launch plan = plan_launch(pb, pairs_fit(pb, {&grad_h, &h, &x, &gates, &lam, &dx, &dgates, &dlam}));
   const size_t smem = shared_bytes<scalar_t>(8, plan.max_length, staged, 7);
-  pack_blocks(plan, [&](const Launch& candidate) {
-    Residency r{};
-    with_backward_kernel<scalar_t>(candidate, pb.normalize, atomic,
-                                   [&](auto kernel) { r = residency_of(kernel, candidate, smem); });
-    return r;
-  });
+  pack_blocks(
+      plan,
+      [&](const Launch& candidate) {
+        Residency r{};
+        with_backward_kernel<scalar_t>(candidate, pb.normalize, atomic, staged,
+                                       [&](auto kernel) { r = residency_of(kernel, candidate, smem); });
+        return r;
+      },
+      staged ? kMaxStagedRows : kMaxRowsPerThread);
   const int mode = column_mode(pb, strided, staged, backward_tile_lines(plan.rows_per_thread), plan);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  with_backward_kernel<scalar_t>(plan, pb.normalize, atomic, [&](auto kernel) {
+  with_backward_kernel<scalar_t>(plan, pb.normalize, atomic, staged, [&](auto kernel) {
     set_shared_memory(kernel, smem);
     GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
         grad_h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),

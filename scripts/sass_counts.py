@@ -29,7 +29,7 @@ from pathlib import Path
 from check_cuda_compiles import ROOT, compile_one, nvcc_flags
 
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+((?:@!?U?P\w+\s+)?[A-Z][A-Z0-9_.]*)([^;]*);")
-# scan_forward_kernel<scalar_t, acc_t, RPT, NORM, V>, scan_backward_kernel<..., RPT, NORM, ATOMIC, V>
+# scan_forward_kernel<scalar_t, acc_t, RPT, NORM, V, STAGED>, scan_backward_kernel<..., RPT, NORM, ATOMIC, V, STAGED>
 VARIANT = re.compile(r"(scan_forward_kernel|scan_backward_kernel)I(.*)")
 
 
@@ -41,7 +41,7 @@ def describe(mangled: str) -> str:
     name, rest = match.groups()
     ints = re.findall(r"Li(\d)E", rest)  # RPT, then positions per slot
     flags = [int(b) for b in re.findall(r"Lb([01])E", rest)]
-    labels = ["norm", "atomic"]
+    labels = ["norm", "staged"] if name == "scan_forward_kernel" else ["norm", "atomic", "staged"]
     pairs = f" V={ints[1]}" if len(ints) > 1 else ""
     return f"{name} RPT={ints[0]}{pairs} " + " ".join(f"{label}={flag}" for label, flag in zip(labels, flags))
 
