@@ -2,7 +2,7 @@
 //
 // Included by one small .cu per dtype (gspn_scan_cuda_<dtype>.cu), which
 // instantiates launch_forward / launch_backward for it, so ninja compiles the
-// ~100 kernel variants in parallel; gspn_scan_cuda.cu dispatches on dtype.
+// ~230 kernel variants in parallel; gspn_scan_cuda.cu dispatches on dtype.
 //
 // Design (see csrc/README.md for the byte count and what is left to tune):
 // - One launch per call covers every direction, channel and chunk: one thread
@@ -447,9 +447,9 @@ constexpr int staged_group_lines() {
 // Staged column launches have kernels of their own (STAGED, so that the
 // others keep their registers), for single positions at up to
 // kMaxStagedRows per thread: staged lines fit shared memory only up to ~1400
-// positions, 4 per thread at 512 threads, and packing more slots into fewer
-// threads would not fit more stages per SM.
-constexpr int kMaxStagedRows = 4;
+// positions forward (4 per thread at 512 threads) and ~900 backward (2), and
+// packing more slots into fewer threads would not fit more stages per SM.
+constexpr int kMaxStagedRows = 4, kMaxStagedBackwardRows = 2;
 
 // Where the column stages start in a block's dynamic shared memory, after
 // `rows` padded rows of the hidden state (16-byte aligned for the copies).
@@ -465,9 +465,10 @@ __host__ __device__ inline size_t column_stages_offset(int rows, int64_t length,
 // thread copies the rows it owns and reads only those, so a group needs its
 // copies' wait and no barrier (a thread's own reads of a stage are done
 // before it refills it: a tile's lines and their barriers lie between, but
-// for one case that takes a barrier of its own, see load_forward_tile). Stage j, input k, row p is the segment at
-// base + ((j * N + k) * length + p) * GK elements. Groups start at t_begin,
-// the chunk's first line (the host checks chunks of whole groups).
+// for one case that takes a barrier of its own, see load_forward_tile).
+// Stage j, input k, row p is the segment at base + ((j * N + k) * length +
+// p) * GK elements. Groups start at t_begin, the chunk's first line (the
+// host checks chunks of whole groups).
 template <typename scalar_t, int N>
 struct ColumnStages {
   static constexpr int GK = staged_group_lines<scalar_t>();
@@ -500,8 +501,8 @@ struct ColumnStages {
       }
     }
   }
-  // The N inputs' stage for the tile of K lines from t0 (inside the group
-  // from g0), and the offset of slot r's K elements in each.
+  // Where, in each input's segment of `row`, the tile of K lines from t0
+  // (inside the group from g0) starts: its lowest column.
   template <int K>
   __device__ int tile_offset(int t0, int g0, int row, bool ascending) const {
     const int within = t0 - g0;
@@ -1067,7 +1068,7 @@ bool staged_fit(const ScanProblem& pb, std::initializer_list<const at::Tensor*> 
     if (pb.dirs[d] != kLeftRight && pb.dirs[d] != kRightLeft) return false;
   }
   if (!column_vectors_fit(pb, tensors, staged_group_lines<scalar_t>())) return false;
-  if (pb.H > int64_t(kMaxThreads) * kMaxStagedRows) return false;
+  if (pb.H > int64_t(kMaxThreads) * (backward ? kMaxStagedBackwardRows : kMaxStagedRows)) return false;
   const size_t bytes = backward ? shared_bytes<scalar_t>(8, pb.H, true, 7) : shared_bytes<scalar_t>(2, pb.H, true, 5);
   return bytes <= static_cast<size_t>(max_shared_bytes());
 }
@@ -1244,7 +1245,7 @@ void with_backward_kernel(const Launch& plan, bool normalize, bool atomic, bool 
       with_bool(atomic, [&](auto use_atomic) {
         constexpr int R = std::decay_t<decltype(rpt)>::value, V = std::decay_t<decltype(positions)>::value;
         constexpr bool N = std::decay_t<decltype(norm)>::value, A = std::decay_t<decltype(use_atomic)>::value;
-        if constexpr (V == 1 && R <= kMaxStagedRows) {
+        if constexpr (V == 1 && R <= kMaxStagedBackwardRows) {
           if (staged) return f(scan_backward_kernel<scalar_t, acc_t, R, N, A, V, true>);
         }
         TORCH_CHECK(!staged, "gspn::scan_backward (CUDA): no staged kernel for ", R, " slots of ", V,
@@ -1311,7 +1312,7 @@ void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Te
                                        [&](auto kernel) { r = residency_of(kernel, candidate, smem); });
         return r;
       },
-      staged ? kMaxStagedRows : kMaxRowsPerThread);
+      staged ? kMaxStagedBackwardRows : kMaxRowsPerThread);
   const int mode = column_mode(pb, strided, staged, backward_tile_lines(plan.rows_per_thread), plan);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_backward_kernel<scalar_t>(plan, pb.normalize, atomic, staged, [&](auto kernel) {
