@@ -196,6 +196,34 @@ def check_targets(results: dict, device_type: str) -> list:
     return verdicts
 
 
+# The ways of running column scans that bench_op times where the column
+# route runs (CUDA), by the row suffix that names them ("" is the default:
+# staged in place where the planes align).
+COLUMN_WAYS = {"": "default", ", transposed": "transposed", ", strided kernel": "strided"}
+
+
+def compare_column_ways(results: dict) -> list:
+    """Per size and pass (fwd/bwd of 'lr' and of the four directions), the
+    time of each way of running the column scans over the default's; printed,
+    so a GPU run says at a glance which way should be the default."""
+    times = {}
+    for r in results["rows"]:
+        for suffix, way in COLUMN_WAYS.items():
+            for what in ("fwd lr", "bwd lr", "fwd 4dir", "bwd 4dir"):
+                name = what + (" (one call)" if "4dir" in what and not suffix else suffix)
+                if r["what"] == name:
+                    times.setdefault((r["C"], r["G"], r["side"], what), {})[way] = r["ms"]
+    table = [{"C": c, "G": g, "side": side, "what": what, "ms": ways,
+              **{f"x_{way}": ms / ways["default"] for way, ms in ways.items() if way != "default"}}
+             for (c, g, side, what), ways in times.items() if "default" in ways and len(ways) > 1]
+    if table:
+        print("# column scans, time over the default (staged in place where the planes align):")
+        for t in table:
+            others = "  ".join(f"{way} {t[f'x_{way}']:.2f}x" for way in ("transposed", "strided") if f"x_{way}" in t)
+            print(f"  C={t['C']} G={t['G']} side={t['side']} {t['what']}: {others}")
+    return table
+
+
 def run(args) -> dict:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -235,6 +263,7 @@ def run(args) -> dict:
                     torch.cuda.empty_cache()
                 save_json(args.json, results)  # after every size: a crash or time limit keeps what ran
     results["targets"] = check_targets(results, device.type)
+    results["column_ways"] = compare_column_ways(results)
     return results
 
 

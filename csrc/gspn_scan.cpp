@@ -980,7 +980,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_backward(
   } else {
     if (!route.rows.empty()) backward_into(grad_h, h, x, gates, lam, g, launch_of(pb, route.rows));
     const ScanProblem in_place = launch_of(pb, route.columns);
-    if (columns_staged(in_place, {grad_h, h, x, gates, lam, g.dx, g.dlam}, true)) {
+    if (columns_staged(in_place, {grad_h, h, x, gates, lam, g.dx, g.dgates, g.dlam}, true)) {
       backward_into(grad_h, h, x, gates, lam, g, in_place, true);
     } else {
       const ColumnLaunch columns = column_launch(pb, route, x, gates, lam);

@@ -358,20 +358,43 @@ __device__ inline void load_column_tile(const scalar_t* const (&inputs)[N], int 
   }
 }
 
+// K consecutive elements added to p in global memory: one vector reduction
+// (red.global.add.v2/v4.f32, sm_90) for 2 or 4 floats, else one add each.
+template <int K, typename T>
+__device__ inline void add_consecutive(T* p, const T (&in)[K]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(GSPN_CUDA_SIM)
+  if constexpr (std::is_same_v<T, float> && K == 4) {
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(in[0]), "f"(in[1]), "f"(in[2]),
+                 "f"(in[3]) : "memory");
+    return;
+  } else if constexpr (std::is_same_v<T, float> && K == 2) {
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(in[0]), "f"(in[1]) : "memory");
+    return;
+  }
+#endif
+#ifdef GSPN_CUDA_SIM
+  gspn_sim::device_check(reinterpret_cast<uintptr_t>(p) % (K * sizeof(T) > 16 ? 16 : K * sizeof(T)) == 0,
+                         "misaligned line vector add");
+#endif
+#pragma unroll
+  for (int e = 0; e < K; ++e) add_global(p + e, in[e]);
+}
+
 // A column tile's K lines of one output, h[s][r] for line s of the tile at
-// slot r, stored as one vector per slot (K consecutive columns of its row,
-// from offset low, the tile's lowest address); ascending as in
+// slot r, stored (ADD: added) as one vector per slot: K consecutive columns
+// of its row, from offset low, the tile's lowest address; ascending as in
 // load_column_tile.
-template <int K, int RPT, typename scalar_t>
-__device__ inline void store_column_tile(scalar_t* p, int low, const int (&offset)[RPT], const bool (&live)[RPT],
-                                         const scalar_t (&h)[K][RPT], bool ascending) {
+template <int K, bool ADD = false, int RPT, typename T>
+__device__ inline void store_column_tile(T* p, int low, const int (&offset)[RPT], const bool (&live)[RPT],
+                                         const T (&h)[K][RPT], bool ascending) {
 #pragma unroll
   for (int r = 0; r < RPT; ++r) {
     if (!live[r]) continue;
-    scalar_t v[K];
+    T v[K];
 #pragma unroll
     for (int s = 0; s < K; ++s) v[s] = ascending ? h[s][r] : h[K - 1 - s][r];
-    store_consecutive<K>(p + (low + offset[r]), v);
+    if constexpr (ADD) add_consecutive<K>(p + (low + offset[r]), v);
+    else store_consecutive<K>(p + (low + offset[r]), v);
   }
 }
 
@@ -839,8 +862,12 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
   // STAGED: a launch of column scans staged (ColumnStages), its own kernels
   // so that the others keep their registers.
   const int mode = STAGED ? kColumnStaged : lines.columns ? column_mode : kColumnLines;
-  // Staged tiles store dx and dlam as one vector per slot, as the forward h.
+  // Staged tiles store dx and dlam as one vector per slot, as the forward h,
+  // and the gate gradients too (the shared groups' as vector reductions)
+  // where their 3 K outputs per slot fit the registers: in fp32 at 2 slots
+  // per thread they made the kernel spill (SASS, sm_90).
   constexpr bool tile_vectors = STAGED;
+  constexpr bool gate_tiles = STAGED && (RPT == 1 || sizeof(scalar_t) <= 2);
   if (lines.begin == lines.end) return;  // uniform over the block
   const int L = lines.length, t_begin = lines.begin, t_end = lines.end;
   const ThreadSlots<RPT, V> slots(L, lines.pos_stride);
@@ -905,7 +932,9 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
       load_backward_tile<scalar_t, RPT, V, K, STAGED>(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots, tile_start(t0),
                                               t0 - 1, t_begin, mode, stages);
     }
-    scalar_t tile_dx[K][RPT], tile_dlam[K][RPT];  // tile_vectors: stored after the tile's lines
+    // tile_vectors: stored (the shared groups' gate gradients added) after the tile's lines
+    scalar_t tile_dx[K][RPT], tile_dlam[K][RPT];
+    dg_t tile_dg[3][K][RPT];
 #pragma unroll
     for (int s = K - 1; s >= 0; --s) {
       const int t = t0 + s;
@@ -968,7 +997,11 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
             d2[v] = a * hcur[p + 1];
           }
         }
-        if constexpr (ATOMIC) {
+        if constexpr (gate_tiles) {
+          tile_dg[0][s][r] = static_cast<dg_t>(d0[0]);
+          tile_dg[1][s][r] = static_cast<dg_t>(d1[0]);
+          tile_dg[2][s][r] = static_cast<dg_t>(d2[0]);
+        } else if constexpr (ATOMIC) {
           if (!first) {  // zeros: no need to add them
 #pragma unroll
             for (int v = 0; v < V; ++v) {
@@ -989,6 +1022,11 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
       const int low = lines.offset(ascending ? t0 : t0 + K - 1);
       store_column_tile<K>(dxp, low, slots.offset, slots.live, tile_dx, ascending);
       store_column_tile<K>(dlp, low, slots.offset, slots.live, tile_dlam, ascending);
+      if constexpr (gate_tiles) {
+        store_column_tile<K, ATOMIC>(dg0, low, slots.offset, slots.live, tile_dg[0], ascending);
+        store_column_tile<K, ATOMIC>(dg1, low, slots.offset, slots.live, tile_dg[1], ascending);
+        store_column_tile<K, ATOMIC>(dg2, low, slots.offset, slots.live, tile_dg[2], ascending);
+      }
     }
   }
 }
@@ -1300,7 +1338,7 @@ template <typename scalar_t>
 void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Tensor& x, const at::Tensor& gates,
                      const at::Tensor& lam, at::Tensor& dx, at::Tensor& dgates, at::Tensor& dlam,
                      const ScanProblem& pb, bool atomic, bool staged) {
-  const std::initializer_list<const at::Tensor*> strided{&grad_h, &h, &x, &gates, &lam, &dx, &dlam};
+  const std::initializer_list<const at::Tensor*> strided{&grad_h, &h, &x, &gates, &lam, &dx, &dgates, &dlam};
   staged = staged && staged_fit<scalar_t>(pb, strided, true);
   Launch plan = plan_launch(pb, pairs_fit(pb, {&grad_h, &h, &x, &gates, &lam, &dx, &dgates, &dlam}));
   const size_t smem = shared_bytes<scalar_t>(8, plan.max_length, staged, 7);

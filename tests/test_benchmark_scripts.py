@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -62,6 +64,12 @@ def test_bench_op_rows_of_the_column_route(tmp_path, compiled_cpu, monkeypatch):
             "bwd 4dir, transposed"} <= {r["what"] for r in rows}
     assert ops.COLUMNS_AS_ROWS_MIN_PIXELS["cpu"] == 1  # the route's threshold is restored after each strided row
     assert "GSPN_CUDA_COLUMNS" not in os.environ  # and the default way of running columns
+    ways = json.loads(out.read_text())["column_ways"]
+    assert {w["what"] for w in ways} == {"fwd lr", "bwd lr", "fwd 4dir", "bwd 4dir"}
+    fwd_lr = next(w for w in ways if w["what"] == "fwd lr")
+    ms = {r["what"]: r["ms"] for r in rows}
+    assert fwd_lr["x_transposed"] == pytest.approx(ms["fwd lr, transposed"] / ms["fwd lr"])
+    assert fwd_lr["x_strided"] == pytest.approx(ms["fwd lr, strided kernel"] / ms["fwd lr"])
 
 
 def test_bench_unet_quick_writes_json(tmp_path):
