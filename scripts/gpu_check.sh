@@ -14,6 +14,11 @@
 # The build stage then builds it too (in parallel) and the operator benchmark
 # runs once for each tree, on the same card (bench_op_cuda_baseline.json).
 #
+# The operator benchmark also times each way of running column scans in the
+# same build (staged in place, the default; transposed copies,
+# GSPN_CUDA_COLUMNS=transposed; the strided kernel) and ends with their times
+# over the default's ("# column scans, time over the default").
+#
 # Everything printed goes to $OUT/gpu_check.log (the device tool's output
 # folder; bench_results/ elsewhere), each benchmark's JSON beside it.
 # The device machines have no diffusers: wheels in .whl/ (see the device

@@ -15,9 +15,11 @@
 // block, so a read of a shared element nobody wrote poisons the output.
 // Threads of one block that reach __syncthreads different numbers of times (a
 // barrier inside divergent code) raise an error. Asynchronous copies to shared
-// memory (cp.async) land only when their thread waits for their group, so a
-// read before the wait sees the stale bytes; a block that ends with copies
-// nobody waited for raises an error.
+// memory (cp.async) land when their thread waits for their group, or earlier,
+// as on a GPU: at each barrier of their thread some of them (chosen at random,
+// seeded by the block) land. So a read before the wait sees stale bytes, and
+// so may a read of a stage after a copy into it was issued; a block that ends
+// with copies nobody waited for raises an error.
 //
 // Device code takes the host paths of gspn_scan.h (__CUDA_ARCH__ is not
 // defined): exact expf and division instead of __expf and approximate
@@ -144,6 +146,7 @@ struct Fiber {
 struct Block {
   ucontext_t scheduler;
   std::vector<Fiber> fibers;
+  std::mt19937_64 landing;  // which asynchronous copies land early
   Fiber* current = nullptr;
   void (*body)(void*) = nullptr;
   void* args = nullptr;
@@ -187,6 +190,7 @@ inline void run_block(unsigned threads, uint64_t seed) {
   std::vector<unsigned> order(threads);
   std::iota(order.begin(), order.end(), 0u);
   std::mt19937_64 rng(seed);
+  running.landing.seed(seed ^ 0x5DEECE66Dull);
   for (;;) {
     std::shuffle(order.begin(), order.end(), rng);
     bool any_live = false;
@@ -215,9 +219,24 @@ inline void run_block(unsigned threads, uint64_t seed) {
 
 }  // namespace gspn_sim
 
+namespace gspn_sim {
+// Each of the thread's pending asynchronous copies lands now with
+// probability 1/2 (a GPU may complete a copy any time before its wait).
+inline void land_some_copies() {
+  Fiber* f = running.current;
+  std::vector<PendingCopy> still;
+  for (const PendingCopy& c : f->copies) {
+    if (running.landing() & 1) std::memcpy(c.dst, c.src, c.bytes);
+    else still.push_back(c);
+  }
+  f->copies.swap(still);
+}
+}  // namespace gspn_sim
+
 inline void __syncthreads() {
   gspn_sim::Fiber* f = gspn_sim::running.current;
   ++f->barriers;
+  gspn_sim::land_some_copies();
   swapcontext(&f->context, &gspn_sim::running.scheduler);
 }
 
