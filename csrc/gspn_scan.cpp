@@ -903,11 +903,12 @@ Gradients allocate_gradients(const at::Tensor& x, const at::Tensor& gates, const
   return g;
 }
 
-// The gradients of pb's directions into g (columns_staged as in forward_into). On CUDA with fused normalisation
-// they are the logits' already: the kernel applies the chain rule per
-// position (linear in the gates' gradients, so the channels of a group may
-// add theirs), where a separate pass over the gate tensor read the logits and
-// the gradients again. On the CPU that pass runs once over the whole call.
+// The gradients of pb's directions into g (columns_staged as in
+// forward_into). On CUDA with fused normalisation they are the logits'
+// already: the kernel applies the chain rule per position (linear in the
+// gates' gradients, so the channels of a group may add theirs), where a
+// separate pass over the gate tensor read the logits and the gradients
+// again. On the CPU that pass runs once over the whole call.
 void backward_into(const at::Tensor& grad_h, const at::Tensor& h, const at::Tensor& x, const at::Tensor& gates,
                    const at::Tensor& lam, Gradients& g, const ScanProblem& pb, bool columns_staged = false) {
   if (runs_cuda_kernels(x)) {
