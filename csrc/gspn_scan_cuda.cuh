@@ -453,11 +453,11 @@ __device__ inline BlockLines block_lines(const ScanProblem& pb, const BlockTask&
 }
 
 // How a launch's column scans ("lr", "rl") read their inputs; row scans
-// always read along their rows.
+// always read along their rows. The staged kernels (STAGED, ColumnStages)
+// have their own way and ignore it.
 enum ColumnMode : int {
   kColumnLines = 0,    // one load per line and position
   kColumnVectors = 1,  // a tile's K lines (consecutive columns) in one vector load per position
-  kColumnStaged = 2,   // groups of lines copied ahead into shared memory (ColumnStages)
 };
 
 // Lines per group of a staged column scan: 16 bytes of each row (32 for
@@ -480,7 +480,7 @@ __host__ __device__ inline size_t column_stages_offset(int rows, int64_t length,
   return (rows * (length + 2) * acc_bytes + 15) / 16 * 16;
 }
 
-// Column scans staged through shared memory (kColumnStaged). A group of GK
+// Column scans staged through shared memory (STAGED kernels). A group of GK
 // lines is GK consecutive columns: one 16-byte segment of each row (32 for
 // double) per input. While a group's lines run, the next group's segments
 // travel into the other of two stages by asynchronous copies (cp.async),
@@ -538,7 +538,7 @@ struct ColumnStages {
 // Column scans (mode, see ColumnMode; the host found their tiles aligned):
 // kColumnVectors: a tile's K lines are K consecutive columns, so each slot
 // takes them in one vector load per input instead of K loads that each touch
-// another 32-byte sector of the same rows. kColumnStaged: the same vectors
+// another 32-byte sector of the same rows. STAGED: the same vectors
 // from the tile's group in shared memory; a group's first tile starts the
 // next group's copies and waits for its own.
 template <typename scalar_t, int RPT, int V, int K, bool STAGED>
@@ -643,8 +643,8 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
   const BlockTask task = decode_block(pb, chunks_per_plane);
   const BlockLines lines = block_lines(pb, task);
   // STAGED: a launch of column scans staged (ColumnStages), its own kernels
-  // so that the others keep their registers.
-  const int mode = STAGED ? kColumnStaged : lines.columns ? column_mode : kColumnLines;
+  // so that the others keep their registers; they ignore the mode.
+  const int mode = lines.columns ? column_mode : kColumnLines;
   // Staged tiles of K consecutive columns are stored as one vector per slot
   // too (in the other kernels the K outputs held for it cost 12-16 registers
   // and spills at 8 slots per thread).
@@ -742,7 +742,7 @@ struct BackwardSlot {
 // h for hprev (valid, unused). Column modes as in the forward (the host found
 // the tiles aligned, and then every tile is whole), for the six inputs of
 // line t itself; hprev is one line off that alignment: kColumnVectors loads
-// it per line; kColumnStaged stages h's groups too and takes hprev from the
+// it per line; STAGED stages h's groups too and takes hprev from the
 // group of line t, except at the group's first line, whose previous line is
 // in the group after it in the backward's order: one load from global memory
 // per group. Tiles run from the chunk's end backwards, so a group's first
@@ -860,8 +860,8 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
   const BlockTask task = decode_block(pb, chunks_per_plane);
   const BlockLines lines = block_lines(pb, task);
   // STAGED: a launch of column scans staged (ColumnStages), its own kernels
-  // so that the others keep their registers.
-  const int mode = STAGED ? kColumnStaged : lines.columns ? column_mode : kColumnLines;
+  // so that the others keep their registers; they ignore the mode.
+  const int mode = lines.columns ? column_mode : kColumnLines;
   // Staged tiles store dx and dlam as one vector per slot, as the forward h,
   // and the gate gradients too (the shared groups' as vector reductions)
   // where their 3 K outputs per slot fit the registers: in fp32 at 2 slots
@@ -1095,17 +1095,18 @@ int max_shared_bytes() {
   return limit;
 }
 
-// Whether every direction of pb is a column scan that can run staged
-// (kColumnStaged): groups aligned like column_vectors_fit's tiles, and two
-// stages of their N inputs (5 forward, 7 backward) fitting a block's shared
-// memory beside the hidden rows (lines up to ~1400 positions forward, ~900
-// backward on an H100).
+// Whether every direction of pb is a column scan that can run staged (the
+// STAGED kernels) as far as its shape goes: rows, chunks and strides of
+// whole groups, and two stages of their N inputs (5 forward, 7 backward)
+// fitting a block's shared memory beside the hidden rows (lines up to ~1400
+// positions forward, ~900 backward on an H100). The tensors' alignment is
+// columns_staged_fit's.
 template <typename scalar_t>
-bool staged_fit(const ScanProblem& pb, std::initializer_list<const at::Tensor*> tensors, bool backward) {
+bool staged_fit(const ScanProblem& pb, bool backward) {
   for (int64_t d = 0; d < pb.D; ++d) {
     if (pb.dirs[d] != kLeftRight && pb.dirs[d] != kRightLeft) return false;
   }
-  if (!column_vectors_fit(pb, tensors, staged_group_lines<scalar_t>())) return false;
+  if (!column_vectors_fit(pb, {}, staged_group_lines<scalar_t>())) return false;
   if (pb.H > int64_t(kMaxThreads) * (backward ? kMaxStagedBackwardRows : kMaxStagedRows)) return false;
   const size_t bytes = backward ? shared_bytes<scalar_t>(8, pb.H, true, 7) : shared_bytes<scalar_t>(2, pb.H, true, 5);
   return bytes <= static_cast<size_t>(max_shared_bytes());
@@ -1296,20 +1297,18 @@ void with_backward_kernel(const Launch& plan, bool normalize, bool atomic, bool 
 
 }  // namespace
 
-// How a launch's column scans read (ColumnMode): staged when asked and
-// staged_fit allows, else as vectors when the plan's tiles of K lines align.
-inline int column_mode(const ScanProblem& pb, std::initializer_list<const at::Tensor*> tensors, bool staged, int K,
+// How a launch's column scans read (ColumnMode): as vectors when the plan's
+// tiles of K lines align.
+inline int column_mode(const ScanProblem& pb, std::initializer_list<const at::Tensor*> tensors, int K,
                        const Launch& plan) {
-  if (staged) return kColumnStaged;
   return plan.positions_per_slot == 1 && column_vectors_fit(pb, tensors, K) ? kColumnVectors : kColumnLines;
 }
 
-// staged: run the column scans staged (ColumnStages); pb must be columns
-// only, and the caller checks staged_fit (columns_staged_fit_cuda).
+// staged: run the column scans staged (ColumnStages); the caller found them
+// fit (columns_staged_fit, for these tensors).
 template <typename scalar_t>
 void launch_forward(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& lam, at::Tensor& out,
                     const ScanProblem& pb, bool staged) {
-  staged = staged && staged_fit<scalar_t>(pb, {&x, &gates, &lam, &out}, false);
   Launch plan = plan_launch(pb, pairs_fit(pb, {&x, &gates, &lam, &out}));
   const size_t smem = shared_bytes<scalar_t>(2, plan.max_length, staged, 5);
   pack_blocks(
@@ -1321,7 +1320,7 @@ void launch_forward(const at::Tensor& x, const at::Tensor& gates, const at::Tens
         return r;
       },
       staged ? kMaxStagedRows : kMaxRowsPerThread);
-  const int mode = column_mode(pb, {&x, &gates, &lam, &out}, staged, forward_tile_lines(plan.rows_per_thread), plan);
+  const int mode = column_mode(pb, {&x, &gates, &lam}, forward_tile_lines(plan.rows_per_thread), plan);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_forward_kernel<scalar_t>(plan, pb.normalize, staged, [&](auto kernel) {
     set_shared_memory(kernel, smem);
@@ -1338,8 +1337,6 @@ template <typename scalar_t>
 void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Tensor& x, const at::Tensor& gates,
                      const at::Tensor& lam, at::Tensor& dx, at::Tensor& dgates, at::Tensor& dlam,
                      const ScanProblem& pb, bool atomic, bool staged) {
-  const std::initializer_list<const at::Tensor*> strided{&grad_h, &h, &x, &gates, &lam, &dx, &dgates, &dlam};
-  staged = staged && staged_fit<scalar_t>(pb, strided, true);
   Launch plan = plan_launch(pb, pairs_fit(pb, {&grad_h, &h, &x, &gates, &lam, &dx, &dgates, &dlam}));
   const size_t smem = shared_bytes<scalar_t>(8, plan.max_length, staged, 7);
   pack_blocks(
@@ -1351,7 +1348,7 @@ void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Te
         return r;
       },
       staged ? kMaxStagedBackwardRows : kMaxRowsPerThread);
-  const int mode = column_mode(pb, strided, staged, backward_tile_lines(plan.rows_per_thread), plan);
+  const int mode = column_mode(pb, {&grad_h, &x, &gates, &lam}, backward_tile_lines(plan.rows_per_thread), plan);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_backward_kernel<scalar_t>(plan, pb.normalize, atomic, staged, [&](auto kernel) {
     set_shared_memory(kernel, smem);
@@ -1367,7 +1364,7 @@ void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Te
 // scans staged on these tensors (theirs, in that order).
 template <typename scalar_t>
 bool columns_staged_fit(const ScanProblem& pb, const std::vector<at::Tensor>& tensors, bool backward) {
-  if (!staged_fit<scalar_t>(pb, {}, backward)) return false;  // directions, shapes, strides, shared memory
+  if (!staged_fit<scalar_t>(pb, backward)) return false;
   for (const at::Tensor& t : tensors) {
     if (!planes_aligned(pb, {&t}, staged_group_lines<scalar_t>())) return false;
   }

@@ -220,16 +220,23 @@ inline void run_block(unsigned threads, uint64_t seed) {
 }  // namespace gspn_sim
 
 namespace gspn_sim {
-// Each of the thread's pending asynchronous copies lands now with
-// probability 1/2 (a GPU may complete a copy any time before its wait).
-inline void land_some_copies() {
+// The running thread's pending asynchronous copies for which lands(copy) holds
+// land now; the others stay pending.
+template <typename Predicate>
+inline void land_copies(Predicate&& lands) {
   Fiber* f = running.current;
   std::vector<PendingCopy> still;
   for (const PendingCopy& c : f->copies) {
-    if (running.landing() & 1) std::memcpy(c.dst, c.src, c.bytes);
+    if (lands(c)) std::memcpy(c.dst, c.src, c.bytes);
     else still.push_back(c);
   }
   f->copies.swap(still);
+}
+
+// Each of the thread's pending asynchronous copies lands now with
+// probability 1/2 (a GPU may complete a copy any time before its wait).
+inline void land_some_copies() {
+  land_copies([](const PendingCopy&) { return (running.landing() & 1) != 0; });
 }
 }  // namespace gspn_sim
 
@@ -255,13 +262,8 @@ inline void copy_async_commit() { ++running.current->committed; }
 
 // cp.async.wait_group n: the copies of every committed group but the n newest land.
 inline void copy_async_wait(int n) {
-  Fiber* f = running.current;
-  std::vector<PendingCopy> still;
-  for (const PendingCopy& c : f->copies) {
-    if (c.group < f->committed - n) std::memcpy(c.dst, c.src, c.bytes);
-    else still.push_back(c);
-  }
-  f->copies.swap(still);
+  const int64_t newest_waited = running.current->committed - n;
+  land_copies([&](const PendingCopy& c) { return c.group < newest_waited; });
 }
 
 // kernel<<<grid, block, shared_bytes>>>(args...): the arguments are converted
