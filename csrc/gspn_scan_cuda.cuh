@@ -305,20 +305,28 @@ __device__ inline void store_consecutive(scalar_t* p, const scalar_t (&in)[K]) {
 #endif
 }
 
-// 16 bytes from global memory to shared memory without passing through
-// registers (cp.async.cg, sm_80 and later; a load and a store before that),
-// in the thread's open group of copies; copy_async_commit closes the group,
-// copy_async_wait<n>() waits until every committed group but the n newest
-// has landed. A thread's copies are visible to itself after the wait; other
-// threads would need a barrier as well.
-__device__ inline void copy_async16(void* shared_dst, const void* global_src) {
+// BYTES (16, or 8 for narrow groups) from global memory to shared memory
+// without passing through registers (cp.async, sm_80 and later: .cg for 16
+// bytes, which skips L1, .ca for 8, which .cg does not take; a load and a
+// store before sm_80), in the thread's open group of copies;
+// copy_async_commit closes the group, copy_async_wait<n>() waits until every
+// committed group but the n newest has landed. A thread's copies are visible
+// to itself after the wait; other threads would need a barrier as well.
+template <int BYTES>
+__device__ inline void copy_async(void* shared_dst, const void* global_src) {
+  static_assert(BYTES == 16 || BYTES == 8, "cp.async copies of 16 or 8 bytes");
 #ifdef GSPN_CUDA_SIM
-  gspn_sim::copy_async(shared_dst, global_src, 16);
+  gspn_sim::copy_async(shared_dst, global_src, BYTES);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(shared_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(global_src) : "memory");
+  if constexpr (BYTES == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(global_src) : "memory");
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(global_src) : "memory");
+  }
 #else
-  *static_cast<uint4*>(shared_dst) = __ldg(static_cast<const uint4*>(global_src));
+  if constexpr (BYTES == 16) *static_cast<uint4*>(shared_dst) = __ldg(static_cast<const uint4*>(global_src));
+  else *static_cast<uint2*>(shared_dst) = __ldg(static_cast<const uint2*>(global_src));
 #endif
 }
 __device__ inline void copy_async_commit() {
@@ -453,25 +461,32 @@ __device__ inline BlockLines block_lines(const ScanProblem& pb, const BlockTask&
 }
 
 // How a launch's column scans ("lr", "rl") read their inputs; row scans
-// always read along their rows. The staged kernels (STAGED, ColumnStages)
+// always read along their rows. The staged kernels (GK > 0, ColumnStages)
 // have their own way and ignore it.
 enum ColumnMode : int {
   kColumnLines = 0,    // one load per line and position
   kColumnVectors = 1,  // a tile's K lines (consecutive columns) in one vector load per position
 };
 
-// Lines per group of a staged column scan: 16 bytes of each row (32 for
-// double: the forward's 4-line tiles).
+// Lines per group of a staged column scan. Wide groups: 16 bytes of each
+// row (32 for double: the forward's 4-line tiles). Narrow groups, half
+// those, for lines too long for two wide stages in shared memory: only at
+// the most positions per thread, whose tiles (K = 2) fit inside them.
 template <typename scalar_t>
-constexpr int staged_group_lines() {
+constexpr int wide_group_lines() {
   return 16 / static_cast<int>(sizeof(scalar_t)) > 4 ? 16 / static_cast<int>(sizeof(scalar_t)) : 4;
 }
+template <typename scalar_t>
+constexpr int narrow_group_lines() {
+  return wide_group_lines<scalar_t>() / 2;
+}
 
-// Staged column launches have kernels of their own (STAGED, so that the
+// Staged column launches have kernels of their own (GK > 0, so that the
 // others keep their registers), for single positions at up to
-// kMaxStagedRows per thread: staged lines fit shared memory only up to ~1400
-// positions forward (4 per thread at 512 threads) and ~900 backward (2), and
-// packing more slots into fewer threads would not fit more stages per SM.
+// kMaxStagedRows per thread: packing more slots into fewer threads would not
+// fit more stages per SM. Wide groups fit lines up to ~1400 positions forward
+// (4 per thread at 512 threads) and ~900 backward (2), narrow ones up to the
+// thread limit: 2048 forward, 1024 backward.
 constexpr int kMaxStagedRows = 4, kMaxStagedBackwardRows = 2;
 
 // Where the column stages start in a block's dynamic shared memory, after
@@ -480,11 +495,12 @@ __host__ __device__ inline size_t column_stages_offset(int rows, int64_t length,
   return (rows * (length + 2) * acc_bytes + 15) / 16 * 16;
 }
 
-// Column scans staged through shared memory (STAGED kernels). A group of GK
-// lines is GK consecutive columns: one 16-byte segment of each row (32 for
-// double) per input. While a group's lines run, the next group's segments
-// travel into the other of two stages by asynchronous copies (cp.async),
-// issued a whole group ahead and holding no registers on the way. Each
+// Column scans staged through shared memory (kernels with GK > 0). A group
+// of GK lines is GK consecutive columns: one segment of each row per input,
+// 16 bytes (32 for double) in wide groups, 8 (16) in narrow ones. While a
+// group's lines run, the next group's segments travel into the other of two
+// stages by asynchronous copies (cp.async), issued a whole group ahead and
+// holding no registers on the way. Each
 // thread copies the rows it owns and reads only those, so a group needs its
 // copies' wait and no barrier (a thread's own reads of a stage are done
 // before it refills it: a tile's lines and their barriers lie between, but
@@ -492,9 +508,8 @@ __host__ __device__ inline size_t column_stages_offset(int rows, int64_t length,
 // Stage j, input k, row p is the segment at base + ((j * N + k) * length +
 // p) * GK elements. Groups start at t_begin, the chunk's first line (the
 // host checks chunks of whole groups).
-template <typename scalar_t, int N>
+template <typename scalar_t, int N, int GK>
 struct ColumnStages {
-  static constexpr int GK = staged_group_lines<scalar_t>();
   scalar_t* base;
   int length;          // rows per stage: positions per line
   int t_begin, t_end;  // the chunk's lines
@@ -509,7 +524,9 @@ struct ColumnStages {
   template <int RPT>
   __device__ void fetch(const scalar_t* const (&inputs)[N], const BlockLines& lines, const ThreadSlots<RPT, 1>& slots,
                         int g0) const {
-    constexpr int per_copy = 16 / static_cast<int>(sizeof(scalar_t));
+    constexpr int segment_bytes = GK * static_cast<int>(sizeof(scalar_t));
+    constexpr int copy_bytes = segment_bytes < 16 ? segment_bytes : 16;
+    constexpr int per_copy = copy_bytes / static_cast<int>(sizeof(scalar_t));
     const int low = lines.offset(lines.line_stride > 0 ? g0 : g0 + GK - 1);  // the group's lowest column
     const int stage = stage_of(g0);
 #pragma unroll
@@ -519,7 +536,8 @@ struct ColumnStages {
       for (int k = 0; k < N; ++k) {
 #pragma unroll
         for (int c = 0; c < GK / per_copy; ++c) {
-          copy_async16(segment(stage, k, slots.pos[r]) + c * per_copy, inputs[k] + low + slots.offset[r] + c * per_copy);
+          copy_async<copy_bytes>(segment(stage, k, slots.pos[r]) + c * per_copy,
+                                 inputs[k] + low + slots.offset[r] + c * per_copy);
         }
       }
     }
@@ -538,15 +556,15 @@ struct ColumnStages {
 // Column scans (mode, see ColumnMode; the host found their tiles aligned):
 // kColumnVectors: a tile's K lines are K consecutive columns, so each slot
 // takes them in one vector load per input instead of K loads that each touch
-// another 32-byte sector of the same rows. STAGED: the same vectors
-// from the tile's group in shared memory; a group's first tile starts the
-// next group's copies and waits for its own.
-template <typename scalar_t, int RPT, int V, int K, bool STAGED>
+// another 32-byte sector of the same rows. GK > 0 (staged): the same
+// vectors from the tile's group in shared memory; a group's first tile
+// starts the next group's copies and waits for its own.
+template <typename scalar_t, int RPT, int V, int K, int GK>
 __device__ inline void load_forward_tile(ForwardSlot<scalar_t, V> (&tile)[K][RPT], const scalar_t* xp,
                                          const scalar_t* lp, const scalar_t* g0p, const scalar_t* g1p,
                                          const scalar_t* g2p, const BlockLines& lines,
                                          const ThreadSlots<RPT, V>& slots, int t0, int t_last, int mode,
-                                         const ColumnStages<scalar_t, 5>& stages) {
+                                         const ColumnStages<scalar_t, 5, GK>& stages) {
   if constexpr (V == 1) {
     auto assign = [&](int r) {
       return [&, r](int s, const scalar_t(&v)[5]) {
@@ -561,8 +579,8 @@ __device__ inline void load_forward_tile(ForwardSlot<scalar_t, V> (&tile)[K][RPT
     // Ascending addresses are lines t0, t0 + 1, ... for "lr" (line_stride 1), t0 + K - 1, ... for "rl".
     const bool ascending = lines.line_stride > 0;
     const scalar_t* const inputs[5] = {xp, lp, g0p, g1p, g2p};
-    if constexpr (STAGED) {
-      constexpr int GK = ColumnStages<scalar_t, 5>::GK;
+    if constexpr (GK > 0) {
+      static_assert(GK % K == 0, "a staged group holds whole tiles");
       if (t0 == stages.t_begin) {  // the first group
         stages.fetch(inputs, lines, slots, t0);
         copy_async_commit();
@@ -634,7 +652,7 @@ struct ForwardStep {
 // 2-element vector load per input and one vector store: half the memory
 // instructions and their address arithmetic (plan_launch picks it for row
 // scans of even lines).
-template <typename scalar_t, typename acc_t, int RPT, bool NORM, int V, bool STAGED>
+template <typename scalar_t, typename acc_t, int RPT, bool NORM, int V, int GK>
 __global__ void __launch_bounds__(kMaxThreads)
 scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ gates,
                     const scalar_t* __restrict__ lam, scalar_t* __restrict__ out, const ScanProblem pb,
@@ -642,8 +660,10 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
   constexpr int K = forward_tile_lines(RPT * V);
   const BlockTask task = decode_block(pb, chunks_per_plane);
   const BlockLines lines = block_lines(pb, task);
-  // STAGED: a launch of column scans staged (ColumnStages), its own kernels
-  // so that the others keep their registers; they ignore the mode.
+  // GK > 0: a launch of column scans staged in groups of GK lines
+  // (ColumnStages), its own kernels so that the others keep their
+  // registers; they ignore the mode.
+  constexpr bool STAGED = GK > 0;
   const int mode = lines.columns ? column_mode : kColumnLines;
   // Staged tiles of K consecutive columns are stored as one vector per slot
   // too (in the other kernels the K outputs held for it cost 12-16 registers
@@ -654,7 +674,7 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
   const ThreadSlots<RPT, V> slots(L, lines.pos_stride);
 
   GSPN_DYNAMIC_SHARED(smem_raw);
-  const ColumnStages<scalar_t, 5> stages{
+  const ColumnStages<scalar_t, 5, GK> stages{
       reinterpret_cast<scalar_t*>(smem_raw + column_stages_offset(2, L, sizeof(acc_t))), L, t_begin, t_end};
   // Two rows of the hidden state, each padded by one zero on both sides; row j
   // starts at smem + j * (L + 2) + 1 (computed, not indexed from an array, so
@@ -675,7 +695,7 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
   // its first line: independent work that then overlaps, where computed inside
   // the line loop it sat on the per-line critical path between barriers.
   ForwardSlot<scalar_t, V> next[K][RPT];
-  load_forward_tile<scalar_t, RPT, V, K, STAGED>(next, xp, lp, g0p, g1p, g2p, lines, slots, t_begin, t_end - 1, mode,
+  load_forward_tile<scalar_t, RPT, V, K, GK>(next, xp, lp, g0p, g1p, g2p, lines, slots, t_begin, t_end - 1, mode,
                                          stages);
   for (int t0 = t_begin; t0 < t_end; t0 += K) {
     ForwardStep<acc_t> step[K][RPT][V];
@@ -695,7 +715,7 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
       }
     }
     if (t0 + K < t_end) {
-      load_forward_tile<scalar_t, RPT, V, K, STAGED>(next, xp, lp, g0p, g1p, g2p, lines, slots, t0 + K, t_end - 1, mode,
+      load_forward_tile<scalar_t, RPT, V, K, GK>(next, xp, lp, g0p, g1p, g2p, lines, slots, t0 + K, t_end - 1, mode,
                                              stages);
     }
     scalar_t tile_h[K][RPT];  // tile_vectors: the tile's output, stored after its lines
@@ -742,17 +762,17 @@ struct BackwardSlot {
 // h for hprev (valid, unused). Column modes as in the forward (the host found
 // the tiles aligned, and then every tile is whole), for the six inputs of
 // line t itself; hprev is one line off that alignment: kColumnVectors loads
-// it per line; STAGED stages h's groups too and takes hprev from the
+// it per line; staged (GK > 0), h's groups are staged too and takes hprev from the
 // group of line t, except at the group's first line, whose previous line is
 // in the group after it in the backward's order: one load from global memory
 // per group. Tiles run from the chunk's end backwards, so a group's first
 // tile here is its last in line order.
-template <typename scalar_t, int RPT, int V, int K, bool STAGED>
+template <typename scalar_t, int RPT, int V, int K, int GK>
 __device__ inline void load_backward_tile(BackwardSlot<scalar_t, V> (&tile)[K][RPT], const scalar_t* ghp,
                                           const scalar_t* hp, const scalar_t* xp, const scalar_t* lp,
                                           const scalar_t* g0p, const scalar_t* g1p, const scalar_t* g2p,
                                           const BlockLines& lines, const ThreadSlots<RPT, V>& slots, int t0,
-                                          int t_last, int t_begin, int mode, const ColumnStages<scalar_t, 7>& stages) {
+                                          int t_last, int t_begin, int mode, const ColumnStages<scalar_t, 7, GK>& stages) {
   if constexpr (V == 1) {
     auto assign = [&](int r) {
       return [&, r](int s, const scalar_t(&v)[6]) {
@@ -770,8 +790,8 @@ __device__ inline void load_backward_tile(BackwardSlot<scalar_t, V> (&tile)[K][R
     };
     const bool ascending = lines.line_stride > 0;
     const scalar_t* const inputs[6] = {ghp, xp, lp, g0p, g1p, g2p};
-    if constexpr (STAGED) {
-      constexpr int GK = ColumnStages<scalar_t, 7>::GK;
+    if constexpr (GK > 0) {
+      static_assert(GK % K == 0, "a staged group holds whole tiles");
       const scalar_t* const copied[7] = {ghp, xp, lp, g0p, g1p, g2p, hp};
       const int g0 = stages.group_of(t0);
       if (t0 + K == stages.t_end) {  // the first tile: the last group
@@ -848,7 +868,7 @@ struct BackwardStep {
 // line the forward state h[t-1] whose neighbours the gate gradients read.
 // ATOMIC: several channels share a gate group and add into an fp32 buffer.
 // V = 2: two neighbouring positions per slot, as in the forward.
-template <typename scalar_t, typename acc_t, int RPT, bool NORM, bool ATOMIC, int V, bool STAGED>
+template <typename scalar_t, typename acc_t, int RPT, bool NORM, bool ATOMIC, int V, int GK>
 __global__ void __launch_bounds__(kMaxThreads)
 scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __restrict__ h,
                      const scalar_t* __restrict__ x, const scalar_t* __restrict__ gates,
@@ -859,8 +879,8 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
   constexpr int K = backward_tile_lines(RPT * V);
   const BlockTask task = decode_block(pb, chunks_per_plane);
   const BlockLines lines = block_lines(pb, task);
-  // STAGED: a launch of column scans staged (ColumnStages), its own kernels
-  // so that the others keep their registers; they ignore the mode.
+  // GK > 0: staged, as in the forward.
+  constexpr bool STAGED = GK > 0;
   const int mode = lines.columns ? column_mode : kColumnLines;
   // Staged tiles store dx and dlam as one vector per slot, as the forward h,
   // and the gate gradients too (the shared groups' as vector reductions)
@@ -875,7 +895,7 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
   GSPN_DYNAMIC_SHARED(smem_raw);
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
   const int pitch = L + 2;
-  const ColumnStages<scalar_t, 7> stages{
+  const ColumnStages<scalar_t, 7, GK> stages{
       reinterpret_cast<scalar_t*>(smem_raw + column_stages_offset(8, L, sizeof(acc_t))), L, t_begin, t_end};
   // Eight padded rows: v_k of parity j at row 3j + k, h[t-1] of parity j at
   // row 6 + j (j alternates with the line). Position p of a row is at
@@ -906,7 +926,7 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
   // line, as in the forward.
   auto tile_start = [&](int t_hi) { return t_hi - K > t_begin ? t_hi - K : t_begin; };
   BackwardSlot<scalar_t, V> next[K][RPT];
-  load_backward_tile<scalar_t, RPT, V, K, STAGED>(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots, tile_start(t_end),
+  load_backward_tile<scalar_t, RPT, V, K, GK>(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots, tile_start(t_end),
                                           t_end - 1, t_begin, mode, stages);
   for (int t_hi = t_end; t_hi > t_begin; t_hi -= K) {
     const int t0 = tile_start(t_hi);
@@ -929,7 +949,7 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
       }
     }
     if (t0 > t_begin) {
-      load_backward_tile<scalar_t, RPT, V, K, STAGED>(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots, tile_start(t0),
+      load_backward_tile<scalar_t, RPT, V, K, GK>(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots, tile_start(t0),
                                               t0 - 1, t_begin, mode, stages);
     }
     // tile_vectors: stored (the shared groups' gate gradients added) after the tile's lines
@@ -1079,13 +1099,13 @@ bool column_vectors_fit(const ScanProblem& pb, std::initializer_list<const at::T
 }
 
 // Dynamic shared memory of a block: `rows` padded rows of the hidden state
-// in acc_t, then, for staged column scans, two stages of the N inputs' groups.
+// in acc_t, then, for column scans staged in groups of GK lines (GK > 0),
+// two stages of the N inputs' groups.
 template <typename scalar_t>
-size_t shared_bytes(int rows, int64_t length, bool staged, int N) {
+size_t shared_bytes(int rows, int64_t length, int GK, int N) {
   using acc_t = at::opmath_type<scalar_t>;
-  if (!staged) return rows * (length + 2) * sizeof(acc_t);
-  return column_stages_offset(rows, length, sizeof(acc_t)) +
-         2 * N * length * staged_group_lines<scalar_t>() * sizeof(scalar_t);
+  if (GK == 0) return rows * (length + 2) * sizeof(acc_t);
+  return column_stages_offset(rows, length, sizeof(acc_t)) + 2 * N * length * GK * sizeof(scalar_t);
 }
 
 int max_shared_bytes() {
@@ -1095,21 +1115,31 @@ int max_shared_bytes() {
   return limit;
 }
 
-// Whether every direction of pb is a column scan that can run staged (the
-// STAGED kernels) as far as its shape goes: rows, chunks and strides of
-// whole groups, and two stages of their N inputs (5 forward, 7 backward)
-// fitting a block's shared memory beside the hidden rows (lines up to ~1400
-// positions forward, ~900 backward on an H100). The tensors' alignment is
-// columns_staged_fit's.
+// Lines per group in which the staged kernels can run pb's column scans, as
+// far as its shape goes (0: they cannot): every direction a column scan;
+// wide groups where two stages of their N inputs (5 forward, 7 backward)
+// fit a block's shared memory beside the hidden rows (lines up to ~1400
+// positions forward, ~900 backward on an H100), else narrow ones for lines
+// that take the most positions per thread (plan_launch: over half the
+// thread limit), so that their tiles fit a group; rows, chunks and strides
+// of whole groups. The tensors' alignment is columns_staged_fit's.
 template <typename scalar_t>
-bool staged_fit(const ScanProblem& pb, bool backward) {
+int staged_group(const ScanProblem& pb, bool backward) {
   for (int64_t d = 0; d < pb.D; ++d) {
-    if (pb.dirs[d] != kLeftRight && pb.dirs[d] != kRightLeft) return false;
+    if (pb.dirs[d] != kLeftRight && pb.dirs[d] != kRightLeft) return 0;
   }
-  if (!column_vectors_fit(pb, {}, staged_group_lines<scalar_t>())) return false;
-  if (pb.H > int64_t(kMaxThreads) * (backward ? kMaxStagedBackwardRows : kMaxStagedRows)) return false;
-  const size_t bytes = backward ? shared_bytes<scalar_t>(8, pb.H, true, 7) : shared_bytes<scalar_t>(2, pb.H, true, 5);
-  return bytes <= static_cast<size_t>(max_shared_bytes());
+  const int most = backward ? kMaxStagedBackwardRows : kMaxStagedRows;
+  if (pb.H > int64_t(kMaxThreads) * most) return 0;
+  const int rows = backward ? 8 : 2, inputs = backward ? 7 : 5;
+  const size_t limit = static_cast<size_t>(max_shared_bytes());
+  int group = wide_group_lines<scalar_t>();
+  if (shared_bytes<scalar_t>(rows, pb.H, group, inputs) > limit) {
+    group = narrow_group_lines<scalar_t>();
+    if (pb.H <= int64_t(kMaxThreads) * (most / 2) || shared_bytes<scalar_t>(rows, pb.H, group, inputs) > limit) {
+      return 0;
+    }
+  }
+  return column_vectors_fit(pb, {}, group) ? group : 0;
 }
 
 Launch plan_launch(const ScanProblem& pb, bool pairs = false) {
@@ -1254,42 +1284,52 @@ Residency residency_of(Kernel kernel, const Launch& plan, size_t shared_bytes) {
   return known[key] = Residency{blocks, attributes.localSizeBytes > 0};
 }
 
-// Calls f(kernel) with the forward kernel of plan's slot layout (staged: the
-// staged column kernel; the plan must be single positions, at most
-// kMaxStagedRows per thread).
+// Calls f(kernel) with the forward kernel of plan's slot layout (group > 0:
+// the column kernel staged in groups of that many lines, wide or narrow;
+// the plan must be single positions, at most kMaxStagedRows per thread,
+// exactly that many for narrow groups).
 template <typename scalar_t, typename F>
-void with_forward_kernel(const Launch& plan, bool normalize, bool staged, F&& f) {
+void with_forward_kernel(const Launch& plan, bool normalize, int group, F&& f) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr int wide = wide_group_lines<scalar_t>(), narrow = narrow_group_lines<scalar_t>();
   with_slot_layout(plan, [&](auto rpt, auto positions) {
     with_bool(normalize, [&](auto norm) {
       // decay: in a nested generic lambda GCC gives decltype of the outer parameters as references
       constexpr int R = std::decay_t<decltype(rpt)>::value, V = std::decay_t<decltype(positions)>::value;
       constexpr bool N = std::decay_t<decltype(norm)>::value;
       if constexpr (V == 1 && R <= kMaxStagedRows) {
-        if (staged) return f(scan_forward_kernel<scalar_t, acc_t, R, N, V, true>);
+        if (group == wide) return f(scan_forward_kernel<scalar_t, acc_t, R, N, V, wide>);
       }
-      TORCH_CHECK(!staged, "gspn::scan (CUDA): no staged kernel for ", R, " slots of ", V, " positions per thread");
-      f(scan_forward_kernel<scalar_t, acc_t, R, N, V, false>);
+      if constexpr (V == 1 && R == kMaxStagedRows) {
+        if (group == narrow) return f(scan_forward_kernel<scalar_t, acc_t, R, N, V, narrow>);
+      }
+      TORCH_CHECK(group == 0, "gspn::scan (CUDA): no kernel staged in groups of ", group, " lines for ", R,
+                  " slots of ", V, " positions per thread");
+      f(scan_forward_kernel<scalar_t, acc_t, R, N, V, 0>);
     });
   });
 }
 
-// Calls f(kernel) with the backward kernel of plan's slot layout (staged as
-// in with_forward_kernel).
+// Calls f(kernel) with the backward kernel of plan's slot layout (group as
+// in with_forward_kernel, at most kMaxStagedBackwardRows per thread).
 template <typename scalar_t, typename F>
-void with_backward_kernel(const Launch& plan, bool normalize, bool atomic, bool staged, F&& f) {
+void with_backward_kernel(const Launch& plan, bool normalize, bool atomic, int group, F&& f) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr int wide = wide_group_lines<scalar_t>(), narrow = narrow_group_lines<scalar_t>();
   with_slot_layout(plan, [&](auto rpt, auto positions) {
     with_bool(normalize, [&](auto norm) {
       with_bool(atomic, [&](auto use_atomic) {
         constexpr int R = std::decay_t<decltype(rpt)>::value, V = std::decay_t<decltype(positions)>::value;
         constexpr bool N = std::decay_t<decltype(norm)>::value, A = std::decay_t<decltype(use_atomic)>::value;
         if constexpr (V == 1 && R <= kMaxStagedBackwardRows) {
-          if (staged) return f(scan_backward_kernel<scalar_t, acc_t, R, N, A, V, true>);
+          if (group == wide) return f(scan_backward_kernel<scalar_t, acc_t, R, N, A, V, wide>);
         }
-        TORCH_CHECK(!staged, "gspn::scan_backward (CUDA): no staged kernel for ", R, " slots of ", V,
-                    " positions per thread");
-        f(scan_backward_kernel<scalar_t, acc_t, R, N, A, V, false>);
+        if constexpr (V == 1 && R == kMaxStagedBackwardRows) {
+          if (group == narrow) return f(scan_backward_kernel<scalar_t, acc_t, R, N, A, V, narrow>);
+        }
+        TORCH_CHECK(group == 0, "gspn::scan_backward (CUDA): no kernel staged in groups of ", group, " lines for ",
+                    R, " slots of ", V, " positions per thread");
+        f(scan_backward_kernel<scalar_t, acc_t, R, N, A, V, 0>);
       });
     });
   });
@@ -1304,25 +1344,28 @@ inline int column_mode(const ScanProblem& pb, std::initializer_list<const at::Te
   return plan.positions_per_slot == 1 && column_vectors_fit(pb, tensors, K) ? kColumnVectors : kColumnLines;
 }
 
-// staged: run the column scans staged (ColumnStages); the caller found them
-// fit (columns_staged_fit, for these tensors).
+// staged: run the column scans staged (ColumnStages, in the groups
+// staged_group picks); the caller found them fit (columns_staged_fit, for
+// these tensors).
 template <typename scalar_t>
 void launch_forward(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& lam, at::Tensor& out,
                     const ScanProblem& pb, bool staged) {
   Launch plan = plan_launch(pb, pairs_fit(pb, {&x, &gates, &lam, &out}));
-  const size_t smem = shared_bytes<scalar_t>(2, plan.max_length, staged, 5);
+  const int group = staged ? staged_group<scalar_t>(pb, false) : 0;
+  TORCH_CHECK(group > 0 || !staged, "gspn::scan (CUDA): column scans asked to run staged that do not fit it");
+  const size_t smem = shared_bytes<scalar_t>(2, plan.max_length, group, 5);
   pack_blocks(
       plan,
       [&](const Launch& candidate) {
         Residency r{};
-        with_forward_kernel<scalar_t>(candidate, pb.normalize, staged,
+        with_forward_kernel<scalar_t>(candidate, pb.normalize, group,
                                       [&](auto kernel) { r = residency_of(kernel, candidate, smem); });
         return r;
       },
       staged ? kMaxStagedRows : kMaxRowsPerThread);
   const int mode = column_mode(pb, {&x, &gates, &lam}, forward_tile_lines(plan.rows_per_thread), plan);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  with_forward_kernel<scalar_t>(plan, pb.normalize, staged, [&](auto kernel) {
+  with_forward_kernel<scalar_t>(plan, pb.normalize, group, [&](auto kernel) {
     set_shared_memory(kernel, smem);
     GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
         x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pb,
@@ -1338,19 +1381,22 @@ void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Te
                      const at::Tensor& lam, at::Tensor& dx, at::Tensor& dgates, at::Tensor& dlam,
                      const ScanProblem& pb, bool atomic, bool staged) {
   Launch plan = plan_launch(pb, pairs_fit(pb, {&grad_h, &h, &x, &gates, &lam, &dx, &dgates, &dlam}));
-  const size_t smem = shared_bytes<scalar_t>(8, plan.max_length, staged, 7);
+  const int group = staged ? staged_group<scalar_t>(pb, true) : 0;
+  TORCH_CHECK(group > 0 || !staged,
+              "gspn::scan_backward (CUDA): column scans asked to run staged that do not fit it");
+  const size_t smem = shared_bytes<scalar_t>(8, plan.max_length, group, 7);
   pack_blocks(
       plan,
       [&](const Launch& candidate) {
         Residency r{};
-        with_backward_kernel<scalar_t>(candidate, pb.normalize, atomic, staged,
+        with_backward_kernel<scalar_t>(candidate, pb.normalize, atomic, group,
                                        [&](auto kernel) { r = residency_of(kernel, candidate, smem); });
         return r;
       },
       staged ? kMaxStagedBackwardRows : kMaxRowsPerThread);
   const int mode = column_mode(pb, {&grad_h, &x, &gates, &lam}, backward_tile_lines(plan.rows_per_thread), plan);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  with_backward_kernel<scalar_t>(plan, pb.normalize, atomic, staged, [&](auto kernel) {
+  with_backward_kernel<scalar_t>(plan, pb.normalize, atomic, group, [&](auto kernel) {
     set_shared_memory(kernel, smem);
     GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
         grad_h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
@@ -1364,9 +1410,10 @@ void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Te
 // scans staged on these tensors (theirs, in that order).
 template <typename scalar_t>
 bool columns_staged_fit(const ScanProblem& pb, const std::vector<at::Tensor>& tensors, bool backward) {
-  if (!staged_fit<scalar_t>(pb, backward)) return false;
+  const int group = staged_group<scalar_t>(pb, backward);
+  if (group == 0) return false;
   for (const at::Tensor& t : tensors) {
-    if (!planes_aligned(pb, {&t}, staged_group_lines<scalar_t>())) return false;
+    if (!planes_aligned(pb, {&t}, group)) return false;
   }
   return true;
 }

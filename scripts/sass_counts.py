@@ -29,7 +29,8 @@ from pathlib import Path
 from check_cuda_compiles import ROOT, compile_one, nvcc_flags
 
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+((?:@!?U?P\w+\s+)?[A-Z][A-Z0-9_.]*)([^;]*);")
-# scan_forward_kernel<scalar_t, acc_t, RPT, NORM, V, STAGED>, scan_backward_kernel<..., RPT, NORM, ATOMIC, V, STAGED>
+# scan_forward_kernel<scalar_t, acc_t, RPT, NORM, V, GK>, scan_backward_kernel<..., RPT, NORM, ATOMIC, V, GK>
+# (GK: lines per staged group, 0 for kernels that do not stage)
 VARIANT = re.compile(r"(scan_forward_kernel|scan_backward_kernel)I(.*)")
 
 
@@ -39,11 +40,12 @@ def describe(mangled: str) -> str:
     if not match:
         return mangled
     name, rest = match.groups()
-    ints = re.findall(r"Li(\d)E", rest)  # RPT, then positions per slot
+    ints = re.findall(r"Li(\d+)E", rest)  # RPT, positions per slot, lines per staged group
     flags = [int(b) for b in re.findall(r"Lb([01])E", rest)]
-    labels = ["norm", "staged"] if name == "scan_forward_kernel" else ["norm", "atomic", "staged"]
+    labels = ["norm"] if name == "scan_forward_kernel" else ["norm", "atomic"]
     pairs = f" V={ints[1]}" if len(ints) > 1 else ""
-    return f"{name} RPT={ints[0]}{pairs} " + " ".join(f"{label}={flag}" for label, flag in zip(labels, flags))
+    staged = f" staged={ints[2]}" if len(ints) > 2 else ""
+    return f"{name} RPT={ints[0]}{pairs} " + " ".join(f"{label}={flag}" for label, flag in zip(labels, flags)) + staged
 
 
 def largest_loop(instructions: list) -> list:

@@ -430,11 +430,13 @@ def transposes_of_route(fn) -> set:
     """The ATen ops that the column route's transposed copies dispatch from
     inside the gspn op while fn runs (slices of the column directions,
     transposed views); ATen's own use of them, such as a multi-threaded sum's
-    slices, does not count."""
+    slices, does not count. With inputs that require grad the op runs inside
+    its autograd kernel, which the profiler names after it."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
     route = {"aten::select", "aten::narrow", "aten::transpose"}
-    return {e.name for e in prof.events() if e.name in route and e.cpu_parent and e.cpu_parent.name.startswith("gspn::")}
+    ops = ("gspn::", "GeneratedBackwardFor_gspn_")
+    return {e.name for e in prof.events() if e.name in route and e.cpu_parent and e.cpu_parent.name.startswith(ops)}
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
@@ -544,27 +546,48 @@ def test_columns_staged(device, monkeypatch, dtype, size, chunk, normalize, grou
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
-def test_columns_staged_long_lines(device, monkeypatch):
-    """Columns of 1040 rows: the forward stages them at 4 positions per
-    thread; the backward's seven stages do not fit shared memory there, so it
-    takes the transposed copies. Both against the reference."""
+@pytest.mark.parametrize(
+    "dtype,height,width,backward_staged",
+    [
+        # wide groups forward, at 4 positions per thread; the backward's lines exceed its 2 per thread
+        (torch.float16, 1040, 8, False),
+        # narrow groups forward: two wide stages of 1500-position lines overflow shared memory
+        (torch.float16, 1500, 16, False),
+        # narrow groups backward (its seven wide stages overflow), wide forward
+        (torch.float16, 960, 16, True),
+        # float32's narrow groups are one tile each
+        (torch.float32, 1500, 8, False),
+        (torch.float32, 960, 8, True),
+    ],
+    ids=str,
+)
+def test_columns_staged_long_lines(device, monkeypatch, dtype, height, width, backward_staged):
+    """Columns longer than two wide stages fit in shared memory run staged in
+    narrow groups (8 bytes of each row per input, 16 in float64) as far as
+    the thread limit goes; longer ones take the transposed copies. Output
+    and gradients against the reference, and which way each pass went."""
     from gspn_diffusers import ops
 
-    x, gates, lam = make_inputs(1, 2, 1, 1040, 8, torch.float16, device, "long", dirs=2)
+    x, gates, lam = make_inputs(1, 2, 1, height, width, dtype, device, "long", dirs=2)
     monkeypatch.setitem(ops.COLUMNS_AS_ROWS_MIN_PIXELS, device.type, 0)
     monkeypatch.setenv("GSPN_CUDA_COLUMNS", "staged")
-    forward = lambda: gspn_scan_4dir(x, gates, lam, directions=("lr", "rl"))  # noqa: E731
-    assert bool(transposes_of_route(forward)) != runs_cuda_kernels(device)
     inputs = [t.clone().requires_grad_() for t in (x, gates, lam)]
-    grad = torch.randn((1, 2, 2, 1040, 8), generator=generator_for("long grad"), dtype=torch.float64)
-    h = gspn_scan_4dir(*inputs, directions=("lr", "rl"))
-    h.backward(grad.to(device, torch.float16))
+    h = None
+
+    def forward():
+        nonlocal h
+        h = gspn_scan_4dir(*inputs, directions=("lr", "rl"))
+
+    assert bool(transposes_of_route(forward)) != runs_cuda_kernels(device)
+    grad = torch.randn((1, 2, 2, height, width), generator=generator_for("long grad"), dtype=torch.float64)
+    backward = lambda: h.backward(grad.to(device, dtype))  # noqa: E731
+    assert bool(transposes_of_route(backward)) != (runs_cuda_kernels(device) and backward_staged)
     ref_inputs = [t.detach().double().cpu().requires_grad_() for t in (x, gates, lam)]
     want = scan_directions_reference(*ref_inputs, ("lr", "rl"), None, False)
     want.backward(grad)
-    assert_close_scaled(h.detach().double().cpu(), want.detach(), 4 * TOLERANCE[torch.float16], "h")
+    assert_close_scaled(h.detach().double().cpu(), want.detach(), 4 * TOLERANCE[dtype], "h")
     for name, got, ref in zip(("dx", "dgates", "dlam"), inputs, ref_inputs):
-        assert_close_scaled(got.grad.double().cpu(), ref.grad, 8 * TOLERANCE[torch.float16], name)
+        assert_close_scaled(got.grad.double().cpu(), ref.grad, 8 * TOLERANCE[dtype], name)
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)

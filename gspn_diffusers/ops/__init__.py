@@ -112,8 +112,9 @@ def _check_inputs(x, gates, lam, num_dirs: Optional[int]) -> None:
 # than row scans (BENCHMARKS.md). From this many pixels per plane the op runs
 # them as a launch of their own (the op's ``columns_as_rows`` argument), in
 # place with groups of columns copied ahead into shared memory where the
-# planes align for it (rows and chunks of whole 16-byte groups, lines up to
-# ~1400 positions forward, ~900 backward), else as row scans ("tb", "bt") of
+# planes align for it (rows and chunks of whole 16-byte groups, or 8-byte
+# ones for lines too long for those; lines up to 2048 positions forward,
+# 1024 backward), else as row scans ("tb", "bt") of
 # transposed copies of their inputs whose hidden states are transposed back
 # into the one (B, D, C, H, W) result; GSPN_CUDA_COLUMNS=transposed takes
 # the copies always. A device type missing here (the CPU kernels transpose
