@@ -12,8 +12,9 @@
 // so a failure reproduces), so a read of shared memory that another thread
 // writes in the same phase sees either value and a missing barrier shows up
 // as a wrong result. Dynamic shared memory starts as NaN bytes (0xFF) in every
-// block, so a read of a shared element nobody wrote poisons the output.
-// Threads of one block that reach __syncthreads different numbers of times (a
+// block, so a read of a shared element nobody wrote poisons the output, and
+// so do reads past its end (NaN guard bytes); a write past the end, or an
+// asynchronous copy outside it, raises an error. Threads of one block that reach __syncthreads different numbers of times (a
 // barrier inside divergent code) raise an error. Asynchronous copies to shared
 // memory (cp.async) land when their thread waits for their group, or earlier,
 // as on a GPU: at each barrier of their thread some of them (chosen at random,
@@ -150,11 +151,17 @@ struct Block {
   Fiber* current = nullptr;
   void (*body)(void*) = nullptr;
   void* args = nullptr;
-  std::vector<unsigned char> dynamic_shared;
+  std::vector<unsigned char> dynamic_shared;  // the launch's bytes, then kSharedGuard more
+  size_t dynamic_shared_bytes = 0;
   std::string error;  // the first failed device_check of the block
 };
 
 inline thread_local Block running;
+
+// NaN bytes past a block's dynamic shared memory: a read there poisons the
+// result like an unwritten element, a write there fails the launch (the
+// kernel's size computation came out short of what it uses).
+constexpr size_t kSharedGuard = 4096;
 
 inline unsigned char* dynamic_shared() { return running.dynamic_shared.data(); }
 
@@ -254,6 +261,10 @@ inline void copy_async(void* dst, const void* src, size_t bytes) {
   Fiber* f = running.current;
   device_check(reinterpret_cast<uintptr_t>(dst) % bytes == 0 && reinterpret_cast<uintptr_t>(src) % bytes == 0,
                "misaligned asynchronous copy");
+  const unsigned char* shared = running.dynamic_shared.data();
+  device_check(static_cast<unsigned char*>(dst) >= shared &&
+                   static_cast<unsigned char*>(dst) + bytes <= shared + running.dynamic_shared_bytes,
+               "asynchronous copy outside the block's dynamic shared memory");
   f->copies.push_back(PendingCopy{dst, src, bytes, f->committed});
 }
 
@@ -297,11 +308,16 @@ struct Launch {
       for (unsigned y = 0; y < grid.y; ++y) {
         for (unsigned x = 0; x < grid.x; ++x) {
           blockIdx = dim3(x, y, z);
-          running.dynamic_shared.assign(shared_bytes, 0xFF);
+          running.dynamic_shared.assign(shared_bytes + kSharedGuard, 0xFF);
+          running.dynamic_shared_bytes = shared_bytes;
           running.error.clear();
           const uint64_t linear = (uint64_t(z) * grid.y + y) * grid.x + x;
           run_block(threads.x * threads.y * threads.z, 0x9E3779B97F4A7C15ull * (linear + 1));
           TORCH_CHECK(running.error.empty(), "CUDA simulator: in block (", x, ", ", y, ", ", z, "): ", running.error);
+          const auto guard = running.dynamic_shared.begin() + static_cast<std::ptrdiff_t>(shared_bytes);
+          TORCH_CHECK(std::all_of(guard, running.dynamic_shared.end(), [](unsigned char b) { return b == 0xFF; }),
+                      "CUDA simulator: in block (", x, ", ", y, ", ", z, "): written past its ", shared_bytes,
+                      " bytes of dynamic shared memory");
         }
       }
     }
