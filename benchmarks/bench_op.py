@@ -31,6 +31,7 @@ import os
 import platform
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -64,19 +65,10 @@ def columns_as_rows(device: torch.device, threshold):
         ops.COLUMNS_AS_ROWS_MIN_PIXELS[device.type] = saved
 
 
-@contextlib.contextmanager
 def transposed_columns():
     """Temporarily run the route's column scans on transposed copies
     (GSPN_CUDA_COLUMNS=transposed) instead of staged in place, the default."""
-    saved = os.environ.get("GSPN_CUDA_COLUMNS")
-    os.environ["GSPN_CUDA_COLUMNS"] = "transposed"
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ["GSPN_CUDA_COLUMNS"]
-        else:
-            os.environ["GSPN_CUDA_COLUMNS"] = saved
+    return mock.patch.dict(os.environ, {"GSPN_CUDA_COLUMNS": "transposed"})
 
 
 def measure_size(args, device, dtype, gen, results, channels, groups, side, itemsize) -> None:

@@ -253,7 +253,8 @@ __device__ inline void load_consecutive(const scalar_t* p, scalar_t (&out)[K]) {
   constexpr int bytes = K * static_cast<int>(sizeof(scalar_t));
 #ifdef GSPN_CUDA_SIM
   // a 32-byte vector is two 16-byte accesses
-  gspn_sim::device_check(reinterpret_cast<uintptr_t>(p) % (bytes > 16 ? 16 : bytes) == 0, "misaligned line vector load");
+  gspn_sim::device_check(reinterpret_cast<uintptr_t>(p) % (bytes > 16 ? 16 : bytes) == 0,
+                         "misaligned line vector load");
   for (int e = 0; e < K; ++e) out[e] = p[e];
 #else
   auto load = [](const auto* q) { return SHARED ? *q : __ldg(q); };
@@ -279,7 +280,8 @@ template <int K, typename scalar_t>
 __device__ inline void store_consecutive(scalar_t* p, const scalar_t (&in)[K]) {
   constexpr int bytes = K * static_cast<int>(sizeof(scalar_t));
 #ifdef GSPN_CUDA_SIM
-  gspn_sim::device_check(reinterpret_cast<uintptr_t>(p) % (bytes > 16 ? 16 : bytes) == 0, "misaligned line vector store");
+  gspn_sim::device_check(reinterpret_cast<uintptr_t>(p) % (bytes > 16 ? 16 : bytes) == 0,
+                         "misaligned line vector store");
   for (int e = 0; e < K; ++e) p[e] = in[e];
 #else
   if constexpr (K == 1) {
@@ -460,14 +462,6 @@ __device__ inline BlockLines block_lines(const ScanProblem& pb, const BlockTask&
   return lines;
 }
 
-// How a launch's column scans ("lr", "rl") read their inputs; row scans
-// always read along their rows. The staged kernels (GK > 0, ColumnStages)
-// have their own way and ignore it.
-enum ColumnMode : int {
-  kColumnLines = 0,    // one load per line and position
-  kColumnVectors = 1,  // a tile's K lines (consecutive columns) in one vector load per position
-};
-
 // Lines per group of a staged column scan. Wide groups: 16 bytes of each
 // row (32 for double: the forward's 4-line tiles). Narrow groups, half
 // those, for lines too long for two wide stages in shared memory: only at
@@ -500,11 +494,11 @@ __host__ __device__ inline size_t column_stages_offset(int rows, int64_t length,
 // 16 bytes (32 for double) in wide groups, 8 (16) in narrow ones. While a
 // group's lines run, the next group's segments travel into the other of two
 // stages by asynchronous copies (cp.async), issued a whole group ahead and
-// holding no registers on the way. Each
-// thread copies the rows it owns and reads only those, so a group needs its
-// copies' wait and no barrier (a thread's own reads of a stage are done
-// before it refills it: a tile's lines and their barriers lie between, but
-// for one case that takes a barrier of its own, see load_forward_tile).
+// holding no registers on the way. Each thread copies the rows it owns and
+// reads only those, so a group needs its copies' wait and no barrier (a
+// thread's own reads of a stage are done before it refills it: a tile's
+// lines and their barriers lie between, but for one case that takes a
+// barrier of its own, see load_forward_tile).
 // Stage j, input k, row p is the segment at base + ((j * N + k) * length +
 // p) * GK elements. Groups start at t_begin, the chunk's first line (the
 // host checks chunks of whole groups).
@@ -553,17 +547,17 @@ struct ColumnStages {
 
 // Lines t0 .. t0 + K - 1 of the forward's inputs; lines past t_last (the
 // chunk's last) re-read t_last (valid, unused), so every load is unconditional.
-// Column scans (mode, see ColumnMode; the host found their tiles aligned):
-// kColumnVectors: a tile's K lines are K consecutive columns, so each slot
-// takes them in one vector load per input instead of K loads that each touch
-// another 32-byte sector of the same rows. GK > 0 (staged): the same
+// line_vectors (column scans whose tiles the host found aligned): a tile's K
+// lines are K consecutive columns, so each slot takes them in one vector load
+// per input instead of K loads that each touch another 32-byte sector of the
+// same rows. GK > 0 (staged): the same
 // vectors from the tile's group in shared memory; a group's first tile
 // starts the next group's copies and waits for its own.
 template <typename scalar_t, int RPT, int V, int K, int GK>
 __device__ inline void load_forward_tile(ForwardSlot<scalar_t, V> (&tile)[K][RPT], const scalar_t* xp,
                                          const scalar_t* lp, const scalar_t* g0p, const scalar_t* g1p,
                                          const scalar_t* g2p, const BlockLines& lines,
-                                         const ThreadSlots<RPT, V>& slots, int t0, int t_last, int mode,
+                                         const ThreadSlots<RPT, V>& slots, int t0, int t_last, bool line_vectors,
                                          const ColumnStages<scalar_t, 5, GK>& stages) {
   if constexpr (V == 1) {
     auto assign = [&](int r) {
@@ -607,7 +601,7 @@ __device__ inline void load_forward_tile(ForwardSlot<scalar_t, V> (&tile)[K][RPT
       }
       return;
     }
-    if (K > 1 && mode == kColumnVectors) {  // uniform over the block
+    if (K > 1 && line_vectors) {  // uniform over the block
       const int low = lines.offset(ascending ? t0 : t0 + K - 1);
 #pragma unroll
       for (int r = 0; r < RPT; ++r) load_column_tile<K>(inputs, low + slots.offset[r], ascending, assign(r));
@@ -656,15 +650,15 @@ template <typename scalar_t, typename acc_t, int RPT, bool NORM, int V, int GK>
 __global__ void __launch_bounds__(kMaxThreads)
 scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ gates,
                     const scalar_t* __restrict__ lam, scalar_t* __restrict__ out, const ScanProblem pb,
-                    const int64_t chunks_per_plane, const int column_mode) {
+                    const int64_t chunks_per_plane, const bool column_vectors) {
   constexpr int K = forward_tile_lines(RPT * V);
   const BlockTask task = decode_block(pb, chunks_per_plane);
   const BlockLines lines = block_lines(pb, task);
   // GK > 0: a launch of column scans staged in groups of GK lines
   // (ColumnStages), its own kernels so that the others keep their
-  // registers; they ignore the mode.
+  // registers; they ignore column_vectors.
   constexpr bool STAGED = GK > 0;
-  const int mode = lines.columns ? column_mode : kColumnLines;
+  const bool line_vectors = column_vectors && lines.columns;
   // Staged tiles of K consecutive columns are stored as one vector per slot
   // too (in the other kernels the K outputs held for it cost 12-16 registers
   // and spills at 8 slots per thread).
@@ -695,8 +689,8 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
   // its first line: independent work that then overlaps, where computed inside
   // the line loop it sat on the per-line critical path between barriers.
   ForwardSlot<scalar_t, V> next[K][RPT];
-  load_forward_tile<scalar_t, RPT, V, K, GK>(next, xp, lp, g0p, g1p, g2p, lines, slots, t_begin, t_end - 1, mode,
-                                         stages);
+  load_forward_tile<scalar_t, RPT, V, K, GK>(next, xp, lp, g0p, g1p, g2p, lines, slots, t_begin, t_end - 1,
+                                             line_vectors, stages);
   for (int t0 = t_begin; t0 < t_end; t0 += K) {
     ForwardStep<acc_t> step[K][RPT][V];
 #pragma unroll
@@ -715,8 +709,8 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
       }
     }
     if (t0 + K < t_end) {
-      load_forward_tile<scalar_t, RPT, V, K, GK>(next, xp, lp, g0p, g1p, g2p, lines, slots, t0 + K, t_end - 1, mode,
-                                             stages);
+      load_forward_tile<scalar_t, RPT, V, K, GK>(next, xp, lp, g0p, g1p, g2p, lines, slots, t0 + K, t_end - 1,
+                                                 line_vectors, stages);
     }
     scalar_t tile_h[K][RPT];  // tile_vectors: the tile's output, stored after its lines
 #pragma unroll
@@ -759,11 +753,11 @@ struct BackwardSlot {
 
 // Lines t0 .. t0 + K - 1 of the backward's inputs, clipped to t_last as in
 // the forward. The chunk's first line has no previous line: it reads its own
-// h for hprev (valid, unused). Column modes as in the forward (the host found
-// the tiles aligned, and then every tile is whole), for the six inputs of
-// line t itself; hprev is one line off that alignment: kColumnVectors loads
-// it per line; staged (GK > 0), h's groups are staged too and takes hprev from the
-// group of line t, except at the group's first line, whose previous line is
+// h for hprev (valid, unused). line_vectors and staging as in the forward
+// (the host found the tiles aligned, and then every tile is whole), for the
+// six inputs of line t itself; hprev is one line off that alignment:
+// line_vectors loads it per line; staged (GK > 0), h's groups are staged too
+// and hprev comes from the group of line t, except at the group's first line, whose previous line is
 // in the group after it in the backward's order: one load from global memory
 // per group. Tiles run from the chunk's end backwards, so a group's first
 // tile here is its last in line order.
@@ -772,7 +766,8 @@ __device__ inline void load_backward_tile(BackwardSlot<scalar_t, V> (&tile)[K][R
                                           const scalar_t* hp, const scalar_t* xp, const scalar_t* lp,
                                           const scalar_t* g0p, const scalar_t* g1p, const scalar_t* g2p,
                                           const BlockLines& lines, const ThreadSlots<RPT, V>& slots, int t0,
-                                          int t_last, int t_begin, int mode, const ColumnStages<scalar_t, 7, GK>& stages) {
+                                          int t_last, int t_begin, bool line_vectors,
+                                          const ColumnStages<scalar_t, 7, GK>& stages) {
   if constexpr (V == 1) {
     auto assign = [&](int r) {
       return [&, r](int s, const scalar_t(&v)[6]) {
@@ -823,7 +818,7 @@ __device__ inline void load_backward_tile(BackwardSlot<scalar_t, V> (&tile)[K][R
       }
       return;
     }
-    if (K > 1 && mode == kColumnVectors) {  // uniform over the block
+    if (K > 1 && line_vectors) {  // uniform over the block
       const int low = lines.offset(ascending ? t0 : t0 + K - 1);
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
@@ -874,14 +869,14 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
                      const scalar_t* __restrict__ x, const scalar_t* __restrict__ gates,
                      const scalar_t* __restrict__ lam, scalar_t* __restrict__ dx,
                      void* __restrict__ dgates_raw, scalar_t* __restrict__ dlam, const ScanProblem pb,
-                     const int64_t chunks_per_plane, const int column_mode) {
+                     const int64_t chunks_per_plane, const bool column_vectors) {
   using dg_t = typename std::conditional<ATOMIC, acc_t, scalar_t>::type;
   constexpr int K = backward_tile_lines(RPT * V);
   const BlockTask task = decode_block(pb, chunks_per_plane);
   const BlockLines lines = block_lines(pb, task);
   // GK > 0: staged, as in the forward.
   constexpr bool STAGED = GK > 0;
-  const int mode = lines.columns ? column_mode : kColumnLines;
+  const bool line_vectors = column_vectors && lines.columns;
   // Staged tiles store dx and dlam as one vector per slot, as the forward h,
   // and the gate gradients too (the shared groups' as vector reductions)
   // where their 3 K outputs per slot fit the registers: in fp32 at 2 slots
@@ -927,7 +922,7 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
   auto tile_start = [&](int t_hi) { return t_hi - K > t_begin ? t_hi - K : t_begin; };
   BackwardSlot<scalar_t, V> next[K][RPT];
   load_backward_tile<scalar_t, RPT, V, K, GK>(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots, tile_start(t_end),
-                                          t_end - 1, t_begin, mode, stages);
+                                          t_end - 1, t_begin, line_vectors, stages);
   for (int t_hi = t_end; t_hi > t_begin; t_hi -= K) {
     const int t0 = tile_start(t_hi);
     BackwardStep<scalar_t, acc_t> step[K][RPT][V];
@@ -950,7 +945,7 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
     }
     if (t0 > t_begin) {
       load_backward_tile<scalar_t, RPT, V, K, GK>(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots, tile_start(t0),
-                                              t0 - 1, t_begin, mode, stages);
+                                              t0 - 1, t_begin, line_vectors, stages);
     }
     // tile_vectors: stored (the shared groups' gate gradients added) after the tile's lines
     scalar_t tile_dx[K][RPT], tile_dlam[K][RPT];
@@ -1337,11 +1332,11 @@ void with_backward_kernel(const Launch& plan, bool normalize, bool atomic, int g
 
 }  // namespace
 
-// How a launch's column scans read (ColumnMode): as vectors when the plan's
-// tiles of K lines align.
-inline int column_mode(const ScanProblem& pb, std::initializer_list<const at::Tensor*> tensors, int K,
-                       const Launch& plan) {
-  return plan.positions_per_slot == 1 && column_vectors_fit(pb, tensors, K) ? kColumnVectors : kColumnLines;
+// Whether a launch's column scans read a tile's K lines as vectors: single
+// positions per slot whose tiles align (the staged kernels ignore it).
+inline bool column_vectors(const ScanProblem& pb, std::initializer_list<const at::Tensor*> tensors, int K,
+                           const Launch& plan) {
+  return plan.positions_per_slot == 1 && column_vectors_fit(pb, tensors, K);
 }
 
 // staged: run the column scans staged (ColumnStages, in the groups
@@ -1363,13 +1358,13 @@ void launch_forward(const at::Tensor& x, const at::Tensor& gates, const at::Tens
         return r;
       },
       staged ? kMaxStagedRows : kMaxRowsPerThread);
-  const int mode = column_mode(pb, {&x, &gates, &lam}, forward_tile_lines(plan.rows_per_thread), plan);
+  const bool vectors = column_vectors(pb, {&x, &gates, &lam}, forward_tile_lines(plan.rows_per_thread), plan);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_forward_kernel<scalar_t>(plan, pb.normalize, group, [&](auto kernel) {
     set_shared_memory(kernel, smem);
     GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
         x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pb,
-        plan.chunks_per_plane, mode);
+        plan.chunks_per_plane, vectors);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -1394,14 +1389,15 @@ void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Te
         return r;
       },
       staged ? kMaxStagedBackwardRows : kMaxRowsPerThread);
-  const int mode = column_mode(pb, {&grad_h, &x, &gates, &lam}, backward_tile_lines(plan.rows_per_thread), plan);
+  const bool vectors =
+      column_vectors(pb, {&grad_h, &x, &gates, &lam}, backward_tile_lines(plan.rows_per_thread), plan);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_backward_kernel<scalar_t>(plan, pb.normalize, atomic, group, [&](auto kernel) {
     set_shared_memory(kernel, smem);
     GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
         grad_h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
         lam.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dgates.data_ptr(), dlam.data_ptr<scalar_t>(), pb,
-        plan.chunks_per_plane, mode);
+        plan.chunks_per_plane, vectors);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -11,6 +11,7 @@ backends accumulate in float32 and round once.
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -492,8 +493,6 @@ def test_column_route(device, monkeypatch, directions, shared, groups, size, dty
 def runs_cuda_kernels(device) -> bool:
     """Whether tensors on device run the CUDA kernels (a GPU, or CPU tensors
     in the simulator build that CI tests them with)."""
-    import os
-
     return device.type == "cuda" or os.environ.get("GSPN_CUDA_SIM") == "1"
 
 

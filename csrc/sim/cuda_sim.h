@@ -14,8 +14,9 @@
 // as a wrong result. Dynamic shared memory starts as NaN bytes (0xFF) in every
 // block, so a read of a shared element nobody wrote poisons the output, and
 // so do reads past its end (NaN guard bytes); a write past the end, or an
-// asynchronous copy outside it, raises an error. Threads of one block that reach __syncthreads different numbers of times (a
-// barrier inside divergent code) raise an error. Asynchronous copies to shared
+// asynchronous copy outside it, raises an error. Threads of one block that
+// reach __syncthreads different numbers of times (a barrier inside divergent
+// code) raise an error. Asynchronous copies to shared
 // memory (cp.async) land when their thread waits for their group, or earlier,
 // as on a GPU: at each barrier of their thread some of them (chosen at random,
 // seeded by the block) land. So a read before the wait sees stale bytes, and
@@ -224,9 +225,6 @@ inline void run_block(unsigned threads, uint64_t seed) {
               " times and thread ", most->thread.x, " ", most->barriers, " times (a barrier in divergent code)");
 }
 
-}  // namespace gspn_sim
-
-namespace gspn_sim {
 // The running thread's pending asynchronous copies for which lands(copy) holds
 // land now; the others stay pending.
 template <typename Predicate>
