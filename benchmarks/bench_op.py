@@ -71,6 +71,12 @@ def transposed_columns():
     return mock.patch.dict(os.environ, {"GSPN_CUDA_COLUMNS": "transposed"})
 
 
+def one_stream():
+    """Temporarily run the route's row and column launches one after the other
+    on one CUDA stream (GSPN_CUDA_STREAMS=1) instead of side by side on two."""
+    return mock.patch.dict(os.environ, {"GSPN_CUDA_STREAMS": "1"})
+
+
 def measure_size(args, device, dtype, gen, results, channels, groups, side, itemsize) -> None:
     """Times every backend/direction row of one (C, G, side) and appends them to results."""
     shape = (1, channels, side, side)
@@ -149,6 +155,8 @@ def measure_size(args, device, dtype, gen, results, channels, groups, side, item
     if ops.COLUMNS_AS_ROWS_MIN_PIXELS.get(device.type) is not None:
         with transposed_columns():
             four_directions(", transposed")
+        with one_stream():
+            four_directions(", one stream")
         # All four directions in one launch of the strided kernel.
         with columns_as_rows(device, None):
             four_directions(", strided kernel")
@@ -190,8 +198,10 @@ def check_targets(results: dict, device_type: str) -> list:
 
 # The ways of running column scans that bench_op times where the column
 # route runs (CUDA), by the row suffix that names them ("" is the default:
-# staged in place where the planes align).
-COLUMN_WAYS = {"": "default", ", transposed": "transposed", ", strided kernel": "strided"}
+# staged in place where the planes align, the row launch beside the column
+# launch on a second stream; "one stream": one after the other).
+COLUMN_WAYS = {"": "default", ", transposed": "transposed", ", strided kernel": "strided",
+               ", one stream": "one_stream"}
 
 
 def compare_column_ways(results: dict) -> list:
@@ -211,7 +221,8 @@ def compare_column_ways(results: dict) -> list:
     if table:
         print("# column scans, time over the default (staged in place where the planes align):")
         for t in table:
-            others = "  ".join(f"{way} {t[f'x_{way}']:.2f}x" for way in ("transposed", "strided") if f"x_{way}" in t)
+            others = "  ".join(f"{way} {t[f'x_{way}']:.2f}x" for way in list(COLUMN_WAYS.values())[1:]
+                               if f"x_{way}" in t)
             print(f"  C={t['C']} G={t['G']} side={t['side']} {t['what']}: {others}")
     return table
 

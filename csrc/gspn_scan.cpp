@@ -24,6 +24,7 @@
 #include <cstring>
 #include <type_traits>
 #include <utility>
+#include <functional>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -46,6 +47,7 @@ void scan_backward_cuda(const at::Tensor& grad_h, const at::Tensor& h, const at:
 bool columns_staged_fit_cuda(const ScanProblem& pb, const std::vector<at::Tensor>& tensors, bool backward);
 at::Tensor contiguous_cuda(const at::Tensor& t);
 void transpose_into_cuda(at::Tensor& dst, const at::Tensor& src);
+void side_by_side_cuda(const at::Tensor& on, const std::function<void()>& beside, const std::function<void()>& then);
 #endif
 
 namespace {
@@ -864,6 +866,18 @@ ColumnLaunch column_launch(const ScanProblem& pb, const ColumnRoute& route, cons
   return launch;
 }
 
+// The route's row launch (rows) and its column directions (columns): on
+// CUDA side by side on two streams (side_by_side_cuda; each launch alone
+// leaves most of the GPU to one block per SM), else one after the other.
+void rows_beside_columns(const at::Tensor& on, const std::function<void()>& rows,
+                         const std::function<void()>& columns) {
+#ifdef GSPN_WITH_CUDA
+  if (runs_cuda_kernels(on)) return side_by_side_cuda(on, rows, columns);
+#endif
+  rows();
+  columns();
+}
+
 // ---- forward and backward of one launch ------------------------------------
 
 // h of pb's directions into out (pb.Dt directions). columns_staged: pb's
@@ -947,16 +961,21 @@ at::Tensor scan_forward(const at::Tensor& x_in, const at::Tensor& gates_in, cons
     forward_into(x, gates, lam, out, pb);
     return out;
   }
-  if (!route.rows.empty()) forward_into(x, gates, lam, out, launch_of(pb, route.rows));
-  const ScanProblem in_place = launch_of(pb, route.columns);
-  if (columns_staged(in_place, {x, gates, lam, out}, false)) {
-    forward_into(x, gates, lam, out, in_place, true);
-    return out;
-  }
-  const ColumnLaunch columns = column_launch(pb, route, x, gates, lam);
-  at::Tensor ht = at::empty({pb.B, columns.pb.D, pb.C, pb.W, pb.H}, x.options());
-  forward_into(columns.x, columns.gates, columns.lam, ht, columns.pb);
-  put_back_columns(out, ht, route.columns);
+  auto rows = [&] {
+    if (!route.rows.empty()) forward_into(x, gates, lam, out, launch_of(pb, route.rows));
+  };
+  auto columns = [&] {
+    const ScanProblem in_place = launch_of(pb, route.columns);
+    if (columns_staged(in_place, {x, gates, lam, out}, false)) {
+      forward_into(x, gates, lam, out, in_place, true);
+      return;
+    }
+    const ColumnLaunch launch = column_launch(pb, route, x, gates, lam);
+    at::Tensor ht = at::empty({pb.B, launch.pb.D, pb.C, pb.W, pb.H}, x.options());
+    forward_into(launch.x, launch.gates, launch.lam, ht, launch.pb);
+    put_back_columns(out, ht, route.columns);
+  };
+  rows_beside_columns(x, rows, columns);
   return out;
 }
 
@@ -979,19 +998,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_backward(
   } else if (!route.taken()) {
     backward_into(grad_h, h, x, gates, lam, g, pb);
   } else {
-    if (!route.rows.empty()) backward_into(grad_h, h, x, gates, lam, g, launch_of(pb, route.rows));
-    const ScanProblem in_place = launch_of(pb, route.columns);
-    if (columns_staged(in_place, {grad_h, h, x, gates, lam, g.dx, g.dgates, g.dlam}, true)) {
-      backward_into(grad_h, h, x, gates, lam, g, in_place, true);
-    } else {
-      const ColumnLaunch columns = column_launch(pb, route, x, gates, lam);
-      Gradients gc = allocate_gradients(columns.x, columns.gates, columns.pb);
+    auto rows = [&] {
+      if (!route.rows.empty()) backward_into(grad_h, h, x, gates, lam, g, launch_of(pb, route.rows));
+    };
+    auto columns = [&] {
+      const ScanProblem in_place = launch_of(pb, route.columns);
+      if (columns_staged(in_place, {grad_h, h, x, gates, lam, g.dx, g.dgates, g.dlam}, true)) {
+        backward_into(grad_h, h, x, gates, lam, g, in_place, true);
+        return;
+      }
+      const ColumnLaunch launch = column_launch(pb, route, x, gates, lam);
+      Gradients gc = allocate_gradients(launch.x, launch.gates, launch.pb);
       backward_into(columns_transposed(grad_h, route.columns, true), columns_transposed(h, route.columns, true),
-                    columns.x, columns.gates, columns.lam, gc, columns.pb);
+                    launch.x, launch.gates, launch.lam, gc, launch.pb);
       put_back_columns(g.dx, gc.dx, route.columns);
       put_back_columns(g.dlam, gc.dlam, route.columns);
       put_back_columns(g.dgates, gc.dgates, route.columns);
-    }
+    };
+    rows_beside_columns(x, rows, columns);
   }
   at::Tensor dgates = g.dgates;
   if (normalize && !runs_cuda_kernels(x)) dgates = normalize_backward(gates, dgates, pb);

@@ -7,6 +7,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
 #include <vector>
 
 #include "gspn_cuda_api.cuh"
@@ -205,6 +208,74 @@ void scan_backward_cuda(const at::Tensor& grad_h, const at::Tensor& h, const at:
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_scan_backward_cuda", [&] {
     launch_backward<scalar_t>(grad_h, h, x, gates, lam, dx, dgates, dlam, pb, atomic, columns_staged);
   });
+}
+
+// GSPN_CUDA_STREAMS=1 runs side_by_side_cuda's two parts one after the other
+// on the current stream, so that a benchmark can time both ways with one
+// build; 2 (the default) on two streams.
+bool second_stream_enabled() {
+  const char* value = std::getenv("GSPN_CUDA_STREAMS");
+  TORCH_CHECK(value == nullptr || std::strcmp(value, "1") == 0 || std::strcmp(value, "2") == 0,
+              "GSPN_CUDA_STREAMS=", value, " is not a number of streams for the column route: use 2 (the default) "
+              "or 1");
+  return value == nullptr || std::strcmp(value, "2") == 0;
+}
+
+// Queues `beside` on a second stream of `on`'s device and `then` on the
+// current one, the current stream waiting for both before its next work:
+// the column route's row and column launches, each one block per plane, of
+// which a layer's call (B = 2, C = 40, two directions each: 160 planes) fills
+// 132 SMs once, most of them with one block, for as long as a whole plane
+// takes; side by side the two launches share that time. `beside` starts after
+// everything queued before the call, and no tensor it uses can be freed and
+// reused before it ends: the current stream waits on it (also when `then`
+// throws) before anything queued after the call, which is where the caching
+// allocator's reuse of a freed block is ordered. In the CPU simulator
+// `beside`'s launches run after `then` (cuda_sim.h).
+void side_by_side_cuda(const at::Tensor& on, const std::function<void()>& beside, const std::function<void()>& then) {
+  if (!second_stream_enabled()) {
+    beside();
+    then();
+    return;
+  }
+#ifdef GSPN_CUDA_SIM
+  (void)on;
+  std::vector<std::function<void()>> queued;
+  gspn_sim::side_stream_launches = &queued;
+  try {
+    beside();
+  } catch (...) {
+    gspn_sim::side_stream_launches = nullptr;
+    throw;
+  }
+  gspn_sim::side_stream_launches = nullptr;
+  then();
+  for (std::function<void()>& launch : queued) launch();
+#else
+  const c10::cuda::CUDAGuard guard(on.device());
+  const cudaStream_t current = c10::cuda::getCurrentCUDAStream();
+  const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, on.device().index());
+  // One stream waits for the other's work queued so far (an event of no timing: the cheapest kind).
+  auto wait = [](cudaStream_t waiting, cudaStream_t on_work) {
+    cudaEvent_t done;
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+    C10_CUDA_CHECK(cudaEventRecord(done, on_work));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(waiting, done, 0));
+    C10_CUDA_CHECK(cudaEventDestroy(done));  // released once the wait has passed it
+  };
+  wait(side, current);
+  try {
+    {
+      const c10::cuda::CUDAStreamGuard on_side(side);
+      beside();
+    }
+    then();
+  } catch (...) {
+    wait(current, side);
+    throw;
+  }
+  wait(current, side);
+#endif
 }
 
 bool columns_staged_fit_cuda(const ScanProblem& pb, const std::vector<at::Tensor>& tensors, bool backward) {

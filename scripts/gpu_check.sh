@@ -16,8 +16,10 @@
 #
 # The operator benchmark also times each way of running column scans in the
 # same build (staged in place, the default; transposed copies,
-# GSPN_CUDA_COLUMNS=transposed; the strided kernel) and ends with their times
-# over the default's ("# column scans, time over the default").
+# GSPN_CUDA_COLUMNS=transposed; the strided kernel; the route's row and
+# column launches one after the other, GSPN_CUDA_STREAMS=1, instead of side by
+# side on two streams) and ends with their times over the default's
+# ("# column scans, time over the default").
 #
 # Everything printed goes to $OUT/gpu_check.log (the device tool's output
 # folder; bench_results/ elsewhere), each benchmark's JSON beside it.

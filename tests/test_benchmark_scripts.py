@@ -61,15 +61,19 @@ def test_bench_op_rows_of_the_column_route(tmp_path, compiled_cpu, monkeypatch):
     rows = json.loads(out.read_text())["rows"]
     assert {"fwd lr, strided kernel", "fwd 4dir, strided kernel", "bwd 4dir, strided kernel", "fwd 4dir (one call)",
             "bwd 4dir (one call)", "fwd lr, transposed", "bwd lr, transposed", "fwd 4dir, transposed",
-            "bwd 4dir, transposed"} <= {r["what"] for r in rows}
+            "bwd 4dir, transposed", "fwd 4dir, one stream", "bwd 4dir, one stream"} <= {r["what"] for r in rows}
     assert ops.COLUMNS_AS_ROWS_MIN_PIXELS["cpu"] == 1  # the route's threshold is restored after each strided row
     assert "GSPN_CUDA_COLUMNS" not in os.environ  # and the default way of running columns
+    assert "GSPN_CUDA_STREAMS" not in os.environ
     ways = json.loads(out.read_text())["column_ways"]
     assert {w["what"] for w in ways} == {"fwd lr", "bwd lr", "fwd 4dir", "bwd 4dir"}
     fwd_lr = next(w for w in ways if w["what"] == "fwd lr")
     ms = {r["what"]: r["ms"] for r in rows}
     assert fwd_lr["x_transposed"] == pytest.approx(ms["fwd lr, transposed"] / ms["fwd lr"])
     assert fwd_lr["x_strided"] == pytest.approx(ms["fwd lr, strided kernel"] / ms["fwd lr"])
+    bwd_4dir = next(w for w in ways if w["what"] == "bwd 4dir")
+    assert bwd_4dir["x_one_stream"] == pytest.approx(ms["bwd 4dir, one stream"] / ms["bwd 4dir (one call)"])
+    assert "x_one_stream" not in fwd_lr  # a single column direction has no row launch
 
 
 def test_bench_unet_quick_writes_json(tmp_path):

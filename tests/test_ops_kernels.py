@@ -605,6 +605,40 @@ def test_columns_staged_falls_back_to_transposes(device, monkeypatch, width, chu
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("columns", ["staged", "transposed"])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_route_on_one_or_two_streams(device, monkeypatch, columns, groups):
+    """The route's row and column launches run side by side on two CUDA
+    streams (in the simulator the second stream's launches run last, after
+    the column launch and its copies); on one stream (GSPN_CUDA_STREAMS=1)
+    they give the same outputs and gradients, and both against the reference."""
+    from gspn_diffusers import ops
+
+    x, gates, lam = make_inputs(2, 4, groups, 24, 16, torch.float32, device, "streams", dirs=4)
+    grad = torch.randn((2, 4, 4, 24, 16), generator=generator_for("streams grad"), dtype=torch.float64)
+    monkeypatch.setitem(ops.COLUMNS_AS_ROWS_MIN_PIXELS, device.type, 0)
+    monkeypatch.setenv("GSPN_CUDA_COLUMNS", columns)
+    monkeypatch.delenv("GSPN_CUDA_STREAMS", raising=False)
+
+    def run():
+        inputs = [t.clone().requires_grad_() for t in (x, gates, lam)]
+        h = gspn_scan_4dir(*inputs, chunk=8, normalize=True)
+        h.backward(grad.to(device, h.dtype))
+        return [h.detach()] + [t.grad for t in inputs]
+
+    two = run()
+    monkeypatch.setenv("GSPN_CUDA_STREAMS", "1")
+    one = run()
+    for what, got, want in zip(("h", "dx", "dgates", "dlam"), two, one):
+        assert_close_scaled(got.double(), want.double(), 1e-6, what)  # gate gradients: atomics in any order
+    assert_close_scaled(two[0].double().cpu(), reference_of(x, gates, lam, 8, True), 4 * TOLERANCE[torch.float32], "h")
+    monkeypatch.setenv("GSPN_CUDA_STREAMS", "3")
+    if runs_cuda_kernels(device):
+        with pytest.raises(RuntimeError, match="GSPN_CUDA_STREAMS=3.*use 2.*or 1"):
+            gspn_scan_4dir(x, gates, lam)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_columns_mode_must_be_known(device, monkeypatch):
     from gspn_diffusers import ops
 

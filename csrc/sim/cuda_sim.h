@@ -21,7 +21,9 @@
 // as on a GPU: at each barrier of their thread some of them (chosen at random,
 // seeded by the block) land. So a read before the wait sees stale bytes, and
 // so may a read of a stage after a copy into it was issued; a block that ends
-// with copies nobody waited for raises an error.
+// with copies nobody waited for raises an error. Launches on a second stream
+// run when the current stream joins it, after the current stream's launches
+// in between (the order that exposes a missing join).
 //
 // Device code takes the host paths of gspn_scan.h (__CUDA_ARCH__ is not
 // defined): exact expf and division instead of __expf and approximate
@@ -37,6 +39,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <numeric>
 #include <random>
@@ -275,11 +278,20 @@ inline void copy_async_wait(int n) {
   land_copies([&](const PendingCopy& c) { return c.group < newest_waited; });
 }
 
+// Launches queued on a second stream (side_by_side_cuda in gspn_scan_cuda.cu):
+// while set, a launch is kept here instead of run, and runs when the current
+// stream joins that stream, after everything the current stream ran in
+// between: the order of a GPU on which the second stream is the slower, so
+// a result read before the join is stale, and a join that is missing leaves
+// it unwritten.
+inline thread_local std::vector<std::function<void()>>* side_stream_launches = nullptr;
+
 // kernel<<<grid, block, shared_bytes>>>(args...): the arguments are converted
 // to the kernel's parameter types once, as a launch copies them, and every
 // thread calls the kernel with them.
 template <typename... Params>
 struct Launch {
+  using Packed = std::tuple<std::decay_t<Params>...>;
   void (*kernel)(Params...);
   dim3 grid, threads;
   size_t shared_bytes;
@@ -289,8 +301,15 @@ struct Launch {
     TORCH_CHECK(shared_bytes <= static_cast<size_t>(kSimSharedMemoryPerBlock), "CUDA simulator: ", shared_bytes,
                 " bytes of dynamic shared memory per block");
     TORCH_CHECK(threads.x * threads.y * threads.z <= 1024, "CUDA simulator: more than 1024 threads per block");
-    using Packed = std::tuple<std::decay_t<Params>...>;
     Packed packed(std::forward<Args>(args)...);
+    if (side_stream_launches != nullptr) {
+      side_stream_launches->push_back([launch = *this, packed]() mutable { launch.run(packed); });
+      return;
+    }
+    run(packed);
+  }
+
+  void run(Packed& packed) const {
     struct Call {
       void (*kernel)(Params...);
       Packed* packed;

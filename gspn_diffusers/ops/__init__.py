@@ -117,7 +117,8 @@ def _check_inputs(x, gates, lam, num_dirs: Optional[int]) -> None:
 # 1024 backward), else as row scans ("tb", "bt") of
 # transposed copies of their inputs whose hidden states are transposed back
 # into the one (B, D, C, H, W) result; GSPN_CUDA_COLUMNS=transposed takes
-# the copies always. A device type missing here (the CPU kernels transpose
+# the copies always. The row and column launches run side by side on two
+# CUDA streams (GSPN_CUDA_STREAMS=1: one after the other). A device type missing here (the CPU kernels transpose
 # tiles themselves) or None keeps the single launch of the strided kernel.
 COLUMNS_AS_ROWS_MIN_PIXELS = {"cuda": 128 * 128}
 
