@@ -111,21 +111,30 @@ constexpr int kIdentitySlots = 0 | (1 << 2) | (2 << 4) | (3 << 6);
 // it vectorise (libm's expf does not without -ffast-math): range reduction
 // by ln 2 and a degree-6 Taylor polynomial, relative error below 2.5e-7 on
 // the whole float range. double keeps libm's exp (fp64 is the exact path).
+// The CPU's steps, shared with its vectorised gate normalisation
+// (gspn_scan.cpp), which takes them on whole vectors: v clamped to
+// [kExpMin, kExpMax] (keeps 2^n a normal float), n = round(v / ln 2),
+// r = v - n ln 2 with ln 2 split in two, exp(v) = exp_polynomial(r) 2^n.
+constexpr float kExpMin = -87.3f, kExpMax = 88.0f, kExpLog2e = 1.44269504f;
+constexpr float kExpLn2High = 0.693145752f, kExpLn2Low = 1.42860677e-6f;
+template <typename T>
+GSPN_HD T exp_polynomial(T r) {
+  return 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720))))));
+}
+
 GSPN_HD float exp_of(float v) {
 #if defined(__CUDA_ARCH__)
   float e;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(v * 1.44269504088896341f));
   return e;
 #else
-  v = v < -87.3f ? -87.3f : (v > 88.0f ? 88.0f : v);  // keeps 2^n a normal float
-  const float n = floorf(v * 1.44269504f + 0.5f);        // v / ln 2, rounded
-  const float r = (v - n * 0.693145752f) - n * 1.42860677e-6f;  // ln 2 split in two
-  const float poly =
-      1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720))))));
+  v = v < kExpMin ? kExpMin : (v > kExpMax ? kExpMax : v);
+  const float n = floorf(v * kExpLog2e + 0.5f);
+  const float r = (v - n * kExpLn2High) - n * kExpLn2Low;
   const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;  // 2^n
   float scale;
   memcpy(&scale, &bits, sizeof(scale));
-  return poly * scale;
+  return exp_polynomial(r) * scale;
 #endif
 }
 GSPN_HD double exp_of(double v) { return exp(v); }

@@ -375,10 +375,10 @@ def test_fused_normalisation_at_extreme_logits(device, dtype):
     reference's gates: finite, and the floor taken where the taps vanish."""
     gen = generator_for("extreme", dtype)
     values = torch.tensor([-200.0, -90.0, -40.0, -10.0, 0.0, 10.0, 40.0, 90.0, 200.0], dtype=torch.float64)
-    logits = values[torch.randint(len(values), (1, 2, 3, 9, 11), generator=gen)]
+    logits = values[torch.randint(len(values), (1, 2, 3, 9, 21), generator=gen)]  # rows of whole vectors
     logits[..., :3, :] = -200.0  # every tap vanishes: the eps floor
-    x = torch.randn(1, 2, 9, 11, generator=gen, dtype=torch.float64)
-    lam = torch.rand(1, 2, 9, 11, generator=gen, dtype=torch.float64)
+    x = torch.randn(1, 2, 9, 21, generator=gen, dtype=torch.float64)
+    lam = torch.rand(1, 2, 9, 21, generator=gen, dtype=torch.float64)
     for direction in DIRECTIONS:
         h = gspn_scan(*(t.to(device=device, dtype=dtype) for t in (x, logits, lam)), direction, normalize=True)
         want = scan_reference(x, logits, lam, direction, normalize=True)
