@@ -927,11 +927,13 @@ ColumnLaunch column_launch(const ScanProblem& pb, const ColumnRoute& route, cons
   return launch;
 }
 
-// The route's row launch (rows) and its column directions (columns): on
-// CUDA side by side on two streams (side_by_side_cuda; each launch alone
-// leaves most of the GPU to one block per SM), else one after the other.
-void rows_beside_columns(const at::Tensor& on, const std::function<void()>& rows,
+// The route's row launch (rows; none when `route` has no row directions) and
+// its column directions (columns): on CUDA side by side on two streams
+// (side_by_side_cuda; each launch alone leaves most of the GPU to one block
+// per SM), else one after the other.
+void rows_beside_columns(const ColumnRoute& route, const at::Tensor& on, const std::function<void()>& rows,
                          const std::function<void()>& columns) {
+  if (route.rows.empty()) return columns();
 #ifdef GSPN_WITH_CUDA
   if (runs_cuda_kernels(on)) return side_by_side_cuda(on, rows, columns);
 #endif
@@ -1022,9 +1024,7 @@ at::Tensor scan_forward(const at::Tensor& x_in, const at::Tensor& gates_in, cons
     forward_into(x, gates, lam, out, pb);
     return out;
   }
-  auto rows = [&] {
-    if (!route.rows.empty()) forward_into(x, gates, lam, out, launch_of(pb, route.rows));
-  };
+  auto rows = [&] { forward_into(x, gates, lam, out, launch_of(pb, route.rows)); };
   auto columns = [&] {
     const ScanProblem in_place = launch_of(pb, route.columns);
     if (columns_staged(in_place, {x, gates, lam, out}, false)) {
@@ -1036,7 +1036,7 @@ at::Tensor scan_forward(const at::Tensor& x_in, const at::Tensor& gates_in, cons
     forward_into(launch.x, launch.gates, launch.lam, ht, launch.pb);
     put_back_columns(out, ht, route.columns);
   };
-  rows_beside_columns(x, rows, columns);
+  rows_beside_columns(route, x, rows, columns);
   return out;
 }
 
@@ -1059,9 +1059,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_backward(
   } else if (!route.taken()) {
     backward_into(grad_h, h, x, gates, lam, g, pb);
   } else {
-    auto rows = [&] {
-      if (!route.rows.empty()) backward_into(grad_h, h, x, gates, lam, g, launch_of(pb, route.rows));
-    };
+    auto rows = [&] { backward_into(grad_h, h, x, gates, lam, g, launch_of(pb, route.rows)); };
     auto columns = [&] {
       const ScanProblem in_place = launch_of(pb, route.columns);
       if (columns_staged(in_place, {grad_h, h, x, gates, lam, g.dx, g.dgates, g.dlam}, true)) {
@@ -1076,7 +1074,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_backward(
       put_back_columns(g.dlam, gc.dlam, route.columns);
       put_back_columns(g.dgates, gc.dgates, route.columns);
     };
-    rows_beside_columns(x, rows, columns);
+    rows_beside_columns(route, x, rows, columns);
   }
   at::Tensor dgates = g.dgates;
   if (normalize && !runs_cuda_kernels(x)) dgates = normalize_backward(gates, dgates, pb);
