@@ -373,21 +373,27 @@ __device__ inline void load_column_tile(const scalar_t* const (&inputs)[N], int 
 template <int K, typename T>
 __device__ inline void add_consecutive(T* p, const T (&in)[K]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(GSPN_CUDA_SIM)
-  if constexpr (std::is_same_v<T, float> && K == 4) {
-    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(in[0]), "f"(in[1]), "f"(in[2]),
-                 "f"(in[3]) : "memory");
-    return;
-  } else if constexpr (std::is_same_v<T, float> && K == 2) {
-    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(in[0]), "f"(in[1]) : "memory");
-    return;
-  }
+  constexpr bool vector_reduction = std::is_same_v<T, float> && (K == 2 || K == 4);
+#else
+  constexpr bool vector_reduction = false;
 #endif
+  if constexpr (vector_reduction) {  // a branch each, so no code after a return (nvcc warns of it)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(GSPN_CUDA_SIM)
+    if constexpr (K == 4) {
+      asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(in[0]), "f"(in[1]), "f"(in[2]),
+                   "f"(in[3]) : "memory");
+    } else {
+      asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(in[0]), "f"(in[1]) : "memory");
+    }
+#endif
+  } else {
 #ifdef GSPN_CUDA_SIM
-  gspn_sim::device_check(reinterpret_cast<uintptr_t>(p) % (K * sizeof(T) > 16 ? 16 : K * sizeof(T)) == 0,
-                         "misaligned line vector add");
+    gspn_sim::device_check(reinterpret_cast<uintptr_t>(p) % (K * sizeof(T) > 16 ? 16 : K * sizeof(T)) == 0,
+                           "misaligned line vector add");
 #endif
 #pragma unroll
-  for (int e = 0; e < K; ++e) add_global(p + e, in[e]);
+    for (int e = 0; e < K; ++e) add_global(p + e, in[e]);
+  }
 }
 
 // A column tile's K lines of one output, h[s][r] for line s of the tile at

@@ -57,8 +57,11 @@ def main() -> int:
         procs = list(pool.map(lambda source: compile_one(nvcc, source, flags), sources))
     failed = 0
     for source, proc in zip(sources, procs):
+        warnings = [line for line in proc.stderr.splitlines() if "warning" in line.lower()]
         status = "ok" if proc.returncode == 0 else "FAILED"
-        print(f"nvcc -c {source.relative_to(ROOT)}: {status}")
+        print(f"nvcc -c {source.relative_to(ROOT)}: {status}" + (f" ({len(warnings)} warnings)" if warnings else ""))
+        if warnings and proc.returncode == 0:
+            print("\n".join(f"  {line}" for line in warnings))
         if proc.returncode != 0:
             failed += 1
             print(proc.stdout + proc.stderr, file=sys.stderr)
