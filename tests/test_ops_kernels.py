@@ -749,6 +749,30 @@ def test_op_rejects_bad_codes_directly(compiled_cpu):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("streams", ["2", "1"])
+def test_route_in_a_cuda_graph(compiled_cuda, monkeypatch, streams):
+    """The column route (its row launch on a second stream by default) inside
+    CUDA graph capture, as torch.compile's "reduce-overhead" mode runs it:
+    captured, then replayed on new inputs, it gives the eager result."""
+    monkeypatch.setenv("GSPN_CUDA_STREAMS", streams)
+    x, gates, lam = make_inputs(2, 4, 2, 128, 128, torch.float16, torch.device("cuda"), "graph", dirs=4)
+    static = [t.clone() for t in (x, gates, lam)]
+    warmup = torch.cuda.Stream()  # torch.cuda.graph's advice: warm up on a side stream
+    warmup.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(warmup):
+        gspn_scan_4dir(*static)
+    torch.cuda.current_stream().wait_stream(warmup)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gspn_scan_4dir(*static)
+    for t, new in zip(static, (x.flip(-1), gates.flip(-2), lam.flip(-1))):
+        t.copy_(new)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, gspn_scan_4dir(*static), rtol=0, atol=0)
+
+
+@pytest.mark.cuda
 def test_cuda_offsets_beyond_int32(compiled_cuda):
     """A 16K-pixel layer has more than 2^31 elements: the last channel must be
     right, which it would not be with 32-bit offsets."""
