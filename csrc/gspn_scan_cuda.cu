@@ -210,6 +210,8 @@ void scan_backward_cuda(const at::Tensor& grad_h, const at::Tensor& h, const at:
   });
 }
 
+namespace {
+
 // GSPN_CUDA_STREAMS=1 runs side_by_side_cuda's two parts one after the other
 // on the current stream, so that a benchmark can time both ways with one
 // build; 2 (the default) on two streams.
@@ -220,6 +222,8 @@ bool second_stream_enabled() {
               "or 1");
   return value == nullptr || std::strcmp(value, "2") == 0;
 }
+
+}  // namespace
 
 // Queues `beside` on a second stream of `on`'s device and `then` on the
 // current one, the current stream waiting for both before its next work:
