@@ -100,17 +100,6 @@ struct ScanProblem {
 // Slots of a launch that runs all its tensors' directions in order.
 constexpr int kIdentitySlots = 0 | (1 << 2) | (2 << 4) | (3 << 6);
 
-// exp for the gate sigmoid. On the GPU in float the hardware's approximate
-// exp2 with denormals flushed (ex2.approx.ftz: a multiply and one MUFU.EX2;
-// relative error ~2^-21 plus |v| * 2^-24 from scaling v by log2 e, far inside
-// the fp32 tolerance), where expf is a dozen instructions, and __expf, which
-// keeps denormals, adds a compare and two scalings around each EX2: the gate
-// arithmetic is most of the kernels' instructions. A flushed exp(-l) (l > 87)
-// only turns sigmoid(l) = 1 / (1 + 1e-38) into exactly 1. On the CPU, float
-// uses straight-line arithmetic instead of a libm call so that the loops over
-// it vectorise (libm's expf does not without -ffast-math): range reduction
-// by ln 2 and a degree-6 Taylor polynomial, relative error below 2.5e-7 on
-// the whole float range. double keeps libm's exp (fp64 is the exact path).
 // The CPU's steps, shared with its vectorised gate normalisation
 // (gspn_scan.cpp), which takes them on whole vectors: v clamped to
 // [kExpMin, kExpMax] (keeps 2^n a normal float), n = round(v / ln 2),
@@ -122,6 +111,17 @@ GSPN_HD T exp_polynomial(T r) {
   return 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720))))));
 }
 
+// exp for the gate sigmoid. On the GPU in float the hardware's approximate
+// exp2 with denormals flushed (ex2.approx.ftz: a multiply and one MUFU.EX2;
+// relative error ~2^-21 plus |v| * 2^-24 from scaling v by log2 e, far inside
+// the fp32 tolerance), where expf is a dozen instructions, and __expf, which
+// keeps denormals, adds a compare and two scalings around each EX2: the gate
+// arithmetic is most of the kernels' instructions. A flushed exp(-l) (l > 87)
+// only turns sigmoid(l) = 1 / (1 + 1e-38) into exactly 1. On the CPU, float
+// uses straight-line arithmetic instead of a libm call so that the loops over
+// it vectorise (libm's expf does not without -ffast-math): range reduction
+// by ln 2 and a degree-6 Taylor polynomial, relative error below 2.5e-7 on
+// the whole float range. double keeps libm's exp (fp64 is the exact path).
 GSPN_HD float exp_of(float v) {
 #if defined(__CUDA_ARCH__)
   float e;

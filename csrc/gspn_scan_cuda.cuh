@@ -372,21 +372,16 @@ __device__ inline void load_column_tile(const scalar_t* const (&inputs)[N], int 
 // (red.global.add.v2/v4.f32, sm_90) for 2 or 4 floats, else one add each.
 template <int K, typename T>
 __device__ inline void add_consecutive(T* p, const T (&in)[K]) {
+  // One if-else chain (no return before the loop: nvcc warned it unreachable).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(GSPN_CUDA_SIM)
-  constexpr bool vector_reduction = std::is_same_v<T, float> && (K == 2 || K == 4);
-#else
-  constexpr bool vector_reduction = false;
+  if constexpr (std::is_same_v<T, float> && K == 4) {
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(in[0]), "f"(in[1]), "f"(in[2]),
+                 "f"(in[3]) : "memory");
+  } else if constexpr (std::is_same_v<T, float> && K == 2) {
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(in[0]), "f"(in[1]) : "memory");
+  } else
 #endif
-  if constexpr (vector_reduction) {  // a branch each, so no code after a return (nvcc warns of it)
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && !defined(GSPN_CUDA_SIM)
-    if constexpr (K == 4) {
-      asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(in[0]), "f"(in[1]), "f"(in[2]),
-                   "f"(in[3]) : "memory");
-    } else {
-      asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(in[0]), "f"(in[1]) : "memory");
-    }
-#endif
-  } else {
+  {
 #ifdef GSPN_CUDA_SIM
     gspn_sim::device_check(reinterpret_cast<uintptr_t>(p) % (K * sizeof(T) > 16 ? 16 : K * sizeof(T)) == 0,
                            "misaligned line vector add");
@@ -763,9 +758,9 @@ struct BackwardSlot {
 // (the host found the tiles aligned, and then every tile is whole), for the
 // six inputs of line t itself; hprev is one line off that alignment:
 // line_vectors loads it per line; staged (GK > 0), h's groups are staged too
-// and hprev comes from the group of line t, except at the group's first line, whose previous line is
-// in the group after it in the backward's order: one load from global memory
-// per group. Tiles run from the chunk's end backwards, so a group's first
+// and hprev comes from the group of line t, except at the group's first
+// line, whose previous line is in the group after it in the backward's
+// order: one load from global memory per group. Tiles run from the chunk's end backwards, so a group's first
 // tile here is its last in line order.
 template <typename scalar_t, int RPT, int V, int K, int GK>
 __device__ inline void load_backward_tile(BackwardSlot<scalar_t, V> (&tile)[K][RPT], const scalar_t* ghp,
