@@ -159,6 +159,10 @@ inline vec_t vpow2(vec_t n) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
 }
 inline vec_t vreciprocal_estimate(vec_t a) { return _mm512_rcp14_ps(a); }  // 14 bits
+// x where a <= b or either is NaN, else 0.
+inline vec_t vkeep_where_not_greater(vec_t a, vec_t b, vec_t x) {
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a, b, _CMP_NGT_UQ), x);
+}
 constexpr bool kStreamStores = true;
 
 // out(i, v): v holds element i of in(0), ..., in(15) -- a 16x16 transpose.
@@ -207,6 +211,9 @@ inline vec_t vpow2(vec_t n) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
 }
 inline vec_t vreciprocal_estimate(vec_t a) { return _mm256_rcp_ps(a); }  // 12 bits
+inline vec_t vkeep_where_not_greater(vec_t a, vec_t b, vec_t x) {
+  return _mm256_and_ps(_mm256_cmp_ps(a, b, _CMP_NGT_UQ), x);
+}
 // A 32-byte streaming store fills half a cache line; on an EPYC (Zen) the
 // partial write-combining made column scans slower (lr 3.5-5.0 ms plain,
 // 5.1-6.6 ms streamed at 1x32x256x256).
@@ -254,21 +261,26 @@ inline vec_t vreciprocal(vec_t v) {
 }
 
 // normalize_taps at the positions [1, L - 1) of one line, whose taps all have
-// their neighbour, a vector at a time; returns the first position it left to
-// the scalar loop. Four reciprocals instead of six divisions per position:
-// with them the loop was divider-bound, ~56 cycles per 8 positions on a
-// Zen 4 (AVX2), half of a forward with per-channel gates.
+// their neighbour, a vector at a time, with the signed sums where asked;
+// returns the first position it left to the scalar loop. Four reciprocals
+// instead of six divisions per position: with them the loop was
+// divider-bound, ~56 cycles per 8 positions on a Zen 4 (AVX2), half of a
+// forward with per-channel gates.
 inline int64_t normalize_interior(float* __restrict__ a0, float* __restrict__ a1, float* __restrict__ a2,
-                                  int64_t L) {
+                                  float* __restrict__ sums, int64_t L) {
+  const vec_t eps = vset(static_cast<float>(kGateEps));
   int64_t p = 1;
   for (; p + kBlock <= L - 1; p += kBlock) {
     const vec_t s0 = vreciprocal(1.f + vexp(-vload(a0 + p)));
     const vec_t s1 = vreciprocal(1.f + vexp(-vload(a1 + p)));
     const vec_t s2 = vreciprocal(1.f + vexp(-vload(a2 + p)));
-    const vec_t inv = vreciprocal(vmax(s0 + s1 + s2, vset(static_cast<float>(kGateEps))));
+    const vec_t raw = s0 + s1 + s2, sum = vmax(raw, eps);
+    const vec_t inv = vreciprocal(sum);
     vstore(a0 + p, s0 * inv);
     vstore(a1 + p, s1 * inv);
     vstore(a2 + p, s2 * inv);
+    // -sum where the floor held: sum - 2 sum, the second term kept only there.
+    if (sums) vstore(sums + p, sum - 2.f * vkeep_where_not_greater(raw, eps, sum));
   }
   return p;
 }
@@ -456,37 +468,40 @@ void scatter_lines(const acc_t* src, int64_t pitch, const LineGeometry& geo, int
 }
 
 // Loads the three taps of one gate group for lines [t0, t0+n), normalised when
-// the problem says the gates are logits.
+// the problem says the gates are logits; then, where sums is given, also
+// normalize_taps' signed sums (for the chain rule in the backward).
 template <typename scalar_t, typename acc_t>
 void gather_gates(const scalar_t* tap0, int64_t plane, const LineGeometry& geo, int64_t t0, int64_t n,
-                  bool normalize, acc_t* g0, acc_t* g1, acc_t* g2) {
+                  bool normalize, acc_t* g0, acc_t* g1, acc_t* g2, acc_t* sums = nullptr) {
   const int64_t L = geo.length;
   gather_lines(tap0, geo, t0, n, g0, L);
   gather_lines(tap0 + plane, geo, t0, n, g1, L);
   gather_lines(tap0 + 2 * plane, geo, t0, n, g2, L);
   if (!normalize) return;
-  const auto normalize_at = [](acc_t* __restrict__ a0, acc_t* __restrict__ a1, acc_t* __restrict__ a2, int64_t p,
-                               bool before, bool after) {
-    acc_t n0, n1, n2;
-    normalize_taps<acc_t>(a0[p], a1[p], a2[p], before, after, n0, n1, n2);
+  const auto normalize_at = [](acc_t* __restrict__ a0, acc_t* __restrict__ a1, acc_t* __restrict__ a2,
+                               acc_t* __restrict__ sum, int64_t p, bool before, bool after) {
+    acc_t n0, n1, n2, signed_sum;
+    normalize_taps<acc_t>(a0[p], a1[p], a2[p], before, after, n0, n1, n2, signed_sum);
     a0[p] = n0;
     a1[p] = n1;
     a2[p] = n2;
+    if (sum) sum[p] = signed_sum;
   };
   for (int64_t s = 0; s < n; ++s) {
     acc_t* __restrict__ a0 = g0 + s * L;
     acc_t* __restrict__ a1 = g1 + s * L;
     acc_t* __restrict__ a2 = g2 + s * L;
+    acc_t* __restrict__ sum = sums ? sums + s * L : nullptr;
     // Interior positions have both neighbours: whole vectors, then a
     // branch-free loop (which the compiler vectorises for double). The two
     // ends are done on their own.
     int64_t p = 1;
 #if GSPN_SIMD_BLOCKS
-    if constexpr (std::is_same_v<acc_t, float>) p = normalize_interior(a0, a1, a2, L);
+    if constexpr (std::is_same_v<acc_t, float>) p = normalize_interior(a0, a1, a2, sum, L);
 #endif
-    for (; p < L - 1; ++p) normalize_at(a0, a1, a2, p, true, true);
-    normalize_at(a0, a1, a2, 0, false, L > 1);
-    if (L > 1) normalize_at(a0, a1, a2, L - 1, true, false);
+    for (; p < L - 1; ++p) normalize_at(a0, a1, a2, sum, p, true, true);
+    normalize_at(a0, a1, a2, sum, 0, false, L > 1);
+    if (L > 1) normalize_at(a0, a1, a2, sum, L - 1, true, false);
   }
 }
 
@@ -628,6 +643,27 @@ void adjoint_line(acc_t* __restrict__ a, const acc_t* __restrict__ g0, const acc
   }
 }
 
+// Fused normalisation: the gate gradients dg_k of a tile, summed over the
+// task's channels, turned into the logits' in place, from the normalised gates
+// and signed sums gather_gates kept (normalize_taps_backward_of_scan with
+// a = 1 and h_k = dg_k: the chain rule is linear in dg, so it may follow the
+// sum over channels, and slices' partial sums stay summable). Where a separate
+// pass over the whole gate tensor read the logits and gradients back from
+// memory and took exp and four divisions per position: ~40 % of a backward
+// with per-channel gates.
+template <typename acc_t>
+void logit_gradients(const acc_t* __restrict__ g0, const acc_t* __restrict__ g1, const acc_t* __restrict__ g2,
+                     const acc_t* __restrict__ sums, acc_t* __restrict__ d0, acc_t* __restrict__ d1,
+                     acc_t* __restrict__ d2, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    acc_t l0, l1, l2;
+    normalize_taps_backward_of_scan<acc_t>(g0[i], g1[i], g2[i], sums[i], acc_t(1), d0[i], d1[i], d2[i], l0, l1, l2);
+    d0[i] = l0;
+    d1[i] = l1;
+    d2[i] = l2;
+  }
+}
+
 // Lines are visited in reverse. Per channel, v_k = g_k * a of the line visited
 // last is carried to the next one; gate gradients of all the slice's channels
 // add into a tile, then into the task's own fp32 partial buffer, which the host
@@ -643,11 +679,12 @@ void backward_cpu(const ScanProblem& pb, const CpuTasks& plan, const scalar_t* g
     const int64_t T = geo.lines, L = geo.length, chunk = chunk_length(pb.chunk, T);
     const int64_t tile = tile_lines(geo, channels);
     const int64_t TL = tile * L, pitch = L + 2;
-    buf.assign(9 * TL + tile * pitch + 3 * (2 + channels) * pitch + 2, acc_t(0));
+    buf.assign(10 * TL + tile * pitch + 3 * (2 + channels) * pitch + 2, acc_t(0));
     acc_t* g0 = buf.data();   // gates
     acc_t* g1 = g0 + TL;
     acc_t* g2 = g1 + TL;
-    acc_t* d0 = g2 + TL;      // gate gradients, summed over the slice's channels
+    acc_t* sums = g2 + TL;    // normalize_taps' signed sums (fused normalisation)
+    acc_t* d0 = sums + TL;    // gate gradients, summed over the slice's channels
     acc_t* d1 = d0 + TL;
     acc_t* d2 = d1 + TL;
     acc_t* adj = d2 + TL;     // grad_h, then the adjoint a
@@ -663,7 +700,7 @@ void backward_cpu(const ScanProblem& pb, const CpuTasks& plan, const scalar_t* g
 
     for (int64_t t0 = ((T - 1) / tile) * tile; t0 >= 0; t0 -= tile) {
       const int64_t n = std::min(tile, T - t0);
-      gather_gates(tap0, plane, geo, t0, n, pb.normalize, g0, g1, g2);
+      gather_gates(tap0, plane, geo, t0, n, pb.normalize, g0, g1, g2, sums);
       std::fill(d0, d0 + 3 * TL, acc_t(0));
       for (int64_t c = ti.c_begin; c < ti.c_end; ++c) {
         const int64_t plane_out = pb.out_plane(ti.b, ti.d, c);
@@ -713,75 +750,13 @@ void backward_cpu(const ScanProblem& pb, const CpuTasks& plan, const scalar_t* g
         scatter_lines<false>(ls, L, geo, t0, n, dx + plane_out);
         scatter_lines<false>(xs, L, geo, t0, n, dlam + plane_out);
       }
+      if (pb.normalize) logit_gradients(g0, g1, g2, sums, d0, d1, d2, n * L);
       for (int k = 0; k < 3; ++k) scatter_lines<true>(d0 + k * TL, L, geo, t0, n, dgp + k * plane);
     }
   });
 }
 
 // ---- host side shared by both devices --------------------------------------
-
-// normalize_taps_backward over positions [begin, end) of one line of the three
-// tap planes (plane elements apart). A function of its own with restrict
-// pointers, so the loop vectorises.
-template <typename scalar_t, typename acc_t>
-void normalize_backward_run(const scalar_t* __restrict__ l, const acc_t* __restrict__ dg, scalar_t* __restrict__ o,
-                            int64_t plane, int64_t begin, int64_t end, bool before, bool after) {
-  for (int64_t j = begin; j < end; ++j) {
-    acc_t a, b, c;
-    normalize_taps_backward<acc_t>(static_cast<acc_t>(l[j]), static_cast<acc_t>(l[j + plane]),
-                                   static_cast<acc_t>(l[j + 2 * plane]), before, after, dg[j], dg[j + plane],
-                                   dg[j + 2 * plane], a, b, c);
-    o[j] = static_cast<scalar_t>(a);
-    o[j + plane] = static_cast<scalar_t>(b);
-    o[j + 2 * plane] = static_cast<scalar_t>(c);
-  }
-}
-
-// Chain rule from the normalised gates back to their logits (fused
-// normalisation), on the CPU in one pass over the gate tensor: as a chain of
-// ATen ops it made a dozen full-size temporaries and took 3/4 of the backward
-// at G = C.
-template <typename scalar_t>
-at::Tensor normalize_backward_cpu(const at::Tensor& logits, const at::Tensor& dgates, const ScanProblem& pb) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const at::Tensor dg_t = dgates.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-  at::Tensor out = at::empty_like(logits);
-  const scalar_t* l = logits.data_ptr<scalar_t>();
-  const acc_t* dg = dg_t.data_ptr<acc_t>();
-  scalar_t* o = out.data_ptr<scalar_t>();
-  const int64_t H = pb.H, W = pb.W, plane = H * W;
-  at::parallel_for(0, pb.B * pb.D * pb.G * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t set = r / H, i = r % H;  // set = (b, d, g): three tap planes
-      const int dir = pb.dirs[(set / pb.G) % pb.D];
-      const bool rows = dir == kTopBottom || dir == kBottomTop;  // positions along W, else along H
-      const int64_t base = set * 3 * plane + i * W;
-      const scalar_t* l0 = l + base;
-      const acc_t* d0 = dg + base;
-      scalar_t* o0 = o + base;
-      // Runs with constant tap masks, so that they vectorise (as in
-      // gather_gates); along a row only its two ends differ.
-      if (rows) {
-        normalize_backward_run(l0, d0, o0, plane, 1, W - 1, true, true);
-        normalize_backward_run(l0, d0, o0, plane, 0, 1, false, W > 1);
-        if (W > 1) normalize_backward_run(l0, d0, o0, plane, W - 1, W, true, false);
-      } else {
-        normalize_backward_run(l0, d0, o0, plane, 0, W, i > 0, i < H - 1);
-      }
-    }
-  });
-  return out;
-}
-
-// Chain rule from the normalised gates' gradients to the logits' (fused
-// normalisation) on the CPU; dgates in float32. (The CUDA backward kernel
-// applies it per position itself.)
-at::Tensor normalize_backward(const at::Tensor& logits, const at::Tensor& dgates, const ScanProblem& pb) {
-  at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "gspn_normalize_backward_cpu",
-                                  [&] { out = normalize_backward_cpu<scalar_t>(logits, dgates, pb); });
-  return out;
-}
 
 // t with contiguous (H, W) planes for the kernels. On CUDA, transposed views
 // and channels-last planes take a tiled transpose (contiguous_cuda).
@@ -981,11 +956,11 @@ Gradients allocate_gradients(const at::Tensor& x, const at::Tensor& gates, const
 }
 
 // The gradients of pb's directions into g (columns_staged as in
-// forward_into). On CUDA with fused normalisation they are the logits'
-// already: the kernel applies the chain rule per position (linear in the
-// gates' gradients, so the channels of a group may add theirs), where a
-// separate pass over the gate tensor read the logits and the gradients
-// again. On the CPU that pass runs once over the whole call.
+// forward_into). With fused normalisation they are the logits' already: the
+// kernels apply the chain rule (linear in the gates' gradients, so the
+// channels of a group may add theirs) where a separate pass over the gate
+// tensor read the logits and the gradients again -- CUDA per position, the
+// CPU per tile (logit_gradients).
 void backward_into(const at::Tensor& grad_h, const at::Tensor& h, const at::Tensor& x, const at::Tensor& gates,
                    const at::Tensor& lam, Gradients& g, const ScanProblem& pb, bool columns_staged = false) {
   if (runs_cuda_kernels(x)) {
@@ -1076,9 +1051,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_backward(
     };
     rows_beside_columns(route, x, rows, columns);
   }
-  at::Tensor dgates = g.dgates;
-  if (normalize && !runs_cuda_kernels(x)) dgates = normalize_backward(gates, dgates, pb);
-  dgates = dgates.to(gates.scalar_type());
+  const at::Tensor dgates = g.dgates.to(gates.scalar_type());
   at::Tensor dx = g.dx, dlam = g.dlam;
   if (x_in.dim() == 4) dx = pb.D == 1 ? dx.squeeze(1) : dx.sum(1);
   if (lam_in.dim() == 4) dlam = pb.D == 1 ? dlam.squeeze(1) : dlam.sum(1);

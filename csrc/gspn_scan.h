@@ -196,33 +196,16 @@ GSPN_HD void normalize_taps(acc_t l0, acc_t l1, acc_t l2, bool has_before, bool 
   normalize_taps(l0, l1, l2, has_before, has_after, g0, g1, g2, signed_sum);
 }
 
-// Chain rule of normalize_taps for one position: the logits' gradients dl
-// from the normalised gates' gradients dg. Branch-free like the forward.
-template <typename acc_t>
-GSPN_HD void normalize_taps_backward(acc_t l0, acc_t l1, acc_t l2, bool has_before, bool has_after, acc_t dg0,
-                                     acc_t dg1, acc_t dg2, acc_t& dl0, acc_t& dl1, acc_t& dl2) {
-  const acc_t s0 = sigmoid(l0), s1 = sigmoid(l1), s2 = sigmoid(l2);
-  const acc_t m0 = acc_t(has_before), m2 = acc_t(has_after);
-  const acc_t raw = s0 * m0 + s1 + s2 * m2;
-  // The clamp's slope is zero below kGateEps. Both uses compare as values (no
-  // bool): a bool select kept GCC from vectorising the CPU loop over this.
-  const acc_t live = acc_t(raw > acc_t(kGateEps));
-  const acc_t inv = acc_t(1) / (raw > acc_t(kGateEps) ? raw : acc_t(kGateEps));
-  const acc_t inner = live * (dg0 * s0 * m0 + dg1 * s1 + dg2 * s2 * m2) * inv;
-  dl0 = (dg0 - inner) * inv * m0 * s0 * (acc_t(1) - s0);
-  dl1 = (dg1 - inner) * inv * s1 * (acc_t(1) - s1);
-  dl2 = (dg2 - inner) * inv * m2 * s2 * (acc_t(1) - s2);
-}
-
-// The same chain rule inside the scan's backward, from what its forward
-// arithmetic keeps instead of the logits: the normalised gates
+// Chain rule of normalize_taps for one position, from what the scan's
+// forward arithmetic keeps instead of the logits: the normalised gates
 // g_k = s_k m_k / S and normalize_taps' signed_sum (S, negative where the
 // floor held), for gate gradients dg_k = a h_k (a: the position's adjoint,
 // h_k: the previous line's state at its three neighbours). Since s_k = g_k S
 // where m_k = 1 (and g_k = 0 where m_k = 0), dl_k = (dg_k - inner) g_k (1 - g_k S)
 // with inner = sum_j dg_j g_j (zero where the floor held: its slope is 0),
 // i.e. dl_k = a (h_k - m) g_k (1 - g_k S) with m = sum_j g_j h_j: a factored
-// out, which the compiler may not do for us.
+// out, which the compiler may not do for us. (a = 1, h_k = dg_k: the chain
+// rule of gradients already summed.)
 template <typename acc_t>
 GSPN_HD void normalize_taps_backward_of_scan(acc_t g0, acc_t g1, acc_t g2, acc_t signed_sum, acc_t a, acc_t h0,
                                              acc_t h1, acc_t h2, acc_t& dl0, acc_t& dl1, acc_t& dl2) {

@@ -410,6 +410,38 @@ def test_fused_normalisation_gradients_at_the_floor(device, dtype):
             assert_close_scaled(got.grad, want.grad, rtol, f"{direction} grad {name}")
 
 
+@pytest.mark.parametrize("normalize", [False, True], ids=["gates", "logits"])
+def test_channel_slices_of_one_gate_group(normalize):
+    """With fewer gate groups than threads the CPU kernels split a group's
+    channels into slices, each summing its channels' gate gradients (with
+    fused normalisation already the logits': the chain rule runs per slice)
+    and the host adds the slices. Four threads over one group of 6 channels
+    (slices of 2), every direction: forward and gradients against the
+    reference to 1e-10. (The test workers otherwise run one thread: one slice.)"""
+    gen = generator_for("slices", normalize)
+    x = torch.randn(1, 6, 9, 20, generator=gen, dtype=torch.float64)
+    lam = torch.rand(1, 6, 9, 20, generator=gen, dtype=torch.float64)
+    gates = torch.randn(1, 1, 3, 9, 20, generator=gen, dtype=torch.float64) * 3
+    if not normalize:
+        gates = gates.sigmoid() / 3
+    grad = torch.randn(1, 6, 9, 20, generator=gen, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        for direction in DIRECTIONS:
+            inputs = [t.detach().clone().requires_grad_() for t in (x, gates, lam)]
+            got = gspn_scan(*inputs, direction, normalize=normalize)
+            got.backward(grad)
+            ref_inputs = [t.detach().clone().requires_grad_() for t in (x, gates, lam)]
+            want = scan_reference(*ref_inputs, direction, normalize=normalize)
+            want.backward(grad)
+            assert_close_scaled(got, want, 1e-10, f"{direction} forward")
+            for name, g, w in zip(("x", "gates", "lam"), inputs, ref_inputs):
+                assert_close_scaled(g.grad, w.grad, 1e-10, f"{direction} grad {name}")
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_long_scan_low_precision(device, dtype):
