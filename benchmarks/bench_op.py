@@ -152,6 +152,17 @@ def measure_size(args, device, dtype, gen, results, channels, groups, side, item
         row(f"bwd 4dir{suffix}", four_bwd, four_bwd_bytes)
 
     four_directions(" (one call)")
+    # A GSPN layer's call: the gates decayed by per-position decay logits
+    # (read once forward; read and their gradient written backward).
+    decay = torch.randn((1, 4, groups, side, side), device=device, dtype=dtype, generator=gen)
+    decay_bytes = 4 * groups * side * side * itemsize
+    row("fwd 4dir, decay", timed(lambda: gspn_scan_4dir(x, logits, lam, args.chunk, True, decay=decay)),
+        four_bytes + decay_bytes)
+    xd, gd, ld, dd = (t.detach().clone().requires_grad_() for t in (x, logits, lam, decay))
+    out = gspn_scan_4dir(xd, gd, ld, args.chunk, True, decay=dd)
+    row("bwd 4dir, decay", timed(lambda: torch.autograd.grad(out, (xd, gd, ld, dd), grad, retain_graph=True)),
+        four_bwd_bytes + 2 * decay_bytes)
+    del out
     if ops.COLUMNS_AS_ROWS_MIN_PIXELS.get(device.type) is not None:
         with transposed_columns():
             four_directions(", transposed")

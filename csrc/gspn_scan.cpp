@@ -23,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -46,6 +47,9 @@ void scan_backward_cuda(const at::Tensor& grad_h, const at::Tensor& h, const at:
                         at::Tensor& dgates, at::Tensor& dlam, const ScanProblem& pb, bool columns_staged);
 bool columns_staged_fit_cuda(const ScanProblem& pb, const std::vector<at::Tensor>& tensors, bool backward);
 at::Tensor contiguous_cuda(const at::Tensor& t);
+at::Tensor decayed_gates_cuda(const at::Tensor& logits, const at::Tensor& decay, const ScanProblem& pb);
+std::pair<at::Tensor, at::Tensor> decayed_gates_backward_cuda(const at::Tensor& logits, const at::Tensor& decay,
+                                                              const at::Tensor& dgates, const ScanProblem& pb);
 void transpose_into_cuda(at::Tensor& dst, const at::Tensor& src);
 void side_by_side_cuda(const at::Tensor& on, const std::function<void()>& beside, const std::function<void()>& then);
 #endif
@@ -505,6 +509,30 @@ void gather_gates(const scalar_t* tap0, int64_t plane, const LineGeometry& geo, 
   }
 }
 
+// Decayed gates (ScanProblem::decay): the tile's normalised gates times the
+// sigmoid of their decay logits, which is left in sig; kept, when given,
+// first receives the normalised gates (tap k at kept + k * stride), for the
+// backward's chain rule.
+template <typename scalar_t, typename acc_t>
+void apply_decay(const scalar_t* decay, const LineGeometry& geo, int64_t t0, int64_t n, acc_t* __restrict__ g0,
+                 acc_t* __restrict__ g1, acc_t* __restrict__ g2, acc_t* __restrict__ sig, acc_t* kept,
+                 int64_t stride) {
+  const int64_t count = n * geo.length;
+  gather_lines(decay, geo, t0, n, sig, geo.length);
+  if (kept) {
+    std::copy(g0, g0 + count, kept);
+    std::copy(g1, g1 + count, kept + stride);
+    std::copy(g2, g2 + count, kept + 2 * stride);
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    const acc_t w = sigmoid(sig[i]);
+    sig[i] = w;
+    g0[i] *= w;
+    g1[i] *= w;
+    g2[i] *= w;
+  }
+}
+
 // ---- task layout -----------------------------------------------------------
 
 // A CPU task is (batch, direction, gate group, slice of the group's channels).
@@ -567,7 +595,7 @@ void for_each_task(const ScanProblem& pb, const CpuTasks& plan, Body&& body) {
 
 template <typename scalar_t>
 void forward_cpu(const ScanProblem& pb, const scalar_t* x, const scalar_t* gates, const scalar_t* lam,
-                 scalar_t* out) {
+                 const scalar_t* decay, scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
   const CpuTasks plan = plan_tasks(pb);
   for_each_task<acc_t>(pb, plan, [&](const TaskIndex& ti, const LineGeometry& geo, std::vector<acc_t>& buf) {
@@ -575,17 +603,22 @@ void forward_cpu(const ScanProblem& pb, const scalar_t* x, const scalar_t* gates
     const int64_t T = geo.lines, L = geo.length, chunk = chunk_length(pb.chunk, T);
     const int64_t tile = tile_lines(geo, channels);
     const int64_t TL = tile * L, pitch = L + 2;  // padded rows: one zero on each side
-    buf.assign(3 * TL + (tile + channels) * pitch, acc_t(0));
+    buf.assign(4 * TL + (tile + channels) * pitch, acc_t(0));
     acc_t* g0 = buf.data();
     acc_t* g1 = g0 + TL;
     acc_t* g2 = g1 + TL;
-    acc_t* hx = g2 + TL + 1;             // padded rows: lam * x, overwritten by h
+    acc_t* sig = g2 + TL;                // sigmoids of the decay logits (pb.decay)
+    acc_t* hx = sig + TL + 1;            // padded rows: lam * x, overwritten by h
     acc_t* last = hx + tile * pitch;     // padded row per channel: its latest hidden line
     const scalar_t* tap0 = gates + pb.gate_plane(ti.b, ti.d, ti.g, 0);
 
     for (int64_t t0 = 0; t0 < T; t0 += tile) {
       const int64_t n = std::min(tile, T - t0);
       gather_gates(tap0, pb.plane(), geo, t0, n, pb.normalize, g0, g1, g2);
+      if (pb.decay) {
+        apply_decay<scalar_t, acc_t>(decay + pb.decay_plane(ti.b, ti.d, ti.g), geo, t0, n, g0, g1, g2, sig, nullptr,
+                                     TL);
+      }
       for (int64_t c = ti.c_begin; c < ti.c_end; ++c) {
         acc_t* carry = last + (c - ti.c_begin) * pitch;
         const scalar_t* xp = x + pb.x_plane(ti.b, ti.d, c);
@@ -647,17 +680,24 @@ void adjoint_line(acc_t* __restrict__ a, const acc_t* __restrict__ g0, const acc
 // task's channels, turned into the logits' in place, from the normalised gates
 // and signed sums gather_gates kept (normalize_taps_backward_of_scan with
 // a = 1 and h_k = dg_k: the chain rule is linear in dg, so it may follow the
-// sum over channels, and slices' partial sums stay summable). Where a separate
-// pass over the whole gate tensor read the logits and gradients back from
-// memory and took exp and four divisions per position: ~40 % of a backward
-// with per-channel gates.
+// sum over channels, and slices' partial sums stay summable); with decay
+// (sig: its sigmoids, not null) also the decay logits' gradients into da
+// (decayed_taps_backward). Where a separate pass over the whole gate tensor
+// read the logits and gradients back from memory and took exp and four
+// divisions per position: ~40 % of a backward with per-channel gates.
 template <typename acc_t>
 void logit_gradients(const acc_t* __restrict__ g0, const acc_t* __restrict__ g1, const acc_t* __restrict__ g2,
-                     const acc_t* __restrict__ sums, acc_t* __restrict__ d0, acc_t* __restrict__ d1,
-                     acc_t* __restrict__ d2, int64_t count) {
+                     const acc_t* __restrict__ sums, const acc_t* __restrict__ sig, acc_t* __restrict__ d0,
+                     acc_t* __restrict__ d1, acc_t* __restrict__ d2, acc_t* __restrict__ da, int64_t count) {
   for (int64_t i = 0; i < count; ++i) {
-    acc_t l0, l1, l2;
-    normalize_taps_backward_of_scan<acc_t>(g0[i], g1[i], g2[i], sums[i], acc_t(1), d0[i], d1[i], d2[i], l0, l1, l2);
+    acc_t l0, l1, l2, a;
+    if (sig) {
+      decayed_taps_backward<acc_t>(g0[i], g1[i], g2[i], sums[i], sig[i], d0[i], d1[i], d2[i], l0, l1, l2, a);
+      da[i] = a;
+    } else {
+      normalize_taps_backward_of_scan<acc_t>(g0[i], g1[i], g2[i], sums[i], acc_t(1), d0[i], d1[i], d2[i], l0, l1,
+                                             l2);
+    }
     d0[i] = l0;
     d1[i] = l1;
     d2[i] = l2;
@@ -670,8 +710,9 @@ void logit_gradients(const acc_t* __restrict__ g0, const acc_t* __restrict__ g1,
 // sums over slices.
 template <typename scalar_t>
 void backward_cpu(const ScanProblem& pb, const CpuTasks& plan, const scalar_t* grad_h, const scalar_t* h,
-                  const scalar_t* x, const scalar_t* gates, const scalar_t* lam, scalar_t* dx,
-                  at::opmath_type<scalar_t>* dg_partial, scalar_t* dlam) {
+                  const scalar_t* x, const scalar_t* gates, const scalar_t* lam, const scalar_t* decay,
+                  scalar_t* dx, at::opmath_type<scalar_t>* dg_partial, at::opmath_type<scalar_t>* dd_partial,
+                  scalar_t* dlam) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t plane = pb.plane();
   for_each_task<acc_t>(pb, plan, [&](const TaskIndex& ti, const LineGeometry& geo, std::vector<acc_t>& buf) {
@@ -679,7 +720,8 @@ void backward_cpu(const ScanProblem& pb, const CpuTasks& plan, const scalar_t* g
     const int64_t T = geo.lines, L = geo.length, chunk = chunk_length(pb.chunk, T);
     const int64_t tile = tile_lines(geo, channels);
     const int64_t TL = tile * L, pitch = L + 2;
-    buf.assign(10 * TL + tile * pitch + 3 * (2 + channels) * pitch + 2, acc_t(0));
+    const int64_t decay_buffers = pb.decay ? 5 * TL : 0;
+    buf.assign(10 * TL + tile * pitch + 3 * (2 + channels) * pitch + 2 + decay_buffers, acc_t(0));
     acc_t* g0 = buf.data();   // gates
     acc_t* g1 = g0 + TL;
     acc_t* g2 = g1 + TL;
@@ -695,12 +737,19 @@ void backward_cpu(const ScanProblem& pb, const CpuTasks& plan, const scalar_t* g
     // a tile, one block per channel carries the tile's last line over.
     acc_t* vloc = hp + tile * pitch;
     acc_t* vcarry = vloc + 6 * pitch;
+    // With decay: its sigmoids, the undecayed normalised gates (the scan
+    // runs on the decayed ones in g0..g2) and the decay logits' gradients.
+    acc_t* sig = pb.decay ? vcarry + 3 * channels * pitch : nullptr;
+    acc_t* kept = pb.decay ? sig + TL : nullptr;
+    acc_t* da = pb.decay ? kept + 3 * TL : nullptr;
     const scalar_t* tap0 = gates + pb.gate_plane(ti.b, ti.d, ti.g, 0);
-    acc_t* dgp = dg_partial + (((ti.b * pb.D + ti.d) * pb.G + ti.g) * plan.slices + ti.slice) * 3 * plane;
+    const int64_t task_set = ((ti.b * pb.D + ti.d) * pb.G + ti.g) * plan.slices + ti.slice;
+    acc_t* dgp = dg_partial + task_set * 3 * plane;
 
     for (int64_t t0 = ((T - 1) / tile) * tile; t0 >= 0; t0 -= tile) {
       const int64_t n = std::min(tile, T - t0);
       gather_gates(tap0, plane, geo, t0, n, pb.normalize, g0, g1, g2, sums);
+      if (pb.decay) apply_decay(decay + pb.decay_plane(ti.b, ti.d, ti.g), geo, t0, n, g0, g1, g2, sig, kept, TL);
       std::fill(d0, d0 + 3 * TL, acc_t(0));
       for (int64_t c = ti.c_begin; c < ti.c_end; ++c) {
         const int64_t plane_out = pb.out_plane(ti.b, ti.d, c);
@@ -750,7 +799,12 @@ void backward_cpu(const ScanProblem& pb, const CpuTasks& plan, const scalar_t* g
         scatter_lines<false>(ls, L, geo, t0, n, dx + plane_out);
         scatter_lines<false>(xs, L, geo, t0, n, dlam + plane_out);
       }
-      if (pb.normalize) logit_gradients(g0, g1, g2, sums, d0, d1, d2, n * L);
+      if (pb.decay) {
+        logit_gradients(kept, kept + TL, kept + 2 * TL, sums, sig, d0, d1, d2, da, n * L);
+        scatter_lines<true>(da, L, geo, t0, n, dd_partial + task_set * plane);
+      } else if (pb.normalize) {
+        logit_gradients<acc_t>(g0, g1, g2, sums, nullptr, d0, d1, d2, nullptr, n * L);
+      }
       for (int k = 0; k < 3; ++k) scatter_lines<true>(d0 + k * TL, L, geo, t0, n, dgp + k * plane);
     }
   });
@@ -805,7 +859,9 @@ struct ColumnRoute {
 
 ColumnRoute column_route(const ScanProblem& pb, int64_t columns_as_rows) {
   ColumnRoute route;
-  if (columns_as_rows < 0 || pb.plane() < columns_as_rows) return route;
+  // Fused decay is the CPU kernels' (pb.decay), which read columns in place:
+  // the route, a CUDA matter that tests may ask of the CPU, does not carry it.
+  if (columns_as_rows < 0 || pb.plane() < columns_as_rows || pb.decay) return route;
   for (int64_t d = 0; d < pb.D; ++d) {
     const bool column = pb.dirs[d] == kLeftRight || pb.dirs[d] == kRightLeft;
     (column ? route.columns : route.rows).push_back(d);
@@ -921,7 +977,7 @@ void rows_beside_columns(const ColumnRoute& route, const at::Tensor& on, const s
 // h of pb's directions into out (pb.Dt directions). columns_staged: pb's
 // directions are columns that columns_staged() found fit to run staged.
 void forward_into(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& lam, at::Tensor& out,
-                  const ScanProblem& pb, bool columns_staged = false) {
+                  const ScanProblem& pb, bool columns_staged = false, const at::Tensor& decay = at::Tensor()) {
   if (runs_cuda_kernels(x)) {
 #ifdef GSPN_WITH_CUDA
     scan_forward_cuda(x, gates, lam, out, pb, columns_staged);
@@ -932,7 +988,7 @@ void forward_into(const at::Tensor& x, const at::Tensor& gates, const at::Tensor
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_scan_cpu", [&] {
     forward_cpu<scalar_t>(pb, x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(),
-                          out.data_ptr<scalar_t>());
+                          pb.decay ? decay.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>());
   });
 }
 
@@ -941,8 +997,9 @@ void forward_into(const at::Tensor& x, const at::Tensor& gates, const at::Tensor
 // accumulated: the input dtype where each channel has its own gates on CUDA,
 // else float32 (float64 for double) -- CUDA channels sharing a group add
 // into it with atomics, CPU tasks write partial sums that are then added.
+// With fused decay (CPU) also ddecay (B, Dt, G, H, W) in float32 (float64).
 struct Gradients {
-  at::Tensor dx, dgates, dlam;
+  at::Tensor dx, dgates, dlam, ddecay;
 };
 
 Gradients allocate_gradients(const at::Tensor& x, const at::Tensor& gates, const ScanProblem& pb) {
@@ -962,7 +1019,8 @@ Gradients allocate_gradients(const at::Tensor& x, const at::Tensor& gates, const
 // tensor read the logits and the gradients again -- CUDA per position, the
 // CPU per tile (logit_gradients).
 void backward_into(const at::Tensor& grad_h, const at::Tensor& h, const at::Tensor& x, const at::Tensor& gates,
-                   const at::Tensor& lam, Gradients& g, const ScanProblem& pb, bool columns_staged = false) {
+                   const at::Tensor& lam, Gradients& g, const ScanProblem& pb, bool columns_staged = false,
+                   const at::Tensor& decay = at::Tensor()) {
   if (runs_cuda_kernels(x)) {
 #ifdef GSPN_WITH_CUDA
     scan_backward_cuda(grad_h, h, x, gates, lam, g.dx, g.dgates, g.dlam, pb, columns_staged);
@@ -973,11 +1031,17 @@ void backward_into(const at::Tensor& grad_h, const at::Tensor& h, const at::Tens
   }
   const CpuTasks plan = plan_tasks(pb);
   at::Tensor partial = at::zeros({pb.B, pb.D, pb.G, plan.slices, 3, pb.H, pb.W}, g.dgates.options());
+  at::Tensor decay_partial;
+  if (pb.decay) decay_partial = at::zeros({pb.B, pb.D, pb.G, plan.slices, pb.H, pb.W}, g.dgates.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_scan_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     backward_cpu<scalar_t>(pb, plan, grad_h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                           gates.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), g.dx.data_ptr<scalar_t>(),
-                           partial.data_ptr<at::opmath_type<scalar_t>>(), g.dlam.data_ptr<scalar_t>());
+                           gates.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(),
+                           pb.decay ? decay.data_ptr<scalar_t>() : nullptr, g.dx.data_ptr<scalar_t>(),
+                           partial.data_ptr<acc_t>(), pb.decay ? decay_partial.data_ptr<acc_t>() : nullptr,
+                           g.dlam.data_ptr<scalar_t>());
   });
+  if (pb.decay) g.ddecay = plan.slices == 1 ? decay_partial.squeeze(3) : decay_partial.sum(3);  // route: not taken
   const at::Tensor summed = plan.slices == 1 ? partial.squeeze(3) : partial.sum(3);
   if (pb.D == pb.Dt) {
     g.dgates = summed;  // every direction: no copy
@@ -988,15 +1052,50 @@ void backward_into(const at::Tensor& grad_h, const at::Tensor& h, const at::Tens
 
 // ---- the op ---------------------------------------------------------------
 
+// The decay logits of a call ((B, D, G, H, W), fused with the gate
+// normalisation), checked, and what the kernels take with them: the CPU
+// kernels fuse them (pb.decay); the CUDA scan kernels (which do not yet) take
+// the decayed gates, made in one pass by decayed_gates_cuda, as plain gates.
+struct DecayedGates {
+  at::Tensor logits, gates, decay;
+  bool apart;  // gates = decayed_gates_cuda(logits, decay)
+};
+
+DecayedGates decayed_gates(const at::Tensor& gates_in, const std::optional<at::Tensor>& decay_in, ScanProblem& pb) {
+  DecayedGates in{dense(gates_in), at::Tensor(), at::Tensor(), false};
+  in.gates = in.logits;
+  if (!decay_in.has_value() || !decay_in->defined()) return in;
+  const at::Tensor& decay = *decay_in;
+  TORCH_CHECK(pb.normalize, "gspn::scan: decay weighs the normalised gates, so it needs normalize=True (gates "
+              "given as logits); with gates given as they are, multiply them by sigmoid(decay) instead");
+  TORCH_CHECK(decay.sizes() == at::IntArrayRef({pb.B, pb.D, pb.G, pb.H, pb.W}), "gspn::scan: decay must be "
+              "(B, D, G, H, W) = (", pb.B, ", ", pb.D, ", ", pb.G, ", ", pb.H, ", ", pb.W, "), got ", decay.sizes());
+  TORCH_CHECK(decay.scalar_type() == gates_in.scalar_type() && decay.device() == gates_in.device(),
+              "gspn::scan: decay must match gates in dtype and device");
+  in.decay = dense(decay);
+  if (runs_cuda_kernels(in.logits)) {
+#ifdef GSPN_WITH_CUDA
+    in.gates = decayed_gates_cuda(in.logits, in.decay, pb);
+    in.apart = true;
+    pb.normalize = false;
+#endif
+  } else {
+    pb.decay = true;
+  }
+  return in;
+}
+
 at::Tensor scan_forward(const at::Tensor& x_in, const at::Tensor& gates_in, const at::Tensor& lam_in,
-                        at::IntArrayRef directions, int64_t chunk, bool normalize, int64_t columns_as_rows) {
-  const ScanProblem pb = make_problem(x_in, gates_in, lam_in, directions, chunk, normalize);
-  const at::Tensor x = dense(x_in), gates = dense(gates_in), lam = dense(lam_in);
+                        at::IntArrayRef directions, int64_t chunk, bool normalize, int64_t columns_as_rows,
+                        const std::optional<at::Tensor>& decay_in) {
+  ScanProblem pb = make_problem(x_in, gates_in, lam_in, directions, chunk, normalize);
+  const DecayedGates in = decayed_gates(gates_in, decay_in, pb);
+  const at::Tensor x = dense(x_in), gates = in.gates, lam = dense(lam_in);
   at::Tensor out = at::empty({pb.B, pb.D, pb.C, pb.H, pb.W}, x.options());
   if (out.numel() == 0) return out;
   const ColumnRoute route = column_route(pb, columns_as_rows);
   if (!route.taken()) {
-    forward_into(x, gates, lam, out, pb);
+    forward_into(x, gates, lam, out, pb, false, in.decay);
     return out;
   }
   auto rows = [&] { forward_into(x, gates, lam, out, launch_of(pb, route.rows)); };
@@ -1015,24 +1114,28 @@ at::Tensor scan_forward(const at::Tensor& x_in, const at::Tensor& gates_in, cons
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_backward(
+// Gradients of x, of the gates (their logits with normalize) and of lam,
+// then of the decay logits (an empty tensor for a call without them).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_backward(
     const at::Tensor& grad_h_in, const at::Tensor& h_in, const at::Tensor& x_in,
     const at::Tensor& gates_in, const at::Tensor& lam_in, at::IntArrayRef directions, int64_t chunk,
-    bool normalize, int64_t columns_as_rows) {
-  const ScanProblem pb = make_problem(x_in, gates_in, lam_in, directions, chunk, normalize);
+    bool normalize, int64_t columns_as_rows, const std::optional<at::Tensor>& decay_in) {
+  ScanProblem pb = make_problem(x_in, gates_in, lam_in, directions, chunk, normalize);
   const std::vector<int64_t> full{pb.B, pb.D, pb.C, pb.H, pb.W};
   TORCH_CHECK(grad_h_in.sizes() == at::IntArrayRef(full) && h_in.sizes() == at::IntArrayRef(full),
               "gspn::scan_backward: grad_h and h must be (B, D, C, H, W)");
+  const DecayedGates in = decayed_gates(gates_in, decay_in, pb);
   const at::Tensor grad_h = dense(grad_h_in).to(x_in.scalar_type()), h = dense(h_in);
-  const at::Tensor x = dense(x_in), gates = dense(gates_in), lam = dense(lam_in);
+  const at::Tensor x = dense(x_in), gates = in.gates, lam = dense(lam_in);
   Gradients g = allocate_gradients(x, gates, pb);
   const ColumnRoute route = column_route(pb, columns_as_rows);
   if (x.numel() == 0 || gates.numel() == 0) {
     g.dx.zero_();
     g.dlam.zero_();
     g.dgates.zero_();
+    if (in.decay.defined()) g.ddecay = at::zeros_like(in.decay);
   } else if (!route.taken()) {
-    backward_into(grad_h, h, x, gates, lam, g, pb);
+    backward_into(grad_h, h, x, gates, lam, g, pb, false, in.decay);
   } else {
     auto rows = [&] { backward_into(grad_h, h, x, gates, lam, g, launch_of(pb, route.rows)); };
     auto columns = [&] {
@@ -1051,11 +1154,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_backward(
     };
     rows_beside_columns(route, x, rows, columns);
   }
+#ifdef GSPN_WITH_CUDA
+  if (in.apart && !g.ddecay.defined()) {
+    std::tie(g.dgates, g.ddecay) = decayed_gates_backward_cuda(in.logits, in.decay, g.dgates, pb);
+  }
+#endif
   const at::Tensor dgates = g.dgates.to(gates.scalar_type());
+  const at::Tensor ddecay =
+      in.decay.defined() ? g.ddecay.to(gates.scalar_type()) : at::empty({0}, gates.options());
   at::Tensor dx = g.dx, dlam = g.dlam;
   if (x_in.dim() == 4) dx = pb.D == 1 ? dx.squeeze(1) : dx.sum(1);
   if (lam_in.dim() == 4) dlam = pb.D == 1 ? dlam.squeeze(1) : dlam.sum(1);
-  return {dx, dgates, dlam};
+  return {dx, dgates, dlam, ddecay};
 }
 
 }  // namespace

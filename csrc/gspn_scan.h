@@ -75,6 +75,7 @@ struct ScanProblem {
   int slots;                // 2 bits per launch direction: slot(d) = (slots >> 2d) & 3
   int dirs[4];
   bool normalize;           // gates hold logits; normalise on the fly
+  bool decay;               // with normalize: a decay logit per gate position (CPU kernels)
 
   GSPN_HD int64_t plane() const { return H * W; }
   GSPN_HD int64_t channels_per_group() const { return C / G; }
@@ -94,6 +95,10 @@ struct ScanProblem {
   // Tap k of gate group g.
   GSPN_HD int64_t gate_plane(int64_t b, int64_t d, int64_t g, int k) const {
     return (((b * Dt + slot(d)) * G + g) * 3 + k) * plane();
+  }
+  // The decay logits of gate group g, (B, Dt, G, H, W).
+  GSPN_HD int64_t decay_plane(int64_t b, int64_t d, int64_t g) const {
+    return ((b * Dt + slot(d)) * G + g) * plane();
   }
 };
 
@@ -214,6 +219,19 @@ GSPN_HD void normalize_taps_backward_of_scan(acc_t g0, acc_t g1, acc_t g2, acc_t
   dl0 = a * ((h0 - m) * (g0 - g0 * g0 * sum));
   dl1 = a * ((h1 - m) * (g1 - g1 * g1 * sum));
   dl2 = a * ((h2 - m) * (g2 - g2 * g2 * sum));
+}
+
+// Chain rule of decayed gates, G_k = sigmoid(a) g_k with g_k = normalize_taps'
+// (the decay logit a of the position weighs all three taps, so that they sum
+// to sigmoid(a) < 1): from the gradients dG_k, the logits' dl_k (the chain
+// rule above with the adjoint a replaced by sigmoid(a) and h_k by dG_k:
+// dg_k = sigmoid(a) dG_k) and the decay logit's
+// da = sigmoid(a) (1 - sigmoid(a)) sum_k g_k dG_k (the floor does not matter here).
+template <typename acc_t>
+GSPN_HD void decayed_taps_backward(acc_t g0, acc_t g1, acc_t g2, acc_t signed_sum, acc_t sigmoid_a, acc_t dG0,
+                                   acc_t dG1, acc_t dG2, acc_t& dl0, acc_t& dl1, acc_t& dl2, acc_t& da) {
+  normalize_taps_backward_of_scan(g0, g1, g2, signed_sum, sigmoid_a, dG0, dG1, dG2, dl0, dl1, dl2);
+  da = sigmoid_a * (acc_t(1) - sigmoid_a) * (g0 * dG0 + g1 * dG1 + g2 * dG2);
 }
 
 // Forward step. prev points at the previous line's hidden state for position p

@@ -10,6 +10,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "gspn_cuda_api.cuh"
@@ -189,6 +191,111 @@ at::Tensor contiguous_cuda(const at::Tensor& t) {
     return out;
   }
   return t.contiguous();
+}
+
+namespace {
+
+// Decayed gates (gspn_scan.h, decayed_taps_backward) for the scan kernels,
+// which take normalised logits but no decay: one thread per gate position of
+// the whole call (pb: all its directions, identity slots), reading its three
+// logits and its decay logit once. Each tap's neighbour exists along the
+// position axis: W for row scans, H for column scans.
+constexpr int kDecayThreads = 256;
+
+__device__ inline void decay_position(const ScanProblem& pb, int64_t i, int64_t& taps, bool& before, bool& after) {
+  const int64_t plane = pb.plane(), set = i / plane, at = i - set * plane;
+  const int dir = pb.dirs[(set / pb.G) % pb.Dt];
+  const bool rows = dir == kTopBottom || dir == kBottomTop;
+  const int64_t p = rows ? at % pb.W : at / pb.W, L = rows ? pb.W : pb.H;
+  taps = set * 3 * plane + at;
+  before = p > 0;
+  after = p < L - 1;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void decayed_gates_kernel(const scalar_t* __restrict__ logits, const scalar_t* __restrict__ decay,
+                                     scalar_t* __restrict__ gates, const ScanProblem pb, const int64_t count) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= count) return;
+  int64_t k0;
+  bool before, after;
+  decay_position(pb, i, k0, before, after);
+  const int64_t plane = pb.plane();
+  acc_t g0, g1, g2;
+  normalize_taps<acc_t>(static_cast<acc_t>(logits[k0]), static_cast<acc_t>(logits[k0 + plane]),
+                        static_cast<acc_t>(logits[k0 + 2 * plane]), before, after, g0, g1, g2);
+  const acc_t w = sigmoid(static_cast<acc_t>(decay[i]));
+  gates[k0] = static_cast<scalar_t>(g0 * w);
+  gates[k0 + plane] = static_cast<scalar_t>(g1 * w);
+  gates[k0 + 2 * plane] = static_cast<scalar_t>(g2 * w);
+}
+
+// dgates: the scan kernels' gate gradients, in scalar_t or (channels
+// sharing a group, added with atomics) in acc_t.
+template <typename scalar_t, typename acc_t, typename dg_t>
+__global__ void decayed_gates_backward_kernel(const scalar_t* __restrict__ logits,
+                                              const scalar_t* __restrict__ decay, const dg_t* __restrict__ dgates,
+                                              scalar_t* __restrict__ dlogits, scalar_t* __restrict__ ddecay,
+                                              const ScanProblem pb, const int64_t count) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= count) return;
+  int64_t k0;
+  bool before, after;
+  decay_position(pb, i, k0, before, after);
+  const int64_t plane = pb.plane(), k1 = k0 + plane, k2 = k1 + plane;
+  acc_t g0, g1, g2, signed_sum, dl0, dl1, dl2, da;
+  normalize_taps<acc_t>(static_cast<acc_t>(logits[k0]), static_cast<acc_t>(logits[k1]),
+                        static_cast<acc_t>(logits[k2]), before, after, g0, g1, g2, signed_sum);
+  decayed_taps_backward<acc_t>(g0, g1, g2, signed_sum, sigmoid(static_cast<acc_t>(decay[i])),
+                               static_cast<acc_t>(dgates[k0]), static_cast<acc_t>(dgates[k1]),
+                               static_cast<acc_t>(dgates[k2]), dl0, dl1, dl2, da);
+  dlogits[k0] = static_cast<scalar_t>(dl0);
+  dlogits[k1] = static_cast<scalar_t>(dl1);
+  dlogits[k2] = static_cast<scalar_t>(dl2);
+  ddecay[i] = static_cast<scalar_t>(da);
+}
+
+int64_t decay_blocks(int64_t count) { return (count + kDecayThreads - 1) / kDecayThreads; }
+
+}  // namespace
+
+at::Tensor decayed_gates_cuda(const at::Tensor& logits, const at::Tensor& decay, const ScanProblem& pb) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor gates = at::empty_like(logits);
+  const int64_t count = decay.numel();
+  if (count == 0) return gates;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "gspn_decayed_gates_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto kernel = decayed_gates_kernel<scalar_t, acc_t>;
+    GSPN_LAUNCH(kernel, decay_blocks(count), kDecayThreads, 0, stream)(
+        logits.data_ptr<scalar_t>(), decay.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), pb, count);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return gates;
+}
+
+std::pair<at::Tensor, at::Tensor> decayed_gates_backward_cuda(const at::Tensor& logits, const at::Tensor& decay,
+                                                              const at::Tensor& dgates, const ScanProblem& pb) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor dlogits = at::empty_like(logits), ddecay = at::empty_like(decay);
+  const int64_t count = decay.numel();
+  if (count == 0) return {dlogits, ddecay};
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "gspn_decayed_gates_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto launch = [&](auto* dg) {
+      using dg_t = std::remove_const_t<std::remove_pointer_t<decltype(dg)>>;
+      const auto kernel = decayed_gates_backward_kernel<scalar_t, acc_t, dg_t>;
+      GSPN_LAUNCH(kernel, decay_blocks(count), kDecayThreads, 0, stream)(
+          logits.data_ptr<scalar_t>(), decay.data_ptr<scalar_t>(), dg, dlogits.data_ptr<scalar_t>(),
+          ddecay.data_ptr<scalar_t>(), pb, count);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (dgates.scalar_type() == logits.scalar_type()) launch(dgates.data_ptr<scalar_t>());
+    else launch(dgates.data_ptr<acc_t>());
+  });
+  return {dlogits, ddecay};
 }
 
 void scan_forward_cuda(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& lam, at::Tensor& out,

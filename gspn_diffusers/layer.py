@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import DIRECTIONS, gspn_scan_4dir, normalize_gates_4dir
+from .ops import DIRECTIONS, gspn_scan_4dir
 
 
 def default_proxy_dim(channels: int) -> int:
@@ -154,12 +154,19 @@ class GSPNLayer(nn.Module):
         z = planes(self.proxy_in(tokens)).contiguous()
         ctrl = planes(self.heads(F.silu(self.bottleneck(tokens))))
         logits, decay, lam, gate = ctrl.split([12 * g, 4 * g, cp, cp], dim=1)
-        logits = logits.reshape(batch, 4, g, 3, height, width)
-        decay = torch.sigmoid(decay.reshape(batch, 4, g, 1, height, width))
-        gates = (normalize_gates_4dir(logits) * decay).contiguous()
-        # lam stays channels-last (a slice of the heads' token-major output): on
-        # CUDA the op makes its planes with a tiled transpose, faster than .contiguous()
-        hidden = gspn_scan_4dir(z, gates, torch.sigmoid(lam), chunk=self.chunk)
+        # Gate logits, decay logits and lam stay channels-last (slices of the
+        # heads' token-major output): the op makes their planes (on CUDA with a
+        # tiled transpose, faster than .contiguous()) and normalises and decays
+        # the gates as it reads them, where doing that here took several passes
+        # over the gates (on the CPU twice the scan's own time at 128x128).
+        hidden = gspn_scan_4dir(
+            z,
+            logits.reshape(batch, 4, g, 3, height, width),
+            torch.sigmoid(lam),
+            chunk=self.chunk,
+            normalize=True,
+            decay=decay.reshape(batch, 4, g, height, width),
+        )
         mixed = torch.einsum("bdchw,d->bchw", hidden, self.direction_weights.to(hidden.dtype))
         y = torch.sigmoid(gate) * mixed + self.skip.to(z.dtype)[:, None, None] * z
         return self.proxy_out(y.flatten(2).transpose(1, 2))

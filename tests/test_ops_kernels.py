@@ -410,36 +410,117 @@ def test_fused_normalisation_gradients_at_the_floor(device, dtype):
             assert_close_scaled(got.grad, want.grad, rtol, f"{direction} grad {name}")
 
 
-@pytest.mark.parametrize("normalize", [False, True], ids=["gates", "logits"])
-def test_channel_slices_of_one_gate_group(normalize):
+@pytest.mark.parametrize("gates_are", ["gates", "logits", "logits with decay"])
+def test_channel_slices_of_one_gate_group(gates_are):
     """With fewer gate groups than threads the CPU kernels split a group's
     channels into slices, each summing its channels' gate gradients (with
-    fused normalisation already the logits': the chain rule runs per slice)
-    and the host adds the slices. Four threads over one group of 6 channels
-    (slices of 2), every direction: forward and gradients against the
-    reference to 1e-10. (The test workers otherwise run one thread: one slice.)"""
-    gen = generator_for("slices", normalize)
+    fused normalisation already the logits', and the decay logits': the chain
+    rule runs per slice) and the host adds the slices. Four threads over one
+    group of 6 channels (slices of 2), every direction: forward and gradients
+    against the reference to 1e-10. (The test workers otherwise run one
+    thread: one slice.)"""
+    gen = generator_for("slices", gates_are)
+    normalize = gates_are != "gates"
     x = torch.randn(1, 6, 9, 20, generator=gen, dtype=torch.float64)
     lam = torch.rand(1, 6, 9, 20, generator=gen, dtype=torch.float64)
     gates = torch.randn(1, 1, 3, 9, 20, generator=gen, dtype=torch.float64) * 3
     if not normalize:
         gates = gates.sigmoid() / 3
+    decay = torch.randn(1, 1, 9, 20, generator=gen, dtype=torch.float64) * 2 if "decay" in gates_are else None
     grad = torch.randn(1, 6, 9, 20, generator=gen, dtype=torch.float64)
+    names = ("x", "gates", "lam") + (("decay",) if decay is not None else ())
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
         for direction in DIRECTIONS:
-            inputs = [t.detach().clone().requires_grad_() for t in (x, gates, lam)]
-            got = gspn_scan(*inputs, direction, normalize=normalize)
+            tensors = (x, gates, lam) + ((decay,) if decay is not None else ())
+            inputs = [t.detach().clone().requires_grad_() for t in tensors]
+            got = gspn_scan(*inputs[:3], direction, normalize=normalize, decay=inputs[3] if decay is not None else None)
             got.backward(grad)
-            ref_inputs = [t.detach().clone().requires_grad_() for t in (x, gates, lam)]
-            want = scan_reference(*ref_inputs, direction, normalize=normalize)
+            ref_inputs = [t.detach().clone().requires_grad_() for t in tensors]
+            want = scan_reference(*ref_inputs[:3], direction, normalize=normalize,
+                                  decay=ref_inputs[3] if decay is not None else None)
             want.backward(grad)
             assert_close_scaled(got, want, 1e-10, f"{direction} forward")
-            for name, g, w in zip(("x", "gates", "lam"), inputs, ref_inputs):
+            for name, g, w in zip(names, inputs, ref_inputs):
                 assert_close_scaled(g.grad, w.grad, 1e-10, f"{direction} grad {name}")
     finally:
         torch.set_num_threads(threads)
+
+
+# ---- decay fused with the normalisation -------------------------------------
+
+
+def decay_inputs(batch, channels, groups, height, width, *key):
+    """float64 x, gate logits and decay logits (scaled to reach saturated
+    sigmoids), lam, and a gradient for the four-direction output."""
+    gen = generator_for("decay", batch, channels, groups, height, width, *key)
+    x = torch.randn(batch, channels, height, width, generator=gen, dtype=torch.float64)
+    logits = torch.randn(batch, 4, groups, 3, height, width, generator=gen, dtype=torch.float64) * 3
+    lam = torch.rand(batch, channels, height, width, generator=gen, dtype=torch.float64)
+    decay = torch.randn(batch, 4, groups, height, width, generator=gen, dtype=torch.float64) * 3
+    grad = torch.randn(batch, 4, channels, height, width, generator=gen, dtype=torch.float64)
+    return (x, logits, lam, decay), grad
+
+
+def decay_against_reference(inputs, grad, chunk, device, dtype):
+    """gspn_scan_4dir with decay and the float64 reference on copies of the
+    (float64) inputs; returns (output, reference, inputs, reference inputs),
+    the inputs holding their .grad."""
+    got_in = [t.to(device=device, dtype=dtype).requires_grad_() for t in inputs]
+    got = gspn_scan_4dir(got_in[0], got_in[1], got_in[2], chunk, normalize=True, decay=got_in[3])
+    got.backward(grad.to(device=device, dtype=dtype))
+    ref_in = [t.to(dtype).double().detach().requires_grad_() for t in inputs]
+    want = scan_directions_reference(ref_in[0], ref_in[1], ref_in[2], DIRECTIONS, chunk, True, ref_in[3])
+    want.backward(grad)
+    return got, want, got_in, ref_in
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_decay_matches_reference(device, dtype, chunk):
+    """Decay logits fused with the gate normalisation (in the CPU kernels'
+    tiles; on CUDA one pass making the decayed gates and one for the chain
+    rule): forward and the gradients of x, logits, lam and decay against
+    autograd through the reference, G in {1, C/2, C}, every direction, B = 2,
+    lines spanning whole vectors."""
+    for groups in (1, 2, 4):
+        inputs, grad = decay_inputs(2, 4, groups, 9, 21, chunk)
+        got, want, got_in, ref_in = decay_against_reference(inputs, grad, chunk, device, dtype)
+        exact = dtype == torch.float64
+        assert_close_scaled(got, want, 1e-10 if exact else TOLERANCE[dtype], f"G={groups} forward")
+        rtol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2}[dtype]
+        for name, g, w in zip(("x", "logits", "lam", "decay"), got_in, ref_in):
+            assert g.grad.dtype == dtype and g.grad.shape == g.shape
+            assert_close_scaled(g.grad, w.grad, rtol, f"G={groups} grad {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_decay_gradcheck(device):
+    """Finite differences in float64 through the decayed gates, shared gates
+    and per-channel ones."""
+    for groups in (1, 2):
+        inputs, _ = decay_inputs(1, 2, groups, 4, 5, "gradcheck")
+        inputs = [t.to(device).requires_grad_() for t in inputs]
+        assert torch.autograd.gradcheck(
+            lambda x, g, l, d: gspn_scan_4dir(x, g, l, 3, normalize=True, decay=d), inputs
+        )
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_decay_on_the_column_route(device, monkeypatch):
+    """The column route (on CUDA: the decayed gates made first, then the
+    route's launches; the CPU kernels, which fuse decay, leave it) with decay,
+    against the reference."""
+    from gspn_diffusers import ops
+
+    monkeypatch.setitem(ops.COLUMNS_AS_ROWS_MIN_PIXELS, device.type, 0)
+    inputs, grad = decay_inputs(1, 4, 2, 8, 12, "route")
+    got, want, got_in, ref_in = decay_against_reference(inputs, grad, None, device, torch.float64)
+    assert_close_scaled(got, want, 1e-10, "forward")
+    for name, g, w in zip(("x", "logits", "lam", "decay"), got_in, ref_in):
+        assert_close_scaled(g.grad, w.grad, 1e-10, f"grad {name}")
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
@@ -687,10 +768,14 @@ def test_columns_mode_must_be_known(device, monkeypatch):
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_opcheck(device):
     # the second call runs its column directions through the column route
-    for normalize, x_dirs, columns_as_rows in ((False, None, -1), (True, 4, 0)):
+    # the third with decay logits
+    for normalize, x_dirs, columns_as_rows, decay in ((False, None, -1, False), (True, 4, 0, False),
+                                                      (True, None, -1, True)):
         x, gates, lam = make_inputs(2, 4, 2, 5, 7, torch.float64, device, "opcheck", dirs=4, shared=x_dirs is None)
         args = (x.requires_grad_(), gates.requires_grad_(), lam.requires_grad_(), [0, 1, 2, 3], 2, normalize,
                 columns_as_rows)
+        if decay:
+            args += (torch.randn(2, 4, 2, 5, 7, dtype=torch.float64, device=device, requires_grad=True),)
         torch.library.opcheck(torch.ops.gspn.scan.default, args)
 
 
@@ -702,13 +787,15 @@ def test_torch_compile_fullgraph(device, columns_as_rows, monkeypatch):
     monkeypatch.setitem(ops.COLUMNS_AS_ROWS_MIN_PIXELS, device.type, 0 if columns_as_rows else None)
     x, gates, lam = make_inputs(1, 4, 2, 9, 7, torch.float32, device, "compile", dirs=4)
 
-    def layer(x, logits, lam):
-        h = gspn_scan_4dir(x, logits, lam, chunk=4, normalize=True)
+    decay = torch.randn(1, 4, 2, 9, 7, generator=generator_for("compile decay")).to(device)
+
+    def layer(x, logits, lam, decay):
+        h = gspn_scan_4dir(x, logits, lam, chunk=4, normalize=True, decay=decay)
         return torch.tanh(h.sum(1)) * 2
 
     torch._dynamo.reset()
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    inputs = [t.requires_grad_() for t in (x, gates, lam)]
+    inputs = [t.requires_grad_() for t in (x, gates, lam, decay)]
     out = compiled(*inputs)
     out.sum().backward()
     grads = [t.grad.clone() for t in inputs]
@@ -766,6 +853,23 @@ def test_bad_options():
         gspn_scan_4dir(x, g, l)
     with pytest.raises(ValueError, match="x has 3 directions"):
         gspn_scan_4dir(torch.zeros(2, 3, 4, 5, 6), g4, l)
+
+
+def test_bad_decay():
+    x, g, l = _good()
+    decay = torch.zeros(2, 2, 5, 6)
+    with pytest.raises(ValueError, match="decay weighs the normalised gates, so it needs normalize=True"):
+        gspn_scan(x, g, l, decay=decay)
+    with pytest.raises(ValueError, match=r"decay must have shape \(2, 2, 5, 6\)"):
+        gspn_scan(x, g, l, normalize=True, decay=decay[:, :1])
+    with pytest.raises(ValueError, match=r"decay must have shape \(2, 4, 2, 5, 6\)"):
+        gspn_scan_4dir(x, torch.zeros(2, 4, 2, 3, 5, 6), l, normalize=True, decay=decay)
+    with pytest.raises(TypeError, match="decay must match gates in dtype"):
+        gspn_scan(x, g, l, normalize=True, decay=decay.double())
+    with pytest.raises(TypeError, match="decay has dtype torch.int64"):
+        gspn_scan(x, g, l, normalize=True, decay=decay.long())
+    with pytest.raises(ValueError, match="needs normalize=True"):
+        scan_reference(x, g, l, decay=decay)
 
 
 def test_op_rejects_bad_codes_directly(compiled_cpu):

@@ -123,11 +123,35 @@ def _check_inputs(x, gates, lam, num_dirs: Optional[int]) -> None:
 COLUMNS_AS_ROWS_MIN_PIXELS = {"cuda": 128 * 128}
 
 
-def _scan(x, gates, lam, directions: Sequence[str], codes: list, chunk: int, normalize: bool):
+def _check_decay(decay, gates, normalize: bool) -> None:
+    if decay is None:
+        return
+    _check_tensor("decay", decay)
+    if not normalize:
+        raise ValueError(
+            "decay weighs the normalised gates, so it needs normalize=True (gates given as logits); with gates "
+            "used as given, multiply them by decay.sigmoid().unsqueeze(-3) instead"
+        )
+    expected = tuple(gates.shape[:-3]) + tuple(gates.shape[-2:])
+    if tuple(decay.shape) != expected:
+        raise ValueError(
+            f"decay must have shape {expected} (the gates' {tuple(gates.shape)} without their 3 taps), "
+            f"got {tuple(decay.shape)}"
+        )
+    if decay.dtype != gates.dtype or decay.device != gates.device:
+        raise TypeError(
+            f"decay must match gates in dtype and device ({gates.dtype} on {gates.device}), "
+            f"got {decay.dtype} on {decay.device}"
+        )
+
+
+def _scan(x, gates, lam, directions: Sequence[str], codes: list, chunk: int, normalize: bool, decay=None):
     if not uses_compiled_kernels(x.device.type):
-        return scan_directions_reference(x, gates, lam, directions, chunk or None, normalize)
+        return scan_directions_reference(x, gates, lam, directions, chunk or None, normalize, decay)
     threshold = COLUMNS_AS_ROWS_MIN_PIXELS.get(x.device.type)
-    return torch.ops.gspn.scan(x, gates, lam, codes, chunk, normalize, -1 if threshold is None else threshold)
+    return torch.ops.gspn.scan(
+        x, gates, lam, codes, chunk, normalize, -1 if threshold is None else threshold, decay
+    )
 
 
 def gspn_scan(
@@ -137,6 +161,7 @@ def gspn_scan(
     direction: str = "tb",
     chunk: Optional[int] = None,
     normalize: bool = False,
+    decay: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """One GSPN scan direction.
 
@@ -151,14 +176,21 @@ def gspn_scan(
             index is a multiple of ``chunk``. None: one global scan.
         normalize: ``gates`` are logits; apply :func:`normalize_gates` inside
             the kernel (same result, one pass fewer over the gates).
+        decay: with ``normalize``, logits ``(B, G, H, W)`` whose sigmoid
+            weighs each position's normalised taps (they then sum to
+            ``sigmoid(decay) < 1``: a GSPN layer's decaying average), fused
+            like the normalisation: the same as gates
+            ``normalize_gates(gates, direction) * decay.sigmoid().unsqueeze(2)``.
 
     Returns:
         h ``(B, C, H, W)`` in x's dtype, accumulated in float32 (float64 for
         float64 inputs).
     """
     _check_inputs(x, gates, lam, None)
+    _check_decay(decay, gates, normalize)
     code = _check_direction(direction)
-    h = _scan(x, gates.unsqueeze(1), lam, (direction,), [code], _check_chunk(chunk), bool(normalize))
+    decay = None if decay is None else decay.unsqueeze(1)
+    h = _scan(x, gates.unsqueeze(1), lam, (direction,), [code], _check_chunk(chunk), bool(normalize), decay)
     return h.squeeze(1)
 
 
@@ -169,6 +201,7 @@ def gspn_scan_4dir(
     chunk: Optional[int] = None,
     normalize: bool = False,
     directions: Sequence[str] = DIRECTIONS,
+    decay: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """All four scan directions (or the given subset) in one kernel launch.
 
@@ -180,6 +213,7 @@ def gspn_scan_4dir(
         gates: ``(B, D, G, 3, H, W)``, one gate set per direction.
         chunk, normalize: as in :func:`gspn_scan`.
         directions: the D directions, default ``("tb", "bt", "lr", "rl")``.
+        decay: as in :func:`gspn_scan`, ``(B, D, G, H, W)``.
 
     Returns:
         ``(B, D, C, H, W)``: the hidden states of each direction, unmerged, so
@@ -192,4 +226,5 @@ def gspn_scan_4dir(
         raise ValueError(f"directions must name 1 to 4 scan directions, got {directions!r}")
     codes = [_check_direction(d) for d in directions]
     _check_inputs(x, gates, lam, len(directions))
-    return _scan(x, gates, lam, directions, codes, _check_chunk(chunk), bool(normalize))
+    _check_decay(decay, gates, normalize)
+    return _scan(x, gates, lam, directions, codes, _check_chunk(chunk), bool(normalize), decay)

@@ -116,16 +116,22 @@ def scan_reference(
     direction: str = "tb",
     chunk: Optional[int] = None,
     normalize: bool = False,
+    decay: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """One-direction scan. x, lam: (B, C, H, W); gates: (B, G, 3, H, W).
 
     Accumulates in float32 (float64 for float64 inputs) and returns x's dtype.
     With ``normalize`` the gates are logits and go through
-    :func:`normalize_gates` first.
+    :func:`normalize_gates` first; ``decay`` (B, G, H, W), logits too, then
+    weighs each position's taps by its sigmoid.
     """
+    acc = accumulation_dtype(x.dtype)
+    if decay is not None and not normalize:
+        raise ValueError("decay weighs normalised gates: it needs normalize=True (gates given as logits)")
     if normalize:
         gates = normalize_gates(gates, direction)
-    acc = accumulation_dtype(x.dtype)
+        if decay is not None:
+            gates = gates.to(acc) * torch.sigmoid(decay.to(acc)).unsqueeze(-3)
     batch, channels = x.shape[:2]
     groups = gates.shape[1]
     lam_x = to_lines(lam.to(acc) * x.to(acc), direction)  # (B, C, T, L)
@@ -157,12 +163,15 @@ def scan_directions_reference(
     directions: Sequence[str] = DIRECTIONS,
     chunk: Optional[int] = None,
     normalize: bool = False,
+    decay: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Several directions: gates (B, D, G, 3, H, W); x and lam (B, C, H, W)
-    shared by all directions or (B, D, C, H, W). Returns (B, D, C, H, W)."""
+    shared by all directions or (B, D, C, H, W); decay (B, D, G, H, W) or
+    None. Returns (B, D, C, H, W)."""
     outs = []
     for d, direction in enumerate(directions):
         xd = x if x.dim() == 4 else x[:, d]
         lamd = lam if lam.dim() == 4 else lam[:, d]
-        outs.append(scan_reference(xd, gates[:, d], lamd, direction, chunk, normalize))
+        decay_d = None if decay is None else decay[:, d]
+        outs.append(scan_reference(xd, gates[:, d], lamd, direction, chunk, normalize, decay_d))
     return torch.stack(outs, dim=1)
