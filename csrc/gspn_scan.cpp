@@ -1078,6 +1078,8 @@ DecayedGates decayed_gates(const at::Tensor& gates_in, const std::optional<at::T
     in.gates = decayed_gates_cuda(in.logits, in.decay, pb);
     in.apart = true;
     pb.normalize = false;
+#else
+    TORCH_CHECK(false, "gspn::scan: this build has no CUDA kernels");
 #endif
   } else {
     pb.decay = true;

@@ -167,6 +167,10 @@ class GSPNLayer(nn.Module):
             normalize=True,
             decay=decay.reshape(batch, 4, g, height, width),
         )
-        mixed = torch.einsum("bdchw,d->bchw", hidden, self.direction_weights.to(hidden.dtype))
+        # The directions' weighted sum as a batched (1 x D) @ (D x Cp H W) product
+        # over hidden as it lies: einsum (and matmul) first copied hidden, 4x z,
+        # to move d last (1.6 of 13 ms of a 64x64 layer on the CPU).
+        weights = self.direction_weights.to(hidden.dtype).view(1, 1, -1).expand(batch, 1, -1)
+        mixed = torch.bmm(weights, hidden.flatten(2)).view(batch, cp, height, width)
         y = torch.sigmoid(gate) * mixed + self.skip.to(z.dtype)[:, None, None] * z
         return self.proxy_out(y.flatten(2).transpose(1, 2))
