@@ -11,6 +11,7 @@ Data flow (``Cp`` = proxy channels, ``G`` = gate groups, D = 4 directions)::
               lam (B, Cp, H, W), output gate u (B, Cp, H, W)
     gates_d = sigmoid(a_d) * normalize_gates(logits_d)       rows sum to sigmoid(a_d) < 1
     h_d  = scan_d(z, gates_d, lam)                           (B, 4, Cp, H, W), one launch
+           (gates_d made inside the op from the logits and a: normalize=True, decay=a)
     y    = proxy_out(u * sum_d m_d h_d + skip * z)           (B, N, C)
 
 Each position's gates sum to ``sigmoid(a) < 1``, so the hidden state is a

@@ -29,7 +29,8 @@ def test_bench_op_writes_json(tmp_path, compiled_cpu):
     result = json.loads(out.read_text())
     rows = result["rows"]
     whats = {r["what"] for r in rows}
-    assert {"fwd tb", "bwd rl", "fwd 4dir (one call)", "bwd 4dir (one call)", "reference fwd lr", "copy inputs once"} <= whats
+    assert {"fwd tb", "bwd rl", "fwd 4dir (one call)", "bwd 4dir (one call)", "fwd 4dir, decay", "bwd 4dir, decay",
+            "reference fwd lr", "copy inputs once"} <= whats
     assert all(r["ms"] > 0 and r["GBps"] > 0 for r in rows)
     # the CPU targets: forward vs one copy of its inputs, and vs the reference, per direction and G
     verdicts = {(v["G"], v["what"]): v for v in result["targets"]}
