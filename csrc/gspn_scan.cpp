@@ -509,27 +509,20 @@ void gather_gates(const scalar_t* tap0, int64_t plane, const LineGeometry& geo, 
   }
 }
 
-// Decayed gates (ScanProblem::decay): the tile's normalised gates times the
-// sigmoid of their decay logits, which is left in sig; kept, when given,
-// first receives the normalised gates (tap k at kept + k * stride), for the
-// backward's chain rule.
+// Decayed gates (ScanProblem::decay): g_k = normalised_k times the sigmoid of
+// the tile's decay logits, which is left in sig. normalised_k may be g_k
+// itself (the forward) or the backward's own copy, which its chain rule needs.
 template <typename scalar_t, typename acc_t>
-void apply_decay(const scalar_t* decay, const LineGeometry& geo, int64_t t0, int64_t n, acc_t* __restrict__ g0,
-                 acc_t* __restrict__ g1, acc_t* __restrict__ g2, acc_t* __restrict__ sig, acc_t* kept,
-                 int64_t stride) {
-  const int64_t count = n * geo.length;
+void apply_decay(const scalar_t* decay, const LineGeometry& geo, int64_t t0, int64_t n, const acc_t* normalised0,
+                 const acc_t* normalised1, const acc_t* normalised2, acc_t* g0, acc_t* g1, acc_t* g2,
+                 acc_t* __restrict__ sig) {
   gather_lines(decay, geo, t0, n, sig, geo.length);
-  if (kept) {
-    std::copy(g0, g0 + count, kept);
-    std::copy(g1, g1 + count, kept + stride);
-    std::copy(g2, g2 + count, kept + 2 * stride);
-  }
-  for (int64_t i = 0; i < count; ++i) {
+  for (int64_t i = 0; i < n * geo.length; ++i) {
     const acc_t w = sigmoid(sig[i]);
     sig[i] = w;
-    g0[i] *= w;
-    g1[i] *= w;
-    g2[i] *= w;
+    g0[i] = normalised0[i] * w;
+    g1[i] = normalised1[i] * w;
+    g2[i] = normalised2[i] * w;
   }
 }
 
@@ -616,8 +609,8 @@ void forward_cpu(const ScanProblem& pb, const scalar_t* x, const scalar_t* gates
       const int64_t n = std::min(tile, T - t0);
       gather_gates(tap0, pb.plane(), geo, t0, n, pb.normalize, g0, g1, g2);
       if (pb.decay) {
-        apply_decay<scalar_t, acc_t>(decay + pb.decay_plane(ti.b, ti.d, ti.g), geo, t0, n, g0, g1, g2, sig, nullptr,
-                                     TL);
+        apply_decay<scalar_t, acc_t>(decay + pb.decay_plane(ti.b, ti.d, ti.g), geo, t0, n, g0, g1, g2, g0, g1, g2,
+                                     sig);
       }
       for (int64_t c = ti.c_begin; c < ti.c_end; ++c) {
         acc_t* carry = last + (c - ti.c_begin) * pitch;
@@ -740,16 +733,19 @@ void backward_cpu(const ScanProblem& pb, const CpuTasks& plan, const scalar_t* g
     // With decay: its sigmoids, the undecayed normalised gates (the scan
     // runs on the decayed ones in g0..g2) and the decay logits' gradients.
     acc_t* sig = pb.decay ? vcarry + 3 * channels * pitch : nullptr;
-    acc_t* kept = pb.decay ? sig + TL : nullptr;
-    acc_t* da = pb.decay ? kept + 3 * TL : nullptr;
+    acc_t* normalised = pb.decay ? sig + TL : g0;  // tap k at normalised + k * TL
+    acc_t* da = pb.decay ? normalised + 3 * TL : nullptr;
     const scalar_t* tap0 = gates + pb.gate_plane(ti.b, ti.d, ti.g, 0);
     const int64_t task_set = ((ti.b * pb.D + ti.d) * pb.G + ti.g) * plan.slices + ti.slice;
     acc_t* dgp = dg_partial + task_set * 3 * plane;
 
     for (int64_t t0 = ((T - 1) / tile) * tile; t0 >= 0; t0 -= tile) {
       const int64_t n = std::min(tile, T - t0);
-      gather_gates(tap0, plane, geo, t0, n, pb.normalize, g0, g1, g2, sums);
-      if (pb.decay) apply_decay(decay + pb.decay_plane(ti.b, ti.d, ti.g), geo, t0, n, g0, g1, g2, sig, kept, TL);
+      acc_t* n0 = normalised;
+      acc_t* n1 = n0 + TL;
+      acc_t* n2 = n1 + TL;
+      gather_gates(tap0, plane, geo, t0, n, pb.normalize, n0, n1, n2, sums);
+      if (pb.decay) apply_decay(decay + pb.decay_plane(ti.b, ti.d, ti.g), geo, t0, n, n0, n1, n2, g0, g1, g2, sig);
       std::fill(d0, d0 + 3 * TL, acc_t(0));
       for (int64_t c = ti.c_begin; c < ti.c_end; ++c) {
         const int64_t plane_out = pb.out_plane(ti.b, ti.d, c);
@@ -799,12 +795,8 @@ void backward_cpu(const ScanProblem& pb, const CpuTasks& plan, const scalar_t* g
         scatter_lines<false>(ls, L, geo, t0, n, dx + plane_out);
         scatter_lines<false>(xs, L, geo, t0, n, dlam + plane_out);
       }
-      if (pb.decay) {
-        logit_gradients(kept, kept + TL, kept + 2 * TL, sums, sig, d0, d1, d2, da, n * L);
-        scatter_lines<true>(da, L, geo, t0, n, dd_partial + task_set * plane);
-      } else if (pb.normalize) {
-        logit_gradients<acc_t>(g0, g1, g2, sums, nullptr, d0, d1, d2, nullptr, n * L);
-      }
+      if (pb.normalize) logit_gradients(n0, n1, n2, sums, sig, d0, d1, d2, da, n * L);
+      if (pb.decay) scatter_lines<true>(da, L, geo, t0, n, dd_partial + task_set * plane);
       for (int k = 0; k < 3; ++k) scatter_lines<true>(d0 + k * TL, L, geo, t0, n, dgp + k * plane);
     }
   });
@@ -1157,9 +1149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_backward(
     rows_beside_columns(route, x, rows, columns);
   }
 #ifdef GSPN_WITH_CUDA
-  if (in.apart && !g.ddecay.defined()) {
-    std::tie(g.dgates, g.ddecay) = decayed_gates_backward_cuda(in.logits, in.decay, g.dgates, pb);
-  }
+  if (in.apart) std::tie(g.dgates, g.ddecay) = decayed_gates_backward_cuda(in.logits, in.decay, g.dgates, pb);
 #endif
   const at::Tensor dgates = g.dgates.to(gates.scalar_type());
   const at::Tensor ddecay =

@@ -760,8 +760,8 @@ struct BackwardSlot {
 // line_vectors loads it per line; staged (GK > 0), h's groups are staged too
 // and hprev comes from the group of line t, except at the group's first
 // line, whose previous line is in the group after it in the backward's
-// order: one load from global memory per group. Tiles run from the chunk's end backwards, so a group's first
-// tile here is its last in line order.
+// order: one load from global memory per group. Tiles run from the chunk's
+// end backwards, so a group's first tile here is its last in line order.
 template <typename scalar_t, int RPT, int V, int K, int GK>
 __device__ inline void load_backward_tile(BackwardSlot<scalar_t, V> (&tile)[K][RPT], const scalar_t* ghp,
                                           const scalar_t* hp, const scalar_t* xp, const scalar_t* lp,
