@@ -65,10 +65,11 @@ def columns_as_rows(device: torch.device, threshold):
         ops.COLUMNS_AS_ROWS_MIN_PIXELS[device.type] = saved
 
 
-def transposed_columns():
-    """Temporarily run the route's column scans on transposed copies
-    (GSPN_CUDA_COLUMNS=transposed) instead of staged in place, the default."""
-    return mock.patch.dict(os.environ, {"GSPN_CUDA_COLUMNS": "transposed"})
+def columns_way(way: str):
+    """Temporarily run the route's column scans one way (GSPN_CUDA_COLUMNS):
+    "transposed" copies always, or "staged" in place wherever the planes
+    align, instead of the default (staged for small calls only)."""
+    return mock.patch.dict(os.environ, {"GSPN_CUDA_COLUMNS": way})
 
 
 def one_stream():
@@ -110,16 +111,17 @@ def measure_size(args, device, dtype, gen, results, channels, groups, side, item
         g = logits[:, d].contiguous()
         fwd = timed(lambda: gspn_scan(x, g, lam, direction, args.chunk, True))
         row(f"fwd {direction}", fwd, fwd_bytes, x_inputs_copy=fwd / inputs_copy_ms)
-        # On CUDA large planes' column scans take the route: staged in place
-        # where they align (the row above), else transposed copies; both
-        # against the plain strided kernel.
+        # On CUDA large planes' column scans take the route (the row above):
+        # staged in place for small calls where they align, else transposed
+        # copies; each way forced, and the plain strided kernel.
         variants = direction == "lr" and ops.COLUMNS_AS_ROWS_MIN_PIXELS.get(device.type) is not None
         if variants:
             with columns_as_rows(device, None):
                 strided = timed(lambda: gspn_scan(x, g, lam, direction, args.chunk, True))
             row("fwd lr, strided kernel", strided, fwd_bytes)
-            with transposed_columns():
-                row("fwd lr, transposed", timed(lambda: gspn_scan(x, g, lam, direction, args.chunk, True)), fwd_bytes)
+            for way in ("transposed", "staged"):
+                with columns_way(way):
+                    row(f"fwd lr, {way}", timed(lambda: gspn_scan(x, g, lam, direction, args.chunk, True)), fwd_bytes)
         xr, gr, lr = (t.detach().clone().requires_grad_() for t in (x, g, lam))
         grad = torch.randn(shape, device=device, dtype=dtype, generator=gen)
 
@@ -129,9 +131,10 @@ def measure_size(args, device, dtype, gen, results, channels, groups, side, item
         bwd = timed(lambda: torch.autograd.grad(out, (xr, gr, lr), grad, retain_graph=True))
         row(f"bwd {direction}", bwd, bwd_bytes - fwd_bytes)
         if variants:
-            with transposed_columns():
-                transposed = timed(lambda: torch.autograd.grad(out, (xr, gr, lr), grad, retain_graph=True))
-            row("bwd lr, transposed", transposed, bwd_bytes - fwd_bytes)
+            for way in ("transposed", "staged"):
+                with columns_way(way):
+                    forced = timed(lambda: torch.autograd.grad(out, (xr, gr, lr), grad, retain_graph=True))
+                row(f"bwd lr, {way}", forced, bwd_bytes - fwd_bytes)
         del out
         if args.reference and side <= args.reference_max_side:
             ref = median_ms(device, lambda: scan_reference(x, g, lam, direction, args.chunk, True), 1)
@@ -164,8 +167,9 @@ def measure_size(args, device, dtype, gen, results, channels, groups, side, item
         four_bwd_bytes + 2 * decay_bytes)
     del out
     if ops.COLUMNS_AS_ROWS_MIN_PIXELS.get(device.type) is not None:
-        with transposed_columns():
-            four_directions(", transposed")
+        for way in ("transposed", "staged"):
+            with columns_way(way):
+                four_directions(f", {way}")
         with one_stream():
             four_directions(", one stream")
         # All four directions in one launch of the strided kernel.
@@ -209,9 +213,10 @@ def check_targets(results: dict, device_type: str) -> list:
 
 # The ways of running column scans that bench_op times where the column
 # route runs (CUDA), by the row suffix that names them ("" is the default:
-# staged in place where the planes align, the row launch beside the column
-# launch on a second stream; "one stream": one after the other).
-COLUMN_WAYS = {"": "default", ", transposed": "transposed", ", strided kernel": "strided",
+# staged in place for small calls where the planes align, else transposed
+# copies, the row launch beside the column launch on a second stream;
+# "one stream": one after the other).
+COLUMN_WAYS = {"": "default", ", transposed": "transposed", ", staged": "staged", ", strided kernel": "strided",
                ", one stream": "one_stream"}
 
 
@@ -230,7 +235,7 @@ def compare_column_ways(results: dict) -> list:
               **{f"x_{way}": ms / ways["default"] for way, ms in ways.items() if way != "default"}}
              for (c, g, side, what), ways in times.items() if "default" in ways and len(ways) > 1]
     if table:
-        print("# column scans, time over the default (staged in place where the planes align):")
+        print("# column scans, time over the default (staged in place for small calls, else transposed copies):")
         for t in table:
             others = "  ".join(f"{way} {t[f'x_{way}']:.2f}x" for way in list(COLUMN_WAYS.values())[1:]
                                if f"x_{way}" in t)

@@ -836,7 +836,7 @@ void copy_transposed(at::Tensor dst, const at::Tensor& src) {
 // pixels per plane (the op's columns_as_rows argument; -1 never) the op runs
 // its row directions as one launch on the inputs in place and its column
 // directions as another, in one of two ways:
-// - staged (the default where the tensors align for it and the lines are
+// - staged (small calls whose tensors align for it and whose lines are
 //   short enough, columns_staged): in place too, the kernel copying groups
 //   of columns into shared memory ahead of their lines (ColumnStages in
 //   gspn_scan_cuda.cuh); no copies;
@@ -862,16 +862,31 @@ ColumnRoute column_route(const ScanProblem& pb, int64_t columns_as_rows) {
 }
 
 // Whether the column route runs the column directions of `columns` (a
-// launch of them) staged, in place, on these tensors: CUDA kernels, and
-// tensors and lines that fit the staged kernels (columns_staged_fit_cuda).
-// GSPN_CUDA_COLUMNS=transposed takes the transposed copies instead, so that a
-// benchmark can time both with one build.
+// launch of them) staged, in place, on these tensors: CUDA kernels, tensors
+// and lines that fit the staged kernels (columns_staged_fit_cuda), and, by
+// default, calls of at most kStagedMaxElements elements per input. On an
+// H200 (2026-11-29, BENCHMARKS.md) staged columns beat the transposed copies
+// only on small calls (1x32x256x256: 1.2-1.45x faster, forward and
+// backward); from 1x320x256x256 (21M elements) and 1x32x1024x1024 (34M) the
+// copies won, most in the backward (2.5-5.5x) and on four directions,
+// where the staged kernels' low occupancy (one block of a plane per SM, its
+// stages filling shared memory) and their per-group waits cost more than the
+// copies' extra passes. GSPN_CUDA_COLUMNS=staged stages wherever the tensors
+// fit, =transposed never, so that a benchmark can time both with one build.
+// The simulator's limit is 2^12, so that tests reach both sides cheaply.
+#ifdef GSPN_CUDA_SIM
+constexpr int64_t kStagedMaxElements = int64_t(1) << 12;
+#else
+constexpr int64_t kStagedMaxElements = int64_t(1) << 22;
+#endif
+
 bool columns_staged(const ScanProblem& columns, const std::vector<at::Tensor>& tensors, bool backward) {
   const char* how = std::getenv("GSPN_CUDA_COLUMNS");
   TORCH_CHECK(how == nullptr || std::strcmp(how, "staged") == 0 || std::strcmp(how, "transposed") == 0,
-              "GSPN_CUDA_COLUMNS=", how, " is not a way to run column scans: use \"staged\" (the default) or "
-              "\"transposed\"");
+              "GSPN_CUDA_COLUMNS=", how, " is not a way to run column scans: use \"staged\" (wherever the "
+              "tensors fit) or \"transposed\" (always), or leave it unset (staged for small calls)");
   if (how != nullptr && std::strcmp(how, "transposed") == 0) return false;
+  if (how == nullptr && columns.B * columns.C * columns.plane() > kStagedMaxElements) return false;
 #ifdef GSPN_WITH_CUDA
   return runs_cuda_kernels(tensors.front()) && columns_staged_fit_cuda(columns, tensors, backward);
 #else

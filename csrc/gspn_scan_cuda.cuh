@@ -1018,13 +1018,10 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
           tile_dg[1][s][r] = static_cast<dg_t>(d1[0]);
           tile_dg[2][s][r] = static_cast<dg_t>(d2[0]);
         } else if constexpr (ATOMIC) {
-          if (!first) {  // zeros: no need to add them
-#pragma unroll
-            for (int v = 0; v < V; ++v) {
-              add_global(dg0 + (o + v), d0[v]);
-              add_global(dg1 + (o + v), d1[v]);
-              add_global(dg2 + (o + v), d2[v]);
-            }
+          if (!first) {  // zeros: no need to add them; a pair as one vector reduction (sm_90)
+            add_consecutive<V>(dg0 + o, d0);
+            add_consecutive<V>(dg1 + o, d1);
+            add_consecutive<V>(dg2 + o, d2);
           }
         } else {
           store_positions<V>(dg0 + o, d0);

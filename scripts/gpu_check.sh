@@ -15,8 +15,9 @@
 # runs once for each tree, on the same card (bench_op_cuda_baseline.json).
 #
 # The operator benchmark also times each way of running column scans in the
-# same build (staged in place, the default; transposed copies,
-# GSPN_CUDA_COLUMNS=transposed; the strided kernel; the route's row and
+# same build (the default: staged in place for small calls, else transposed
+# copies; each forced, GSPN_CUDA_COLUMNS=staged / =transposed; the strided
+# kernel; the route's row and
 # column launches one after the other, GSPN_CUDA_STREAMS=1, instead of side by
 # side on two streams) and ends with their times over the default's
 # ("# column scans, time over the default").

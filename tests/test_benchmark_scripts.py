@@ -48,7 +48,7 @@ def test_bench_op_writes_json(tmp_path, compiled_cpu):
 def test_bench_op_rows_of_the_column_route(tmp_path, compiled_cpu, monkeypatch):
     """The rows bench_op times only where the column route runs (CUDA): the
     strided kernel's and the transposed copies' 'lr' and four-direction
-    rows beside the route's default (staged). Run here on the CPU with the
+    rows, and the staged ones forced, beside the route's default. Run here on the CPU with the
     route switched on for it, so a GPU session's short lease does not find a
     crash in them."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
@@ -62,7 +62,8 @@ def test_bench_op_rows_of_the_column_route(tmp_path, compiled_cpu, monkeypatch):
     rows = json.loads(out.read_text())["rows"]
     assert {"fwd lr, strided kernel", "fwd 4dir, strided kernel", "bwd 4dir, strided kernel", "fwd 4dir (one call)",
             "bwd 4dir (one call)", "fwd lr, transposed", "bwd lr, transposed", "fwd 4dir, transposed",
-            "bwd 4dir, transposed", "fwd 4dir, one stream", "bwd 4dir, one stream"} <= {r["what"] for r in rows}
+            "bwd 4dir, transposed", "fwd lr, staged", "bwd lr, staged", "fwd 4dir, staged", "bwd 4dir, staged",
+            "fwd 4dir, one stream", "bwd 4dir, one stream"} <= {r["what"] for r in rows}
     assert ops.COLUMNS_AS_ROWS_MIN_PIXELS["cpu"] == 1  # the route's threshold is restored after each strided row
     assert "GSPN_CUDA_COLUMNS" not in os.environ  # and the default way of running columns
     assert "GSPN_CUDA_STREAMS" not in os.environ
@@ -72,6 +73,7 @@ def test_bench_op_rows_of_the_column_route(tmp_path, compiled_cpu, monkeypatch):
     ms = {r["what"]: r["ms"] for r in rows}
     assert fwd_lr["x_transposed"] == pytest.approx(ms["fwd lr, transposed"] / ms["fwd lr"])
     assert fwd_lr["x_strided"] == pytest.approx(ms["fwd lr, strided kernel"] / ms["fwd lr"])
+    assert fwd_lr["x_staged"] == pytest.approx(ms["fwd lr, staged"] / ms["fwd lr"])
     bwd_4dir = next(w for w in ways if w["what"] == "bwd 4dir")
     assert bwd_4dir["x_one_stream"] == pytest.approx(ms["bwd 4dir, one stream"] / ms["bwd 4dir (one call)"])
     assert "x_one_stream" not in fwd_lr  # a single column direction has no row launch

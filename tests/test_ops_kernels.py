@@ -509,14 +509,17 @@ def test_decay_gradcheck(device):
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
-def test_decay_on_the_column_route(device, monkeypatch):
+@pytest.mark.parametrize("size", [(40, 12), (3, 260)], ids=str)
+def test_decay_on_the_column_route(device, monkeypatch, size):
     """The column route (on CUDA: the decayed gates made first, then the
     route's launches; the CPU kernels, which fuse decay, leave it) with decay,
-    against the reference."""
+    against the reference. On CUDA the decay passes' blocks span 8 rows of
+    the narrow planes (more rows than their grid, which the simulator caps at
+    3 high, so threads loop) and 256 positions of the wide ones."""
     from gspn_diffusers import ops
 
     monkeypatch.setitem(ops.COLUMNS_AS_ROWS_MIN_PIXELS, device.type, 0)
-    inputs, grad = decay_inputs(1, 4, 2, 8, 12, "route")
+    inputs, grad = decay_inputs(1, 4, 2, *size, "route")
     got, want, got_in, ref_in = decay_against_reference(inputs, grad, None, device, torch.float64)
     assert_close_scaled(got, want, 1e-10, "forward")
     for name, g, w in zip(("x", "logits", "lam", "decay"), got_in, ref_in):
@@ -715,6 +718,23 @@ def test_columns_staged_falls_back_to_transposes(device, monkeypatch, width, chu
     run = lambda: gspn_scan_4dir(x, gates, lam, chunk=chunk)  # noqa: E731
     assert transposes_of_route(run)
     assert_close_scaled(run().double().cpu(), reference_of(x, gates, lam, chunk), 4 * TOLERANCE[torch.float16], "h")
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_columns_staged_by_default_only_for_small_calls(device, monkeypatch):
+    """With GSPN_CUDA_COLUMNS unset the route stages the column scans of calls
+    of up to 2^22 elements per input (the simulator's limit: 2^12) and takes
+    the transposed copies above (on an H200 the copies won from
+    1x320x256x256 and 1x32x1024x1024 up)."""
+    from gspn_diffusers import ops
+
+    monkeypatch.setitem(ops.COLUMNS_AS_ROWS_MIN_PIXELS, device.type, 0)
+    monkeypatch.delenv("GSPN_CUDA_COLUMNS", raising=False)
+    side = 2048 if device.type == "cuda" else 64
+    for width, small in ((side, True), (side + 8, False)):  # side^2 is the limit; rows of whole fp16 groups
+        x, gates, lam = make_inputs(1, 1, 1, side, width, torch.float16, device, "default way", dirs=1)
+        staged = not transposes_of_route(lambda: gspn_scan_4dir(x, gates, lam, directions=("lr",)))
+        assert staged == (small and runs_cuda_kernels(device)), width
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
