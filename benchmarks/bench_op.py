@@ -130,6 +130,19 @@ def measure_size(args, device, dtype, gen, results, channels, groups, side, item
         out = gspn_scan(xr, gr, lr, direction, args.chunk, True)
         bwd = timed(lambda: torch.autograd.grad(out, (xr, gr, lr), grad, retain_graph=True))
         row(f"bwd {direction}", bwd, bwd_bytes - fwd_bytes)
+        if direction == "tb":
+            # The same scan with the gates given as they are (normalize=False,
+            # the API): the same bytes, without the normalisation's
+            # arithmetic (its exps and reciprocals, forward; its chain rule,
+            # backward), so the pair says how much of the time is instructions.
+            gp = torch.softmax(g.float(), dim=2).to(dtype) * 0.9
+            row("fwd tb, plain gates", timed(lambda: gspn_scan(x, gp, lam, direction, args.chunk)), fwd_bytes)
+            xp, gpr, lp = (t.detach().clone().requires_grad_() for t in (x, gp, lam))
+            plain = gspn_scan(xp, gpr, lp, direction, args.chunk)
+            row("bwd tb, plain gates",
+                timed(lambda: torch.autograd.grad(plain, (xp, gpr, lp), grad, retain_graph=True)),
+                bwd_bytes - fwd_bytes)
+            del plain
         if variants:
             for way in ("transposed", "staged"):
                 with columns_way(way):

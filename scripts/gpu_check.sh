@@ -4,7 +4,7 @@
 # so that a hang or a slow stage still leaves the others' results.
 #
 #   bash scripts/gpu_check.sh                  # every stage, full sizes (~15 min)
-#   bash scripts/gpu_check.sh build tests op   # some: build tests op op-widest unet distill e2e fidelity shapes
+#   bash scripts/gpu_check.sh build tests op   # some: build tests op op-widest profile unet distill e2e fidelity shapes
 #   bash scripts/gpu_check.sh quick            # every stage, sizes that fit ~4 min of a lease
 #   bash scripts/gpu_check.sh quick build op   # those stages at the quick sizes
 #
@@ -91,6 +91,22 @@ fi
 # per SM; csrc/README.md), the same build: A/B of the launch planning alone.
 want op-widest && GSPN_CUDA_PACK=0 stage "operator benchmark, widest blocks" 240 python3 benchmarks/bench_op.py \
     $op_args --json "$out/bench_op_cuda_widest.json"
+# Not in the default set: Nsight Compute on the scan kernels of a few
+# bench_op cases (scripts/profile_kernels.py: one forward and one backward
+# each, in NVTX ranges named after the case): throughput, occupancy,
+# the schedulers' issue rate, the busiest pipes (XU: the exps and
+# reciprocals of the fused normalisation), where warps stall, memory traffic. The
+# report goes to $out/ncu.txt; the lines that say most are printed after.
+if want profile; then
+    ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | tail -1)
+    echo "# profiled in this order, a forward and a backward kernel each:" $(python3 scripts/profile_kernels.py --list | cut -d' ' -f1)
+    stage "kernel profile (ncu)" 240 "${ncu_bin:-ncu}" --clock-control none --nvtx -k regex:scan_ \
+        --section SpeedOfLight --section ComputeWorkloadAnalysis --section Occupancy --section LaunchStats \
+        --section SchedulerStats --section WarpStateStats --section MemoryWorkloadAnalysis --log-file "$out/ncu.txt" \
+        python3 scripts/profile_kernels.py --no-warmup
+    grep -iE "scan_(forward|backward)_kernel|Duration|Memory Throughput|DRAM Throughput|Issue Slots Busy|No Eligible|Achieved Occupancy|Registers Per|stall|Warp Cycles Per Issued|Ipc|pipe" \
+        "$out/ncu.txt" | cut -c1-160 | head -150
+fi
 want unet && stage "UNet step benchmark" 300 python3 benchmarks/bench_unet.py --models sd15 sdxl \
     $unet_args --json "$out/bench_unet.json"
 want e2e && stage "end-to-end high-resolution benchmark" 300 python3 benchmarks/bench_e2e.py \

@@ -63,7 +63,8 @@ def test_bench_op_rows_of_the_column_route(tmp_path, compiled_cpu, monkeypatch):
     assert {"fwd lr, strided kernel", "fwd 4dir, strided kernel", "bwd 4dir, strided kernel", "fwd 4dir (one call)",
             "bwd 4dir (one call)", "fwd lr, transposed", "bwd lr, transposed", "fwd 4dir, transposed",
             "bwd 4dir, transposed", "fwd lr, staged", "bwd lr, staged", "fwd 4dir, staged", "bwd 4dir, staged",
-            "fwd 4dir, one stream", "bwd 4dir, one stream"} <= {r["what"] for r in rows}
+            "fwd 4dir, one stream", "bwd 4dir, one stream", "fwd tb, plain gates", "bwd tb, plain gates"} <= {
+        r["what"] for r in rows}
     assert ops.COLUMNS_AS_ROWS_MIN_PIXELS["cpu"] == 1  # the route's threshold is restored after each strided row
     assert "GSPN_CUDA_COLUMNS" not in os.environ  # and the default way of running columns
     assert "GSPN_CUDA_STREAMS" not in os.environ
@@ -205,3 +206,16 @@ def test_fidelity_parts_merge_into_prompt_weighted_figures(tmp_path):
     part1["scales"]["2"]["color_fix"] = False
     second.write_text(json.dumps(part1))
     assert "scales or their settings differ between parts" in refused(first, second)
+
+
+def test_profile_kernels_runs_every_case(compiled_cpu):
+    """The script gpu_check.sh's profile stage runs under ncu, as it runs it:
+    every case (at a small side on the CPU here) in the order it lists them,
+    which the stage prints to tell the profiled kernels apart."""
+    script = str(ROOT / "scripts" / "profile_kernels.py")
+    names = [line.split()[0] for line in subprocess.run(
+        [sys.executable, script, "--list"], check=True, capture_output=True, text=True).stdout.splitlines()]
+    assert len(names) >= 4 and len(set(names)) == len(names)
+    out = subprocess.run([sys.executable, script, "--device", "cpu", "--side", "8", "--dtype", "float32", "--no-warmup"],
+                         check=True, capture_output=True, text=True).stdout
+    assert out.split() == [w for name in names for w in ("ran", name)]
