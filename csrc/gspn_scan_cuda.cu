@@ -254,18 +254,20 @@ __device__ inline void for_each_decay_position(const ScanProblem& pb, uint32_t s
   }
 }
 
+// The gates come out in acc_t (float for 16-bit inputs; DecayedGates in
+// gspn_scan.cpp says why).
 template <typename scalar_t, typename acc_t>
 __global__ void decayed_gates_kernel(const scalar_t* __restrict__ logits, const scalar_t* __restrict__ decay,
-                                     scalar_t* __restrict__ gates, const ScanProblem pb, const uint32_t sets) {
+                                     acc_t* __restrict__ gates, const ScanProblem pb, const uint32_t sets) {
   const int64_t plane = pb.plane();
   for_each_decay_position(pb, sets, [&](int64_t k0, int64_t i, bool before, bool after) {
     acc_t g0, g1, g2;
     normalize_taps<acc_t>(static_cast<acc_t>(logits[k0]), static_cast<acc_t>(logits[k0 + plane]),
                           static_cast<acc_t>(logits[k0 + 2 * plane]), before, after, g0, g1, g2);
     const acc_t w = sigmoid(static_cast<acc_t>(decay[i]));
-    gates[k0] = static_cast<scalar_t>(g0 * w);
-    gates[k0 + plane] = static_cast<scalar_t>(g1 * w);
-    gates[k0 + 2 * plane] = static_cast<scalar_t>(g2 * w);
+    gates[k0] = g0 * w;
+    gates[k0 + plane] = g1 * w;
+    gates[k0 + 2 * plane] = g2 * w;
   });
 }
 
@@ -296,7 +298,7 @@ __global__ void decayed_gates_backward_kernel(const scalar_t* __restrict__ logit
 
 at::Tensor decayed_gates_cuda(const at::Tensor& logits, const at::Tensor& decay, const ScanProblem& pb) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  at::Tensor gates = at::empty_like(logits);
+  at::Tensor gates = at::empty_like(logits, logits.options().dtype(at::toOpMathType(logits.scalar_type())));
   const int64_t count = decay.numel();
   if (count == 0) return gates;
   const DecayGrid where = decay_grid(pb);
@@ -305,7 +307,7 @@ at::Tensor decayed_gates_cuda(const at::Tensor& logits, const at::Tensor& decay,
     using acc_t = at::opmath_type<scalar_t>;
     const auto kernel = decayed_gates_kernel<scalar_t, acc_t>;
     GSPN_LAUNCH(kernel, where.grid, where.block, 0, stream)(
-        logits.data_ptr<scalar_t>(), decay.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), pb, where.sets);
+        logits.data_ptr<scalar_t>(), decay.data_ptr<scalar_t>(), gates.data_ptr<acc_t>(), pb, where.sets);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return gates;

@@ -158,9 +158,13 @@ struct Stored<c10::Half, 2> {
 #endif
 
 // The forward's inputs at one slot's V positions; converted when prepared.
-template <typename scalar_t, int V>
+// gate_t: the gates' type, scalar_t or (decayed gates that an elementwise
+// pass made, for 16-bit inputs) float: in 16 bits the taps' sum would round
+// off the decay it carries (a sum of 1.002 for sigmoid(8) = 0.99966 in bf16).
+template <typename scalar_t, int V, typename gate_t = scalar_t>
 struct ForwardSlot {
-  Stored<scalar_t, V> x, lam, g0, g1, g2;
+  Stored<scalar_t, V> x, lam;
+  Stored<gate_t, V> g0, g1, g2;
 };
 
 // p, hidden from the optimiser: without it nvcc folds each plane's 64-bit
@@ -553,17 +557,19 @@ struct ColumnStages {
 // per input instead of K loads that each touch another 32-byte sector of the
 // same rows. GK > 0 (staged): the same
 // vectors from the tile's group in shared memory; a group's first tile
-// starts the next group's copies and waits for its own.
-template <typename scalar_t, int RPT, int V, int K, int GK>
-__device__ inline void load_forward_tile(ForwardSlot<scalar_t, V> (&tile)[K][RPT], const scalar_t* xp,
-                                         const scalar_t* lp, const scalar_t* g0p, const scalar_t* g1p,
-                                         const scalar_t* g2p, const BlockLines& lines,
+// starts the next group's copies and waits for its own. Gates of another
+// type than the other inputs (gate_t) take the loads per line.
+template <typename scalar_t, int RPT, int V, int K, int GK, typename gate_t>
+__device__ inline void load_forward_tile(ForwardSlot<scalar_t, V, gate_t> (&tile)[K][RPT], const scalar_t* xp,
+                                         const scalar_t* lp, const gate_t* g0p, const gate_t* g1p,
+                                         const gate_t* g2p, const BlockLines& lines,
                                          const ThreadSlots<RPT, V>& slots, int t0, int t_last, bool line_vectors,
                                          const ColumnStages<scalar_t, 5, GK>& stages) {
-  if constexpr (V == 1) {
+  static_assert(GK == 0 || std::is_same_v<gate_t, scalar_t>, "staged kernels take gates of the inputs' type");
+  if constexpr (V == 1 && std::is_same_v<gate_t, scalar_t>) {
     auto assign = [&](int r) {
       return [&, r](int s, const scalar_t(&v)[5]) {
-        ForwardSlot<scalar_t, V>& in = tile[s][r];
+        ForwardSlot<scalar_t, V, gate_t>& in = tile[s][r];
         in.x.v[0] = v[0];
         in.lam.v[0] = v[1];
         in.g0.v[0] = v[2];
@@ -647,11 +653,12 @@ struct ForwardStep {
 // 2-element vector load per input and one vector store: half the memory
 // instructions and their address arithmetic (plan_launch picks it for row
 // scans of even lines).
-template <typename scalar_t, typename acc_t, int RPT, bool NORM, int V, int GK>
+template <typename scalar_t, typename acc_t, int RPT, bool NORM, int V, int GK, typename gate_t = scalar_t>
 __global__ void __launch_bounds__(kMaxThreads)
-scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ gates,
+scan_forward_kernel(const scalar_t* __restrict__ x, const void* __restrict__ gates_raw,
                     const scalar_t* __restrict__ lam, scalar_t* __restrict__ out, const ScanProblem pb,
                     const int64_t chunks_per_plane, const bool column_vectors) {
+  const gate_t* gates = static_cast<const gate_t*>(gates_raw);
   constexpr int K = forward_tile_lines(RPT * V);
   const BlockTask task = decode_block(pb, chunks_per_plane);
   const BlockLines lines = block_lines(pb, task);
@@ -680,8 +687,8 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
   const scalar_t* xp = opaque(x + pb.x_plane(task.b, task.d, task.c));
   const scalar_t* lp = opaque(lam + pb.lam_plane(task.b, task.d, task.c));
   scalar_t* op = opaque(out + pb.out_plane(task.b, task.d, task.c));
-  const scalar_t* g0p = gates + pb.gate_plane(task.b, task.d, task.c / pb.channels_per_group(), 0);
-  const scalar_t *g1p = opaque(g0p + pb.plane()), *g2p = opaque(g0p + 2 * pb.plane());
+  const gate_t* g0p = gates + pb.gate_plane(task.b, task.d, task.c / pb.channels_per_group(), 0);
+  const gate_t *g1p = opaque(g0p + pb.plane()), *g2p = opaque(g0p + 2 * pb.plane());
   g0p = opaque(g0p);
 
   // Software pipeline: the next tile's loads are issued before this tile's
@@ -689,9 +696,9 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
   // gates are normalised and lam * x formed for all its K * RPT slots before
   // its first line: independent work that then overlaps, where computed inside
   // the line loop it sat on the per-line critical path between barriers.
-  ForwardSlot<scalar_t, V> next[K][RPT];
-  load_forward_tile<scalar_t, RPT, V, K, GK>(next, xp, lp, g0p, g1p, g2p, lines, slots, t_begin, t_end - 1,
-                                             line_vectors, stages);
+  ForwardSlot<scalar_t, V, gate_t> next[K][RPT];
+  load_forward_tile<scalar_t, RPT, V, K, GK, gate_t>(next, xp, lp, g0p, g1p, g2p, lines, slots, t_begin, t_end - 1,
+                                                     line_vectors, stages);
   for (int t0 = t_begin; t0 < t_end; t0 += K) {
     ForwardStep<acc_t> step[K][RPT][V];
 #pragma unroll
@@ -700,7 +707,7 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
       for (int r = 0; r < RPT; ++r) {
 #pragma unroll
         for (int v = 0; v < V; ++v) {
-          const ForwardSlot<scalar_t, V>& in = next[s][r];
+          const ForwardSlot<scalar_t, V, gate_t>& in = next[s][r];
           ForwardStep<acc_t>& st = step[s][r][v];
           acc_t unused_sum;
           slot_gates<acc_t, NORM>(in.g0, in.g1, in.g2, v, slots.before(r, v), slots.after(r, v), st.g0, st.g1, st.g2,
@@ -710,8 +717,8 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
       }
     }
     if (t0 + K < t_end) {
-      load_forward_tile<scalar_t, RPT, V, K, GK>(next, xp, lp, g0p, g1p, g2p, lines, slots, t0 + K, t_end - 1,
-                                                 line_vectors, stages);
+      load_forward_tile<scalar_t, RPT, V, K, GK, gate_t>(next, xp, lp, g0p, g1p, g2p, lines, slots, t0 + K,
+                                                         t_end - 1, line_vectors, stages);
     }
     scalar_t tile_h[K][RPT];  // tile_vectors: the tile's output, stored after its lines
 #pragma unroll
@@ -747,9 +754,11 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
 }
 
 // The backward's inputs at one slot's V positions; hprev is h[t-1] there.
-template <typename scalar_t, int V>
+template <typename scalar_t, int V, typename gate_t = scalar_t>
 struct BackwardSlot {
-  Stored<scalar_t, V> go, x, lam, g0, g1, g2, hprev;
+  Stored<scalar_t, V> go, x, lam;
+  Stored<gate_t, V> g0, g1, g2;
+  Stored<scalar_t, V> hprev;
 };
 
 // Lines t0 .. t0 + K - 1 of the backward's inputs, clipped to t_last as in
@@ -762,17 +771,18 @@ struct BackwardSlot {
 // line, whose previous line is in the group after it in the backward's
 // order: one load from global memory per group. Tiles run from the chunk's
 // end backwards, so a group's first tile here is its last in line order.
-template <typename scalar_t, int RPT, int V, int K, int GK>
-__device__ inline void load_backward_tile(BackwardSlot<scalar_t, V> (&tile)[K][RPT], const scalar_t* ghp,
+template <typename scalar_t, int RPT, int V, int K, int GK, typename gate_t>
+__device__ inline void load_backward_tile(BackwardSlot<scalar_t, V, gate_t> (&tile)[K][RPT], const scalar_t* ghp,
                                           const scalar_t* hp, const scalar_t* xp, const scalar_t* lp,
-                                          const scalar_t* g0p, const scalar_t* g1p, const scalar_t* g2p,
+                                          const gate_t* g0p, const gate_t* g1p, const gate_t* g2p,
                                           const BlockLines& lines, const ThreadSlots<RPT, V>& slots, int t0,
                                           int t_last, int t_begin, bool line_vectors,
                                           const ColumnStages<scalar_t, 7, GK>& stages) {
-  if constexpr (V == 1) {
+  static_assert(GK == 0 || std::is_same_v<gate_t, scalar_t>, "staged kernels take gates of the inputs' type");
+  if constexpr (V == 1 && std::is_same_v<gate_t, scalar_t>) {
     auto assign = [&](int r) {
       return [&, r](int s, const scalar_t(&v)[6]) {
-        BackwardSlot<scalar_t, V>& in = tile[s][r];
+        BackwardSlot<scalar_t, V, gate_t>& in = tile[s][r];
         in.go.v[0] = v[0];
         in.x.v[0] = v[1];
         in.lam.v[0] = v[2];
@@ -864,14 +874,17 @@ struct BackwardStep {
 // line the forward state h[t-1] whose neighbours the gate gradients read.
 // ATOMIC: several channels share a gate group and add into an fp32 buffer.
 // V = 2: two neighbouring positions per slot, as in the forward.
-template <typename scalar_t, typename acc_t, int RPT, bool NORM, bool ATOMIC, int V, int GK>
+// gate_t: as in the forward; per-channel gates' gradients are stored in it.
+template <typename scalar_t, typename acc_t, int RPT, bool NORM, bool ATOMIC, int V, int GK,
+          typename gate_t = scalar_t>
 __global__ void __launch_bounds__(kMaxThreads)
 scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __restrict__ h,
-                     const scalar_t* __restrict__ x, const scalar_t* __restrict__ gates,
+                     const scalar_t* __restrict__ x, const void* __restrict__ gates_raw,
                      const scalar_t* __restrict__ lam, scalar_t* __restrict__ dx,
                      void* __restrict__ dgates_raw, scalar_t* __restrict__ dlam, const ScanProblem pb,
                      const int64_t chunks_per_plane, const bool column_vectors) {
-  using dg_t = typename std::conditional<ATOMIC, acc_t, scalar_t>::type;
+  using dg_t = typename std::conditional<ATOMIC, acc_t, gate_t>::type;
+  const gate_t* gates = static_cast<const gate_t*>(gates_raw);
   constexpr int K = backward_tile_lines(RPT * V);
   const BlockTask task = decode_block(pb, chunks_per_plane);
   const BlockLines lines = block_lines(pb, task);
@@ -911,8 +924,8 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
   scalar_t* dlp = opaque(dlam + plane_out);
   const int64_t plane = pb.plane();
   const int64_t tap_offset = pb.gate_plane(task.b, task.d, task.c / pb.channels_per_group(), 0);
-  const scalar_t *g0p = opaque(gates + tap_offset), *g1p = opaque(gates + tap_offset + plane),
-                 *g2p = opaque(gates + tap_offset + 2 * plane);
+  const gate_t *g0p = opaque(gates + tap_offset), *g1p = opaque(gates + tap_offset + plane),
+               *g2p = opaque(gates + tap_offset + 2 * plane);
   dg_t* dg_base = static_cast<dg_t*>(dgates_raw) + tap_offset;
   dg_t *dg0 = opaque(dg_base), *dg1 = opaque(dg_base + plane), *dg2 = opaque(dg_base + 2 * plane);
 
@@ -921,9 +934,9 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
   // computed; a tile's gates are prepared for all its slots before its first
   // line, as in the forward.
   auto tile_start = [&](int t_hi) { return t_hi - K > t_begin ? t_hi - K : t_begin; };
-  BackwardSlot<scalar_t, V> next[K][RPT];
-  load_backward_tile<scalar_t, RPT, V, K, GK>(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots, tile_start(t_end),
-                                          t_end - 1, t_begin, line_vectors, stages);
+  BackwardSlot<scalar_t, V, gate_t> next[K][RPT];
+  load_backward_tile<scalar_t, RPT, V, K, GK, gate_t>(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots,
+                                                      tile_start(t_end), t_end - 1, t_begin, line_vectors, stages);
   for (int t_hi = t_end; t_hi > t_begin; t_hi -= K) {
     const int t0 = tile_start(t_hi);
     BackwardStep<scalar_t, acc_t> step[K][RPT][V];
@@ -933,7 +946,7 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
       for (int r = 0; r < RPT; ++r) {
 #pragma unroll
         for (int v = 0; v < V; ++v) {
-          const BackwardSlot<scalar_t, V>& in = next[s][r];
+          const BackwardSlot<scalar_t, V, gate_t>& in = next[s][r];
           BackwardStep<scalar_t, acc_t>& st = step[s][r][v];
           st.go = in.go.element(v);
           st.x = in.x.element(v);
@@ -945,8 +958,8 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
       }
     }
     if (t0 > t_begin) {
-      load_backward_tile<scalar_t, RPT, V, K, GK>(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots, tile_start(t0),
-                                              t0 - 1, t_begin, line_vectors, stages);
+      load_backward_tile<scalar_t, RPT, V, K, GK, gate_t>(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots,
+                                                          tile_start(t0), t0 - 1, t_begin, line_vectors, stages);
     }
     // tile_vectors: stored (the shared groups' gate gradients added) after the tile's lines
     scalar_t tile_dx[K][RPT], tile_dlam[K][RPT];
@@ -1280,16 +1293,22 @@ Residency residency_of(Kernel kernel, const Launch& plan, size_t shared_bytes) {
 // Calls f(kernel) with the forward kernel of plan's slot layout (group > 0:
 // the column kernel staged in groups of that many lines, wide or narrow;
 // the plan must be single positions, at most kMaxStagedRows per thread,
-// exactly that many for narrow groups).
+// exactly that many for narrow groups). float_gates: 16-bit inputs with
+// float gates as given (decayed gates), neither normalised nor staged.
 template <typename scalar_t, typename F>
-void with_forward_kernel(const Launch& plan, bool normalize, int group, F&& f) {
+void with_forward_kernel(const Launch& plan, bool normalize, int group, bool float_gates, F&& f) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int wide = wide_group_lines<scalar_t>(), narrow = narrow_group_lines<scalar_t>();
+  TORCH_CHECK(!float_gates || (sizeof(scalar_t) == 2 && !normalize && group == 0),
+              "gspn::scan (CUDA): float gates go with 16-bit inputs, as given and not staged");
   with_slot_layout(plan, [&](auto rpt, auto positions) {
     with_bool(normalize, [&](auto norm) {
       // decay: in a nested generic lambda GCC gives decltype of the outer parameters as references
       constexpr int R = std::decay_t<decltype(rpt)>::value, V = std::decay_t<decltype(positions)>::value;
       constexpr bool N = std::decay_t<decltype(norm)>::value;
+      if constexpr (sizeof(scalar_t) == 2 && !N) {
+        if (float_gates) return f(scan_forward_kernel<scalar_t, acc_t, R, N, V, 0, float>);
+      }
       if constexpr (V == 1 && R <= kMaxStagedRows) {
         if (group == wide) return f(scan_forward_kernel<scalar_t, acc_t, R, N, V, wide>);
       }
@@ -1303,17 +1322,23 @@ void with_forward_kernel(const Launch& plan, bool normalize, int group, F&& f) {
   });
 }
 
-// Calls f(kernel) with the backward kernel of plan's slot layout (group as
-// in with_forward_kernel, at most kMaxStagedBackwardRows per thread).
+// Calls f(kernel) with the backward kernel of plan's slot layout (group and
+// float_gates as in with_forward_kernel, at most kMaxStagedBackwardRows per
+// thread).
 template <typename scalar_t, typename F>
-void with_backward_kernel(const Launch& plan, bool normalize, bool atomic, int group, F&& f) {
+void with_backward_kernel(const Launch& plan, bool normalize, bool atomic, int group, bool float_gates, F&& f) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int wide = wide_group_lines<scalar_t>(), narrow = narrow_group_lines<scalar_t>();
+  TORCH_CHECK(!float_gates || (sizeof(scalar_t) == 2 && !normalize && group == 0),
+              "gspn::scan_backward (CUDA): float gates go with 16-bit inputs, as given and not staged");
   with_slot_layout(plan, [&](auto rpt, auto positions) {
     with_bool(normalize, [&](auto norm) {
       with_bool(atomic, [&](auto use_atomic) {
         constexpr int R = std::decay_t<decltype(rpt)>::value, V = std::decay_t<decltype(positions)>::value;
         constexpr bool N = std::decay_t<decltype(norm)>::value, A = std::decay_t<decltype(use_atomic)>::value;
+        if constexpr (sizeof(scalar_t) == 2 && !N) {
+          if (float_gates) return f(scan_backward_kernel<scalar_t, acc_t, R, N, A, V, 0, float>);
+        }
         if constexpr (V == 1 && R <= kMaxStagedBackwardRows) {
           if (group == wide) return f(scan_backward_kernel<scalar_t, acc_t, R, N, A, V, wide>);
         }
@@ -1346,22 +1371,24 @@ void launch_forward(const at::Tensor& x, const at::Tensor& gates, const at::Tens
   Launch plan = plan_launch(pb, pairs_fit(pb, {&x, &gates, &lam, &out}));
   const int group = staged ? staged_group<scalar_t>(pb, false) : 0;
   TORCH_CHECK(group > 0 || !staged, "gspn::scan (CUDA): column scans asked to run staged that do not fit it");
+  const bool float_gates = gates.scalar_type() != x.scalar_type();
   const size_t smem = shared_bytes<scalar_t>(2, plan.max_length, group, 5);
   pack_blocks(
       plan,
       [&](const Launch& candidate) {
         Residency r{};
-        with_forward_kernel<scalar_t>(candidate, pb.normalize, group,
+        with_forward_kernel<scalar_t>(candidate, pb.normalize, group, float_gates,
                                       [&](auto kernel) { r = residency_of(kernel, candidate, smem); });
         return r;
       },
       staged ? kMaxStagedRows : kMaxRowsPerThread);
-  const bool vectors = column_vectors(pb, {&x, &gates, &lam}, forward_tile_lines(plan.rows_per_thread), plan);
+  const bool vectors =
+      !float_gates && column_vectors(pb, {&x, &gates, &lam}, forward_tile_lines(plan.rows_per_thread), plan);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  with_forward_kernel<scalar_t>(plan, pb.normalize, group, [&](auto kernel) {
+  with_forward_kernel<scalar_t>(plan, pb.normalize, group, float_gates, [&](auto kernel) {
     set_shared_memory(kernel, smem);
     GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
-        x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(), lam.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pb,
+        x.data_ptr<scalar_t>(), gates.data_ptr(), lam.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pb,
         plan.chunks_per_plane, vectors);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -1377,23 +1404,24 @@ void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Te
   const int group = staged ? staged_group<scalar_t>(pb, true) : 0;
   TORCH_CHECK(group > 0 || !staged,
               "gspn::scan_backward (CUDA): column scans asked to run staged that do not fit it");
+  const bool float_gates = gates.scalar_type() != x.scalar_type();
   const size_t smem = shared_bytes<scalar_t>(8, plan.max_length, group, 7);
   pack_blocks(
       plan,
       [&](const Launch& candidate) {
         Residency r{};
-        with_backward_kernel<scalar_t>(candidate, pb.normalize, atomic, group,
+        with_backward_kernel<scalar_t>(candidate, pb.normalize, atomic, group, float_gates,
                                        [&](auto kernel) { r = residency_of(kernel, candidate, smem); });
         return r;
       },
       staged ? kMaxStagedBackwardRows : kMaxRowsPerThread);
-  const bool vectors =
-      column_vectors(pb, {&grad_h, &x, &gates, &lam}, backward_tile_lines(plan.rows_per_thread), plan);
+  const bool vectors = !float_gates && column_vectors(pb, {&grad_h, &x, &gates, &lam},
+                                                      backward_tile_lines(plan.rows_per_thread), plan);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  with_backward_kernel<scalar_t>(plan, pb.normalize, atomic, group, [&](auto kernel) {
+  with_backward_kernel<scalar_t>(plan, pb.normalize, atomic, group, float_gates, [&](auto kernel) {
     set_shared_memory(kernel, smem);
     GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
-        grad_h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gates.data_ptr<scalar_t>(),
+        grad_h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gates.data_ptr(),
         lam.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dgates.data_ptr(), dlam.data_ptr<scalar_t>(), pb,
         plan.chunks_per_plane, vectors);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -509,21 +509,46 @@ def test_decay_gradcheck(device):
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
-@pytest.mark.parametrize("size", [(40, 12), (3, 260)], ids=str)
-def test_decay_on_the_column_route(device, monkeypatch, size):
+@pytest.mark.parametrize("size,dtype", [((40, 12), torch.float64), ((3, 260), torch.float64),
+                                        ((16, 24), torch.bfloat16)], ids=str)
+def test_decay_on_the_column_route(device, monkeypatch, size, dtype):
     """The column route (on CUDA: the decayed gates made first, then the
     route's launches; the CPU kernels, which fuse decay, leave it) with decay,
     against the reference. On CUDA the decay passes' blocks span 8 rows of
     the narrow planes (more rows than their grid, which the simulator caps at
-    3 high, so threads loop) and 256 positions of the wide ones."""
+    3 high, so threads loop) and 256 positions of the wide ones; in bf16 the
+    route transposes the float gates that the decay pass makes (rows of
+    whole groups, which staged kernels would take if they took float gates)."""
     from gspn_diffusers import ops
 
     monkeypatch.setitem(ops.COLUMNS_AS_ROWS_MIN_PIXELS, device.type, 0)
     inputs, grad = decay_inputs(1, 4, 2, *size, "route")
-    got, want, got_in, ref_in = decay_against_reference(inputs, grad, None, device, torch.float64)
-    assert_close_scaled(got, want, 1e-10, "forward")
+    got, want, got_in, ref_in = decay_against_reference(inputs, grad, None, device, dtype)
+    rtol = 1e-10 if dtype == torch.float64 else 3e-2
+    assert_close_scaled(got, want, rtol, "forward")
     for name, g, w in zip(("x", "logits", "lam", "decay"), got_in, ref_in):
-        assert_close_scaled(g.grad, w.grad, 1e-10, f"grad {name}")
+        assert g.grad.dtype == dtype
+        assert_close_scaled(g.grad, w.grad, rtol, f"grad {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_decay_long_horizon_half_precision(device, dtype):
+    """Decay close to 1 (sigmoid(8)) over 1024 lines in half precision, even
+    taps: within 1 % of float64, which needs the decayed gates in float32
+    (the CPU kernels' tiles; on CUDA the elementwise pass's output, which the
+    scan kernels take as float gates). Stored in bf16 they made the taps' sum
+    1.002 instead of 0.99966 and h 3x too large."""
+    height, width = 1024, 8
+    x = torch.ones(1, 1, height, width, dtype=torch.float64)
+    lam = torch.full((1, 1, height, width), 0.01, dtype=torch.float64)
+    logits = torch.zeros(1, 4, 1, 3, height, width, dtype=torch.float64)
+    decay = torch.full((1, 4, 1, height, width), 8.0, dtype=torch.float64)
+    want = scan_directions_reference(x, logits, lam, DIRECTIONS, None, True, decay)
+    got = gspn_scan_4dir(*(t.to(device, dtype) for t in (x, logits, lam)), normalize=True,
+                         decay=decay.to(device, dtype))
+    assert want.max() > 8  # a long horizon: h still growing after 1024 lines
+    assert_close_scaled(got.double().cpu(), want, 1e-2, "h")
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
