@@ -876,20 +876,23 @@ ColumnRoute column_route(const ScanProblem& pb, int64_t columns_as_rows) {
 // stages filling shared memory) and their per-group waits cost more than the
 // copies' extra passes. GSPN_CUDA_COLUMNS=staged stages wherever the tensors
 // fit, =transposed never, so that a benchmark can time both with one build.
-// The simulator's limit is 2^12, so that tests reach both sides cheaply.
+// Float gates (decayed_gates_cuda's, for 16-bit inputs) are never staged:
+// the staged kernels take every input in one dtype. The simulator's limit is 2^12, so that tests reach both sides cheaply.
 #ifdef GSPN_CUDA_SIM
 constexpr int64_t kStagedMaxElements = int64_t(1) << 12;
 #else
 constexpr int64_t kStagedMaxElements = int64_t(1) << 22;
 #endif
 
-bool columns_staged(const ScanProblem& columns, const std::vector<at::Tensor>& tensors, bool backward) {
+bool columns_staged(const ScanProblem& columns, const at::Tensor& gates, const std::vector<at::Tensor>& tensors,
+                    bool backward) {
   const char* how = std::getenv("GSPN_CUDA_COLUMNS");
   TORCH_CHECK(how == nullptr || std::strcmp(how, "staged") == 0 || std::strcmp(how, "transposed") == 0,
               "GSPN_CUDA_COLUMNS=", how, " is not a way to run column scans: use \"staged\" (wherever the "
               "tensors fit) or \"transposed\" (always), or leave it unset (staged for small calls)");
   if (how != nullptr && std::strcmp(how, "transposed") == 0) return false;
   if (how == nullptr && columns.B * columns.C * columns.plane() > kStagedMaxElements) return false;
+  if (gates.scalar_type() != tensors.front().scalar_type()) return false;
 #ifdef GSPN_WITH_CUDA
   return runs_cuda_kernels(tensors.front()) && columns_staged_fit_cuda(columns, tensors, backward);
 #else
@@ -1117,8 +1120,7 @@ at::Tensor scan_forward(const at::Tensor& x_in, const at::Tensor& gates_in, cons
   auto rows = [&] { forward_into(x, gates, lam, out, launch_of(pb, route.rows)); };
   auto columns = [&] {
     const ScanProblem in_place = launch_of(pb, route.columns);
-    // (float gates, made for 16-bit inputs with decay, are not staged)
-    if (gates.scalar_type() == x.scalar_type() && columns_staged(in_place, {x, gates, lam, out}, false)) {
+    if (columns_staged(in_place, gates, {x, gates, lam, out}, false)) {
       forward_into(x, gates, lam, out, in_place, true);
       return;
     }
@@ -1157,8 +1159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_backward(
     auto rows = [&] { backward_into(grad_h, h, x, gates, lam, g, launch_of(pb, route.rows)); };
     auto columns = [&] {
       const ScanProblem in_place = launch_of(pb, route.columns);
-      if (gates.scalar_type() == x.scalar_type() &&
-          columns_staged(in_place, {grad_h, h, x, gates, lam, g.dx, g.dgates, g.dlam}, true)) {
+      if (columns_staged(in_place, gates, {grad_h, h, x, gates, lam, g.dx, g.dgates, g.dlam}, true)) {
         backward_into(grad_h, h, x, gates, lam, g, in_place, true);
         return;
       }
