@@ -72,6 +72,18 @@ def columns_way(way: str):
     return mock.patch.dict(os.environ, {"GSPN_CUDA_COLUMNS": way})
 
 
+# Where bench_op times the forward with split lines beside the default (the
+# CUDA kernels; a test adds "cpu", where the CPU kernels ignore the setting).
+SPLIT_LINES_DEVICES = {"cuda"}
+
+
+def split_lines():
+    """Temporarily split the forward's lines across clusters of blocks where a
+    launch has fewer planes than SMs (GSPN_CUDA_SPLIT=auto; sm_90), instead of
+    the default (one block per line, not split)."""
+    return mock.patch.dict(os.environ, {"GSPN_CUDA_SPLIT": "auto"})
+
+
 def one_stream():
     """Temporarily run the route's row and column launches one after the other
     on one CUDA stream (GSPN_CUDA_STREAMS=1) instead of side by side on two."""
@@ -130,6 +142,11 @@ def measure_size(args, device, dtype, gen, results, channels, groups, side, item
         out = gspn_scan(xr, gr, lr, direction, args.chunk, True)
         bwd = timed(lambda: torch.autograd.grad(out, (xr, gr, lr), grad, retain_graph=True))
         row(f"bwd {direction}", bwd, bwd_bytes - fwd_bytes)
+        if direction == "tb" and device.type in SPLIT_LINES_DEVICES:
+            with split_lines():
+                row("fwd tb, split", timed(lambda: gspn_scan(x, g, lam, direction, args.chunk, True)), fwd_bytes)
+                row("bwd tb, split", timed(lambda: torch.autograd.grad(out, (xr, gr, lr), grad, retain_graph=True)),
+                    bwd_bytes - fwd_bytes)
         if direction == "tb":
             # The same scan with the gates given as they are (normalize=False,
             # the issue's API): the same bytes, without the normalisation's
@@ -179,6 +196,11 @@ def measure_size(args, device, dtype, gen, results, channels, groups, side, item
     row("bwd 4dir, decay", timed(lambda: torch.autograd.grad(out, (xd, gd, ld, dd), grad, retain_graph=True)),
         four_bwd_bytes + 2 * decay_bytes)
     del out
+    if device.type in SPLIT_LINES_DEVICES:
+        with split_lines():
+            four_directions(", split")
+            row("fwd 4dir, decay, split",
+                timed(lambda: gspn_scan_4dir(x, logits, lam, args.chunk, True, decay=decay)), four_bytes + decay_bytes)
     if ops.COLUMNS_AS_ROWS_MIN_PIXELS.get(device.type) is not None:
         for way in ("transposed", "staged"):
             with columns_way(way):
@@ -224,23 +246,24 @@ def check_targets(results: dict, device_type: str) -> list:
     return verdicts
 
 
-# The ways of running column scans that bench_op times where the column
-# route runs (CUDA), by the row suffix that names them ("" is the default:
-# staged in place for small calls where the planes align, else transposed
-# copies, the row launch beside the column launch on a second stream;
-# "one stream": one after the other).
+# The ways of running scans that bench_op times on CUDA, by the row suffix
+# that names them ("" is the default: columns staged in place for small
+# calls where the planes align, else transposed copies, the row launch beside
+# the column launch on a second stream, lines not split; "one stream": one
+# after the other; "split": lines split across clusters, GSPN_CUDA_SPLIT=auto).
 COLUMN_WAYS = {"": "default", ", transposed": "transposed", ", staged": "staged", ", strided kernel": "strided",
-               ", one stream": "one_stream"}
+               ", one stream": "one_stream", ", split": "split"}
 
 
 def compare_column_ways(results: dict) -> list:
-    """Per size and pass (fwd/bwd of 'lr' and of the four directions), the
-    time of each way of running the column scans over the default's; printed,
-    so a GPU run says at a glance which way should be the default."""
+    """Per size and pass (fwd/bwd of 'tb', of 'lr' and of the four
+    directions), the time of each way of running the scans over the
+    default's; printed, so a GPU run says at a glance which way should be
+    the default."""
     times = {}
     for r in results["rows"]:
         for suffix, way in COLUMN_WAYS.items():
-            for what in ("fwd lr", "bwd lr", "fwd 4dir", "bwd 4dir"):
+            for what in ("fwd tb", "bwd tb", "fwd lr", "bwd lr", "fwd 4dir", "bwd 4dir"):
                 name = what + (" (one call)" if "4dir" in what and not suffix else suffix)
                 if r["what"] == name:
                     times.setdefault((r["C"], r["G"], r["side"], what), {})[way] = r["ms"]
@@ -248,7 +271,8 @@ def compare_column_ways(results: dict) -> list:
               **{f"x_{way}": ms / ways["default"] for way, ms in ways.items() if way != "default"}}
              for (c, g, side, what), ways in times.items() if "default" in ways and len(ways) > 1]
     if table:
-        print("# column scans, time over the default (staged in place for small calls, else transposed copies):")
+        print("# ways of running scans, time over the default (columns staged in place for small calls, else "
+              "transposed copies; lines not split):")
         for t in table:
             others = "  ".join(f"{way} {t[f'x_{way}']:.2f}x" for way in list(COLUMN_WAYS.values())[1:]
                                if f"x_{way}" in t)

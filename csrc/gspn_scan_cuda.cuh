@@ -74,8 +74,9 @@ struct BlockTask {
   int64_t b, d, c, chunk_index;
 };
 
-__device__ inline BlockTask decode_block(const ScanProblem& pb, int64_t chunks_per_plane) {
-  const int64_t blk = blockIdx.x;
+// blk: the block's (plane, chunk) index, blockIdx.x but for split lines
+// (segments blocks per chunk, LineWindow).
+__device__ inline BlockTask decode_block(const ScanProblem& pb, int64_t chunks_per_plane, int64_t blk) {
   const int64_t plane = blk / chunks_per_plane;
   BlockTask task;
   task.chunk_index = blk % chunks_per_plane;
@@ -100,20 +101,24 @@ __device__ inline int direction_of(const ScanProblem& pb, int64_t d) {
 // plane are 32-bit (the host checks H * W < 2^31; plane starts stay 64-bit),
 // so a load costs one multiply-add into a 64-bit address: with 64-bit offsets
 // the address arithmetic was more than half of the kernels' instructions.
+// Split lines (LineWindow): the slots cover a block's window of `length`
+// positions from the line's position `first`; pos is window-relative, offset
+// and the neighbours are the line's.
 template <int RPT, int V = 1>
 struct ThreadSlots {
   int pos[RPT];
   int offset[RPT];
   bool live[RPT], has_before[RPT], has_after[RPT];  // of the slot's first and last position
 
-  __device__ ThreadSlots(int length, int pos_stride) {
+  __device__ ThreadSlots(int length, int pos_stride, int first = 0, int line_length = -1) {
+    if (line_length < 0) line_length = length;
 #pragma unroll
     for (int r = 0; r < RPT; ++r) {
       pos[r] = static_cast<int>(V * (threadIdx.x + r * blockDim.x));
       live[r] = pos[r] < length;
-      offset[r] = live[r] ? pos[r] * pos_stride : 0;
-      has_before[r] = pos[r] > 0;
-      has_after[r] = pos[r] + V - 1 < length - 1;
+      offset[r] = live[r] ? (first + pos[r]) * pos_stride : first * pos_stride;
+      has_before[r] = first + pos[r] > 0;
+      has_after[r] = first + pos[r] + V - 1 < line_length - 1;
     }
   }
   // Whether position v of slot r has a neighbour before / after it.
@@ -467,6 +472,52 @@ __device__ inline BlockLines block_lines(const ScanProblem& pb, const BlockTask&
   return lines;
 }
 
+// Lines split across a thread block cluster (sm_90; GSPN_CUDA_SPLIT, see
+// split_segments): block `rank` of the cluster's `segments` owns the
+// segment [seg_begin, seg_end) of every line and computes the window
+// [first, first + length), the segment and kSplitHalo positions on each side
+// (fewer at the line's ends). Positions near a window's edge that is not the
+// line's go wrong by one more position per line (their outer neighbour is
+// unknown, taken as 0), so every kSplitHalo lines, after a cluster barrier,
+// each block copies its halo (the window outside its segment) from its
+// neighbours' segments of the latest line in their shared memory: one
+// cluster barrier per kSplitHalo lines, about 2 * kSplitHalo positions of
+// redundant work per line and block, for `segments` times the blocks on
+// the lines of a launch with fewer planes than SMs. A neighbour may run up
+// to kSplitHalo lines ahead of a block reading its row, so split kernels
+// keep kSplitRing rows of the hidden state instead of two.
+constexpr int kSplitHalo = 8;
+constexpr int kSplitRing = 16;
+static_assert(kSplitRing > kSplitHalo && (kSplitRing & (kSplitRing - 1)) == 0, "a ring of a power of 2 rows");
+constexpr int kMaxSplitRows = 2;  // slots per thread of the split kernels
+constexpr int kMaxSplitSegments = 8;  // a portable cluster size
+
+struct LineWindow {
+  int seg_begin, seg_end, first, length;
+};
+
+// Positions per segment: even (pairs of positions stay in one segment).
+__host__ __device__ inline int split_segment_length(int line_length, int segments) {
+  const int per = (line_length + segments - 1) / segments;
+  return (per + 1) / 2 * 2;
+}
+
+__host__ __device__ inline LineWindow line_window(int line_length, int segments, int rank) {
+  const int per = split_segment_length(line_length, segments);
+  LineWindow w;
+  w.seg_begin = rank * per < line_length ? rank * per : line_length;
+  w.seg_end = w.seg_begin + per < line_length ? w.seg_begin + per : line_length;
+  w.first = w.seg_begin > kSplitHalo ? w.seg_begin - kSplitHalo : 0;
+  const int last = w.seg_end + kSplitHalo < line_length ? w.seg_end + kSplitHalo : line_length;
+  w.length = last - w.first;
+  return w;
+}
+
+// Positions in one row of a split kernel's hidden state (the widest window).
+__host__ __device__ inline int split_window_length(int line_length, int segments) {
+  return split_segment_length(line_length, segments) + 2 * kSplitHalo;
+}
+
 // Lines per group of a staged column scan. Wide groups: 16 bytes of each
 // row (32 for double: the forward's 4-line tiles). Narrow groups, half
 // those, for lines too long for two wide stages in shared memory: only at
@@ -649,18 +700,52 @@ struct ForwardStep {
   acc_t lx, g0, g1, g2;
 };
 
+// Split lines (SPLIT, LineWindow), where a halo refill is due (`due`,
+// uniform over the cluster: its blocks scan the same lines): every block of
+// the cluster has written the latest line into ROWS rows (row k at
+// mine + k * pitch, position p of the window at index p); each block copies
+// its halo positions of those rows from its neighbours' segments, the same
+// rows in their shared memory, and its threads see them after a block barrier.
+template <bool SPLIT, int ROWS, int RPT, int V, typename acc_t>
+__device__ inline void refill_halo(bool due, acc_t* mine, const ThreadSlots<RPT, V>& slots, const LineWindow& window,
+                                   int line_length, int segments, int rank, int pitch) {
+  if constexpr (SPLIT) {
+    if (!due) return;
+    cluster_sync();
+#pragma unroll
+    for (int r = 0; r < RPT; ++r) {
+      const int p = window.first + slots.pos[r];  // the slot's first position in the line
+      if (!slots.live[r] || (p >= window.seg_begin && p < window.seg_end)) continue;
+      const int neighbour = p < window.seg_begin ? rank - 1 : rank + 1;
+      // Window index i here is the line's position first + i, there i + first - (its first).
+      const acc_t* theirs =
+          map_shared_rank(mine, neighbour) + (window.first - line_window(line_length, segments, neighbour).first);
+#pragma unroll
+      for (int k = 0; k < ROWS; ++k) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) mine[k * pitch + slots.pos[r] + v] = theirs[k * pitch + slots.pos[r] + v];
+      }
+    }
+    __syncthreads();
+  }
+}
+
 // V = 2: each slot is two neighbouring positions of a row, moved with one
 // 2-element vector load per input and one vector store: half the memory
 // instructions and their address arithmetic (plan_launch picks it for row
-// scans of even lines).
-template <typename scalar_t, typename acc_t, int RPT, bool NORM, int V, int GK, typename gate_t = scalar_t>
+// scans of even lines). SPLIT: the block is block blockIdx.x % segments of
+// a cluster that splits each line in `segments` (LineWindow).
+template <typename scalar_t, typename acc_t, int RPT, bool NORM, int V, int GK, typename gate_t = scalar_t,
+          bool SPLIT = false>
 __global__ void __launch_bounds__(kMaxThreads)
 scan_forward_kernel(const scalar_t* __restrict__ x, const void* __restrict__ gates_raw,
                     const scalar_t* __restrict__ lam, scalar_t* __restrict__ out, const ScanProblem pb,
-                    const int64_t chunks_per_plane, const bool column_vectors) {
+                    const int64_t chunks_per_plane, const bool column_vectors, const int segments) {
+  static_assert(!SPLIT || GK == 0, "split lines are not staged");
   const gate_t* gates = static_cast<const gate_t*>(gates_raw);
   constexpr int K = forward_tile_lines(RPT * V);
-  const BlockTask task = decode_block(pb, chunks_per_plane);
+  const int rank = SPLIT ? static_cast<int>(blockIdx.x % segments) : 0;
+  const BlockTask task = decode_block(pb, chunks_per_plane, SPLIT ? blockIdx.x / segments : blockIdx.x);
   const BlockLines lines = block_lines(pb, task);
   // GK > 0: a launch of column scans staged in groups of GK lines
   // (ColumnStages), its own kernels so that the others keep their
@@ -671,18 +756,23 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const void* __restrict__ gat
   // too (in the other kernels the K outputs held for it cost 12-16 registers
   // and spills at 8 slots per thread).
   constexpr bool tile_vectors = STAGED;
-  if (lines.begin == lines.end) return;  // uniform over the block
+  if (lines.begin == lines.end) return;  // uniform over the block (over the cluster: one chunk)
   const int L = lines.length, t_begin = lines.begin, t_end = lines.end;
-  const ThreadSlots<RPT, V> slots(L, lines.pos_stride);
+  const LineWindow window = SPLIT ? line_window(L, segments, rank) : LineWindow{0, L, 0, L};
+  const int W = window.length;  // positions this block computes per line
+  const ThreadSlots<RPT, V> slots(W, lines.pos_stride, window.first, L);
 
   GSPN_DYNAMIC_SHARED(smem_raw);
   const ColumnStages<scalar_t, 5, GK> stages{
       reinterpret_cast<scalar_t*>(smem_raw + column_stages_offset(2, L, sizeof(acc_t))), L, t_begin, t_end};
-  // Two rows of the hidden state, each padded by one zero on both sides; row j
-  // starts at smem + j * (L + 2) + 1 (computed, not indexed from an array, so
-  // nothing goes to local memory).
+  // Rows of the hidden state (two; split: kSplitRing, all blocks of a
+  // cluster alike), each padded by one zero on both sides; row j starts at
+  // smem + j * pitch + 1 (computed, not indexed from an array, so nothing
+  // goes to local memory).
+  constexpr int ring = SPLIT ? kSplitRing : 2;
+  const int pitch = (SPLIT ? split_window_length(L, segments) : L) + 2;
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
-  if (threadIdx.x == 0) smem[0] = smem[L + 1] = smem[L + 2] = smem[2 * L + 3] = acc_t(0);
+  if (threadIdx.x < ring) smem[threadIdx.x * pitch] = smem[threadIdx.x * pitch + W + 1] = acc_t(0);
 
   const scalar_t* xp = opaque(x + pb.x_plane(task.b, task.d, task.c));
   const scalar_t* lp = opaque(lam + pb.lam_plane(task.b, task.d, task.c));
@@ -725,8 +815,8 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const void* __restrict__ gat
     for (int s = 0; s < K; ++s) {
       const int t = t0 + s;
       if (t >= t_end) break;  // uniform over the block
-      acc_t* row = smem + (t & 1) * (L + 2) + 1;
-      const acc_t* prev = smem + ((t & 1) ^ 1) * (L + 2);  // prev[p + k] is position p - 1 + k
+      acc_t* row = smem + (t & (ring - 1)) * pitch + 1;
+      const acc_t* prev = smem + ((t - 1) & (ring - 1)) * pitch;  // prev[p + k] is position p - 1 + k
       const int line = lines.offset(t);
       const bool first = t == t_begin;
 #pragma unroll
@@ -740,11 +830,16 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const void* __restrict__ gat
             h[v] = first ? st.lx : propagate(st.lx, st.g0, st.g1, st.g2, prev + p);
             row[p] = h[v];
           }
+          const int at = window.first + slots.pos[r];  // segments hold whole slots
           if constexpr (tile_vectors) tile_h[s][r] = static_cast<scalar_t>(h[0]);
-          else store_positions<V>(op + (line + slots.offset[r]), h);
+          else if (!SPLIT || (at >= window.seg_begin && at < window.seg_end))
+            store_positions<V>(op + (line + slots.offset[r]), h);
         }
       }
       __syncthreads();
+      // every kSplitHalo lines, not after the last
+      const bool due = ((t - t_begin) & (kSplitHalo - 1)) == kSplitHalo - 1 && t + 1 < t_end;
+      refill_halo<SPLIT, 1>(due, row, slots, window, L, segments, rank, pitch);
     }
     if constexpr (tile_vectors) {  // tiles are whole
       const bool ascending = lines.line_stride > 0;
@@ -875,18 +970,26 @@ struct BackwardStep {
 // ATOMIC: several channels share a gate group and add into an fp32 buffer.
 // V = 2: two neighbouring positions per slot, as in the forward.
 // gate_t: as in the forward; per-channel gates' gradients are stored in it.
+// SPLIT: lines split across a cluster as in the forward (LineWindow): the
+// adjoint spreads one position per line as the hidden state does, so each
+// block computes its window and every kSplitHalo lines copies the v_k of
+// its halo from its neighbours' rows (refill_halo, three rows); h[t-1] comes
+// from memory at every window position, so only the window's own edge
+// positions (never stored) read an unknown neighbour there.
 template <typename scalar_t, typename acc_t, int RPT, bool NORM, bool ATOMIC, int V, int GK,
-          typename gate_t = scalar_t>
+          typename gate_t = scalar_t, bool SPLIT = false>
 __global__ void __launch_bounds__(kMaxThreads)
 scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __restrict__ h,
                      const scalar_t* __restrict__ x, const void* __restrict__ gates_raw,
                      const scalar_t* __restrict__ lam, scalar_t* __restrict__ dx,
                      void* __restrict__ dgates_raw, scalar_t* __restrict__ dlam, const ScanProblem pb,
-                     const int64_t chunks_per_plane, const bool column_vectors) {
+                     const int64_t chunks_per_plane, const bool column_vectors, const int segments) {
+  static_assert(!SPLIT || GK == 0, "split lines are not staged");
   using dg_t = typename std::conditional<ATOMIC, acc_t, gate_t>::type;
   const gate_t* gates = static_cast<const gate_t*>(gates_raw);
   constexpr int K = backward_tile_lines(RPT * V);
-  const BlockTask task = decode_block(pb, chunks_per_plane);
+  const int rank = SPLIT ? static_cast<int>(blockIdx.x % segments) : 0;
+  const BlockTask task = decode_block(pb, chunks_per_plane, SPLIT ? blockIdx.x / segments : blockIdx.x);
   const BlockLines lines = block_lines(pb, task);
   // GK > 0: staged, as in the forward.
   constexpr bool STAGED = GK > 0;
@@ -897,21 +1000,29 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
   // per thread they made the kernel spill (SASS, sm_90).
   constexpr bool tile_vectors = STAGED;
   constexpr bool gate_tiles = STAGED && (RPT == 1 || sizeof(scalar_t) <= 2);
-  if (lines.begin == lines.end) return;  // uniform over the block
+  if (lines.begin == lines.end) return;  // uniform over the block (over the cluster: one chunk)
   const int L = lines.length, t_begin = lines.begin, t_end = lines.end;
-  const ThreadSlots<RPT, V> slots(L, lines.pos_stride);
+  const LineWindow window = SPLIT ? line_window(L, segments, rank) : LineWindow{0, L, 0, L};
+  const int W = window.length;  // positions this block computes per line
+  const ThreadSlots<RPT, V> slots(W, lines.pos_stride, window.first, L);
+  // Whether slot r's positions are the block's to store (split: its segment; segments hold whole slots).
+  auto in_segment = [&](int r) {
+    const int at = window.first + slots.pos[r];
+    return at >= window.seg_begin && at < window.seg_end;
+  };
 
   GSPN_DYNAMIC_SHARED(smem_raw);
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
-  const int pitch = L + 2;
+  constexpr int ring = SPLIT ? kSplitRing : 2;  // lines of v_k kept
+  const int pitch = (SPLIT ? split_window_length(L, segments) : L) + 2;
   const ColumnStages<scalar_t, 7, GK> stages{
       reinterpret_cast<scalar_t*>(smem_raw + column_stages_offset(8, L, sizeof(acc_t))), L, t_begin, t_end};
-  // Eight padded rows: v_k of parity j at row 3j + k, h[t-1] of parity j at
-  // row 6 + j (j alternates with the line). Position p of a row is at
-  // row * pitch + 1 + p.
-  for (int i = threadIdx.x; i < 8; i += blockDim.x) {
+  // 3 ring + 2 padded rows (8 unsplit): v_k of line t at row
+  // 3 (t % ring) + k, h[t-1] of parity j at row 3 ring + j. Position p of a
+  // row is at row * pitch + 1 + p.
+  for (int i = threadIdx.x; i < 3 * ring + 2; i += blockDim.x) {
     smem[i * pitch] = acc_t(0);
-    smem[i * pitch + L + 1] = acc_t(0);
+    smem[i * pitch + W + 1] = acc_t(0);
   }
   __syncthreads();
 
@@ -968,10 +1079,9 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
     for (int s = K - 1; s >= 0; --s) {
       const int t = t0 + s;
       if (t >= t_hi) continue;  // uniform over the block
-      const int j = static_cast<int>(t & 1);
-      acc_t* vc = smem + 3 * j * pitch + 1;  // v_k of this line at vc + k * pitch
-      const acc_t* vn = smem + 3 * (j ^ 1) * pitch + 1;  // v_k of line t + 1
-      acc_t* hcur = smem + (6 + j) * pitch + 1;
+      acc_t* vc = smem + 3 * (t & (ring - 1)) * pitch + 1;  // v_k of this line at vc + k * pitch
+      const acc_t* vn = smem + 3 * ((t + 1) & (ring - 1)) * pitch + 1;  // v_k of line t + 1
+      acc_t* hcur = smem + (3 * ring + (t & 1)) * pitch + 1;
       const int line = lines.offset(t);
       const bool last = t == t_end - 1;
       // The line before a chunk's first counts as zero, so its gates' (or
@@ -1000,7 +1110,7 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
           if constexpr (tile_vectors) {
             tile_dx[s][r] = static_cast<scalar_t>(dx_v[0]);
             tile_dlam[s][r] = static_cast<scalar_t>(dlam_v[0]);
-          } else {
+          } else if (!SPLIT || in_segment(r)) {
             store_positions<V>(dxp + o, dx_v);
             store_positions<V>(dlp + o, dlam_v);
           }
@@ -1009,7 +1119,7 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
       __syncthreads();
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
-        if (!slots.live[r]) continue;
+        if (!slots.live[r] || (SPLIT && !in_segment(r))) continue;
         const int o = line + slots.offset[r];
         acc_t d0[V], d1[V], d2[V];
 #pragma unroll
@@ -1042,6 +1152,9 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
           store_positions<V>(dg2 + o, d2);
         }
       }
+      // Lines run backwards: every kSplitHalo lines from the chunk's end, not after its first line.
+      const bool due = ((t_end - 1 - t) & (kSplitHalo - 1)) == kSplitHalo - 1 && t > t_begin;
+      refill_halo<SPLIT, 3>(due, vc, slots, window, L, segments, rank, pitch);
     }
     if constexpr (tile_vectors) {  // tiles are whole
       const bool ascending = lines.line_stride > 0;
@@ -1063,8 +1176,9 @@ struct Launch {
   int64_t blocks;
   int threads;
   int rows_per_thread;  // slots per thread
-  int64_t max_length;
+  int64_t max_length;   // positions of a block's line (split: of its window)
   int positions_per_slot;
+  int segments = 1;     // blocks per line (split_lines), a cluster
 
   int64_t slots() const { return (max_length + positions_per_slot - 1) / positions_per_slot; }
   // Threads of a block: the line's slots at rows_per_thread each, in whole warps.
@@ -1301,11 +1415,22 @@ void with_forward_kernel(const Launch& plan, bool normalize, int group, bool flo
   constexpr int wide = wide_group_lines<scalar_t>(), narrow = narrow_group_lines<scalar_t>();
   TORCH_CHECK(!float_gates || (sizeof(scalar_t) == 2 && !normalize && group == 0),
               "gspn::scan (CUDA): float gates go with 16-bit inputs, as given and not staged");
+  const bool split = plan.segments > 1;
+  TORCH_CHECK(!split || (group == 0 && plan.rows_per_thread <= kMaxSplitRows),
+              "gspn::scan (CUDA): split lines are not staged and take at most ", kMaxSplitRows, " slots per thread");
   with_slot_layout(plan, [&](auto rpt, auto positions) {
     with_bool(normalize, [&](auto norm) {
       // decay: in a nested generic lambda GCC gives decltype of the outer parameters as references
       constexpr int R = std::decay_t<decltype(rpt)>::value, V = std::decay_t<decltype(positions)>::value;
       constexpr bool N = std::decay_t<decltype(norm)>::value;
+      if constexpr (R <= kMaxSplitRows) {
+        if (split) {
+          if constexpr (sizeof(scalar_t) == 2 && !N) {
+            if (float_gates) return f(scan_forward_kernel<scalar_t, acc_t, R, N, V, 0, float, true>);
+          }
+          return f(scan_forward_kernel<scalar_t, acc_t, R, N, V, 0, scalar_t, true>);
+        }
+      }
       if constexpr (sizeof(scalar_t) == 2 && !N) {
         if (float_gates) return f(scan_forward_kernel<scalar_t, acc_t, R, N, V, 0, float>);
       }
@@ -1331,11 +1456,23 @@ void with_backward_kernel(const Launch& plan, bool normalize, bool atomic, int g
   constexpr int wide = wide_group_lines<scalar_t>(), narrow = narrow_group_lines<scalar_t>();
   TORCH_CHECK(!float_gates || (sizeof(scalar_t) == 2 && !normalize && group == 0),
               "gspn::scan_backward (CUDA): float gates go with 16-bit inputs, as given and not staged");
+  const bool split = plan.segments > 1;
+  TORCH_CHECK(!split || (group == 0 && plan.rows_per_thread <= kMaxSplitRows),
+              "gspn::scan_backward (CUDA): split lines are not staged and take at most ", kMaxSplitRows,
+              " slots per thread");
   with_slot_layout(plan, [&](auto rpt, auto positions) {
     with_bool(normalize, [&](auto norm) {
       with_bool(atomic, [&](auto use_atomic) {
         constexpr int R = std::decay_t<decltype(rpt)>::value, V = std::decay_t<decltype(positions)>::value;
         constexpr bool N = std::decay_t<decltype(norm)>::value, A = std::decay_t<decltype(use_atomic)>::value;
+        if constexpr (R <= kMaxSplitRows) {
+          if (split) {
+            if constexpr (sizeof(scalar_t) == 2 && !N) {
+              if (float_gates) return f(scan_backward_kernel<scalar_t, acc_t, R, N, A, V, 0, float, true>);
+            }
+            return f(scan_backward_kernel<scalar_t, acc_t, R, N, A, V, 0, scalar_t, true>);
+          }
+        }
         if constexpr (sizeof(scalar_t) == 2 && !N) {
           if (float_gates) return f(scan_backward_kernel<scalar_t, acc_t, R, N, A, V, 0, float>);
         }
@@ -1362,6 +1499,83 @@ inline bool column_vectors(const ScanProblem& pb, std::initializer_list<const at
   return plan.positions_per_slot == 1 && column_vectors_fit(pb, tensors, K);
 }
 
+// Whether the device runs thread block clusters (compute capability 9.0 and
+// later) and `kernel` was built for one (a build for older GPUs only would
+// run its sm_80 code, which traps at a cluster barrier).
+template <typename Kernel>
+bool clusters_run(Kernel kernel) {
+  int device = 0, major = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  cudaFuncAttributes attributes{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  return major >= 9 && attributes.binaryVersion >= 90;
+}
+
+// Blocks per line for a forward launch (GSPN_CUDA_SPLIT; 1: not split).
+// Each block of a plane (or chunk) scans every line of it, so a launch of
+// fewer planes than SMs leaves SMs idle: on an H200 a 32-channel scan ran
+// on 32 of 132 SMs at 9-20 % of the copy bandwidth, against 60 % for 320
+// channels (BENCHMARKS.md). Split, `segments` blocks of a cluster share
+// each line (LineWindow). Unset, "0" or "1": never (the default until a GPU
+// has timed it); "auto": the most segments (8, 4 or 2) that keep the
+// launch to one block per SM; "2", "4" or "8": that many (or the most of
+// fewer that the lines allow). Segments hold at least kSplitHalo positions,
+// windows at most kMaxSplitRows slots per thread; not for staged column
+// launches, nor on GPUs without clusters.
+inline int split_segments(const ScanProblem& pb, const Launch& plan, bool staged) {
+  const char* how = std::getenv("GSPN_CUDA_SPLIT");
+  if (how == nullptr || std::strcmp(how, "0") == 0 || std::strcmp(how, "1") == 0) return 1;
+  const bool automatic = std::strcmp(how, "auto") == 0;
+  TORCH_CHECK(automatic || std::strcmp(how, "2") == 0 || std::strcmp(how, "4") == 0 || std::strcmp(how, "8") == 0,
+              "GSPN_CUDA_SPLIT=", how, " is not a way to split lines: use \"auto\" (as many blocks per line as "
+              "keep a launch to one block per SM), \"2\", \"4\" or \"8\", or leave it unset (lines not split)");
+  if (staged) return 1;
+  int64_t shortest = plan.max_length;
+  for (int64_t d = 0; d < pb.D; ++d) shortest = std::min(shortest, line_geometry(pb.dirs[d], pb.H, pb.W).length);
+  const int64_t sms = multiprocessors();
+  const int most_positions = kMaxThreads * kMaxSplitRows * plan.positions_per_slot;
+  for (int segments = automatic ? kMaxSplitSegments : std::atoi(how); segments > 1; segments /= 2) {
+    if (automatic && plan.blocks * segments > sms) continue;
+    const int per = split_segment_length(static_cast<int>(shortest), segments);
+    if (per < kSplitHalo || int64_t(segments - 1) * per >= shortest) continue;  // short or empty segments
+    if (split_window_length(static_cast<int>(plan.max_length), segments) > most_positions) continue;
+    return segments;
+  }
+  return 1;
+}
+
+// plan with its lines split in `segments` (split_segments).
+inline Launch split_lines(Launch plan, int segments) {
+  plan.segments = segments;
+  plan.blocks *= segments;
+  plan.max_length = split_window_length(static_cast<int>(plan.max_length), segments);
+  plan.rows_per_thread = 1;
+  while (static_cast<int64_t>(plan.rows_per_thread) * kMaxThreads < plan.slots()) plan.rows_per_thread *= 2;
+  plan.threads = plan.threads_needed();
+  return plan;
+}
+
+// The forward with split lines: `plan` from split_lines, one cluster of
+// plan.segments blocks per plane (or chunk), kSplitRing rows of the hidden
+// state per block; no block packing (split only where the blocks fit).
+template <typename scalar_t>
+void launch_forward_split(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& lam, at::Tensor& out,
+                          const ScanProblem& pb, const Launch& plan, bool float_gates) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const size_t smem = size_t(kSplitRing) * (plan.max_length + 2) * sizeof(acc_t);
+  const bool vectors =
+      !float_gates && column_vectors(pb, {&x, &gates, &lam}, forward_tile_lines(plan.rows_per_thread), plan);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  with_forward_kernel<scalar_t>(plan, pb.normalize, 0, float_gates, [&](auto kernel) {
+    set_shared_memory(kernel, smem);
+    GSPN_LAUNCH_CLUSTER(kernel, plan.blocks, plan.threads, smem, stream, plan.segments)(
+        x.data_ptr<scalar_t>(), gates.data_ptr(), lam.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pb,
+        plan.chunks_per_plane, vectors, plan.segments);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 // staged: run the column scans staged (ColumnStages, in the groups
 // staged_group picks); the caller found them fit (columns_staged_fit, for
 // these tensors).
@@ -1372,6 +1586,15 @@ void launch_forward(const at::Tensor& x, const at::Tensor& gates, const at::Tens
   const int group = staged ? staged_group<scalar_t>(pb, false) : 0;
   TORCH_CHECK(group > 0 || !staged, "gspn::scan (CUDA): column scans asked to run staged that do not fit it");
   const bool float_gates = gates.scalar_type() != x.scalar_type();
+  if (const int segments = split_segments(pb, plan, staged); segments > 1) {
+    const Launch split = split_lines(plan, segments);
+    bool runs = false;
+    with_forward_kernel<scalar_t>(split, pb.normalize, 0, float_gates, [&](auto kernel) { runs = clusters_run(kernel); });
+    if (runs) {
+      launch_forward_split<scalar_t>(x, gates, lam, out, pb, split, float_gates);
+      return;
+    }
+  }
   const size_t smem = shared_bytes<scalar_t>(2, plan.max_length, group, 5);
   pack_blocks(
       plan,
@@ -1389,7 +1612,28 @@ void launch_forward(const at::Tensor& x, const at::Tensor& gates, const at::Tens
     set_shared_memory(kernel, smem);
     GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
         x.data_ptr<scalar_t>(), gates.data_ptr(), lam.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pb,
-        plan.chunks_per_plane, vectors);
+        plan.chunks_per_plane, vectors, 1);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// The backward with split lines, as launch_forward_split: 3 kSplitRing + 2
+// rows per block (the v_k ring and h[t-1]).
+template <typename scalar_t>
+void launch_backward_split(const at::Tensor& grad_h, const at::Tensor& h, const at::Tensor& x,
+                           const at::Tensor& gates, const at::Tensor& lam, at::Tensor& dx, at::Tensor& dgates,
+                           at::Tensor& dlam, const ScanProblem& pb, const Launch& plan, bool atomic, bool float_gates) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const size_t smem = size_t(3 * kSplitRing + 2) * (plan.max_length + 2) * sizeof(acc_t);
+  const bool vectors = !float_gates && column_vectors(pb, {&grad_h, &x, &gates, &lam},
+                                                      backward_tile_lines(plan.rows_per_thread), plan);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  with_backward_kernel<scalar_t>(plan, pb.normalize, atomic, 0, float_gates, [&](auto kernel) {
+    set_shared_memory(kernel, smem);
+    GSPN_LAUNCH_CLUSTER(kernel, plan.blocks, plan.threads, smem, stream, plan.segments)(
+        grad_h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gates.data_ptr(),
+        lam.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dgates.data_ptr(), dlam.data_ptr<scalar_t>(), pb,
+        plan.chunks_per_plane, vectors, plan.segments);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -1405,6 +1649,16 @@ void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Te
   TORCH_CHECK(group > 0 || !staged,
               "gspn::scan_backward (CUDA): column scans asked to run staged that do not fit it");
   const bool float_gates = gates.scalar_type() != x.scalar_type();
+  if (const int segments = split_segments(pb, plan, staged); segments > 1) {
+    const Launch split = split_lines(plan, segments);
+    bool runs = false;
+    with_backward_kernel<scalar_t>(split, pb.normalize, atomic, 0, float_gates,
+                                   [&](auto kernel) { runs = clusters_run(kernel); });
+    if (runs) {
+      launch_backward_split<scalar_t>(grad_h, h, x, gates, lam, dx, dgates, dlam, pb, split, atomic, float_gates);
+      return;
+    }
+  }
   const size_t smem = shared_bytes<scalar_t>(8, plan.max_length, group, 7);
   pack_blocks(
       plan,
@@ -1423,7 +1677,7 @@ void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Te
     GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
         grad_h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gates.data_ptr(),
         lam.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dgates.data_ptr(), dlam.data_ptr<scalar_t>(), pb,
-        plan.chunks_per_plane, vectors);
+        plan.chunks_per_plane, vectors, 1);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -48,14 +48,15 @@ def test_bench_op_writes_json(tmp_path, compiled_cpu):
 def test_bench_op_rows_of_the_column_route(tmp_path, compiled_cpu, monkeypatch):
     """The rows bench_op times only where the column route runs (CUDA): the
     strided kernel's and the transposed copies' 'lr' and four-direction
-    rows, and the staged ones forced, beside the route's default. Run here on the CPU with the
-    route switched on for it, so a GPU session's short lease does not find a
-    crash in them."""
+    rows, and the staged ones forced, beside the route's default; the forward
+    with split lines. Run here on the CPU with the route switched on for it,
+    so a GPU session's short lease does not find a crash in them."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bench_op
     from gspn_diffusers import ops
 
     monkeypatch.setitem(ops.COLUMNS_AS_ROWS_MIN_PIXELS, "cpu", 1)
+    monkeypatch.setattr(bench_op, "SPLIT_LINES_DEVICES", {"cuda", "cpu"})
     out = tmp_path / "op.json"
     bench_op.main(["--device", "cpu", "--channels", "2", "--sides", "8", "--groups", "1", "--repeats", "1",
                    "--warmup", "0", "--no-reference", "--no-keep-freed", "--json", str(out)])
@@ -63,13 +64,15 @@ def test_bench_op_rows_of_the_column_route(tmp_path, compiled_cpu, monkeypatch):
     assert {"fwd lr, strided kernel", "fwd 4dir, strided kernel", "bwd 4dir, strided kernel", "fwd 4dir (one call)",
             "bwd 4dir (one call)", "fwd lr, transposed", "bwd lr, transposed", "fwd 4dir, transposed",
             "bwd 4dir, transposed", "fwd lr, staged", "bwd lr, staged", "fwd 4dir, staged", "bwd 4dir, staged",
-            "fwd 4dir, one stream", "bwd 4dir, one stream", "fwd tb, plain gates", "bwd tb, plain gates"} <= {
+            "fwd 4dir, one stream", "bwd 4dir, one stream", "fwd tb, plain gates", "bwd tb, plain gates",
+            "fwd tb, split", "bwd tb, split", "fwd 4dir, split", "bwd 4dir, split", "fwd 4dir, decay, split"} <= {
         r["what"] for r in rows}
     assert ops.COLUMNS_AS_ROWS_MIN_PIXELS["cpu"] == 1  # the route's threshold is restored after each strided row
     assert "GSPN_CUDA_COLUMNS" not in os.environ  # and the default way of running columns
     assert "GSPN_CUDA_STREAMS" not in os.environ
+    assert "GSPN_CUDA_SPLIT" not in os.environ
     ways = json.loads(out.read_text())["column_ways"]
-    assert {w["what"] for w in ways} == {"fwd lr", "bwd lr", "fwd 4dir", "bwd 4dir"}
+    assert {w["what"] for w in ways} == {"fwd tb", "bwd tb", "fwd lr", "bwd lr", "fwd 4dir", "bwd 4dir"}
     fwd_lr = next(w for w in ways if w["what"] == "fwd lr")
     ms = {r["what"]: r["ms"] for r in rows}
     assert fwd_lr["x_transposed"] == pytest.approx(ms["fwd lr, transposed"] / ms["fwd lr"])
@@ -78,6 +81,9 @@ def test_bench_op_rows_of_the_column_route(tmp_path, compiled_cpu, monkeypatch):
     bwd_4dir = next(w for w in ways if w["what"] == "bwd 4dir")
     assert bwd_4dir["x_one_stream"] == pytest.approx(ms["bwd 4dir, one stream"] / ms["bwd 4dir (one call)"])
     assert "x_one_stream" not in fwd_lr  # a single column direction has no row launch
+    fwd_tb = next(w for w in ways if w["what"] == "fwd tb")
+    assert fwd_tb["x_split"] == pytest.approx(ms["fwd tb, split"] / ms["fwd tb"])
+    assert bwd_4dir["x_split"] == pytest.approx(ms["bwd 4dir, split"] / ms["bwd 4dir (one call)"])
 
 
 def test_bench_unet_quick_writes_json(tmp_path):

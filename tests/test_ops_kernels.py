@@ -971,3 +971,96 @@ def test_cuda_offsets_beyond_int32(compiled_cuda):
     torch.testing.assert_close(h[:, last], want, rtol=0, atol=0)
     del h, x, lam
     torch.cuda.empty_cache()
+
+
+def cluster_launches(device) -> list:
+    """Cluster sizes of the kernel launches since the last call (1: a plain
+    launch), where the simulator runs them; None elsewhere (a GPU, or the
+    CPU kernels)."""
+    if device.type != "cpu" or not runs_cuda_kernels(device):
+        return None
+    return list(torch.ops.gspn_sim.cluster_launches())
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize(
+    "split,width,segments",
+    [
+        ("2", 40, 2),  # segments of 20 positions: halos of 8 inside them
+        ("4", 64, 4),
+        ("8", 130, 8),  # segments of 18 (even), the last one 4 positions
+        ("8", 40, 4),  # 8 segments of 6 are shorter than the halo: the most that fit
+        ("8", 12, 1),  # too short to split at all
+        ("auto", 64, 4),  # 1 plane on the simulator's 4 SMs
+    ],
+)
+def test_split_lines_match_reference(device, monkeypatch, split, width, segments):
+    """Lines split across a cluster of blocks (GSPN_CUDA_SPLIT; sm_90 on a
+    GPU): each block computes its segment and a halo of 8 positions each side
+    and copies the halo from its neighbours' shared memory every 8 lines
+    (forward: the hidden state; backward: the adjoint's three products). 40
+    lines (4 refills, the last lines between refills), normalised gates whose
+    edges are the line's, fp32 and fp16 pairs, "tb" and "bt", a chunked scan:
+    output and gradients against the reference; in the simulator also the
+    launches' cluster sizes."""
+    monkeypatch.setenv("GSPN_CUDA_SPLIT", split)
+    cluster_launches(device)  # forget earlier launches
+    for dtype, direction, chunk in ((torch.float32, "tb", None), (torch.float16, "bt", None),
+                                    (torch.float32, "bt", 12)):
+        x, gates, lam = make_inputs(1, 1, 1, 40, width, dtype, device, "split", split)
+        logits = gates[:, :, :3] * 4 - 2
+        grad = torch.randn(x.shape, generator=generator_for("split grad", width), dtype=torch.float64)
+        inputs = [t.detach().requires_grad_() for t in (x, logits, lam)]
+        got = gspn_scan(*inputs, direction, chunk, normalize=True)
+        got.backward(grad.to(device, dtype))
+        ref = [t.detach().double().cpu().requires_grad_() for t in (x, logits, lam)]
+        want = scan_reference(*ref, direction, chunk, True)
+        want.backward(grad)
+        tolerance = TOLERANCE[dtype] * (4 if dtype == torch.float16 else 1)
+        what = f"{direction} {dtype} chunk {chunk}"
+        assert_close_scaled(got, want, tolerance, what)
+        for name, g, w in zip(("x", "logits", "lam"), inputs, ref):
+            assert_close_scaled(g.grad, w.grad, tolerance, f"grad {name}, {what}")
+    launched = cluster_launches(device)
+    if launched is not None:  # forward, backward; auto: the chunked scan's 4 chunks fill the simulator's 4 SMs
+        assert launched == [segments] * 4 + [1 if split == "auto" else segments] * 2
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_split_lines_in_the_layers_call(device, monkeypatch, dtype):
+    """The GSPN layer's call, split: four directions with decay, fp32 and
+    bf16 (on CUDA the decay pass's gates, float for bf16, then the route's row launch and the
+    column launch on transposed copies, both split, forward and backward,
+    with two gate groups of 2 channels (the backward's atomic adds), B = 2;
+    decays near 1, so that a wrong halo carries far), forward and gradients
+    against the reference."""
+    from gspn_diffusers import ops
+
+    monkeypatch.setitem(ops.COLUMNS_AS_ROWS_MIN_PIXELS, device.type, 0)
+    monkeypatch.setenv("GSPN_CUDA_SPLIT", "2")
+    monkeypatch.setenv("GSPN_CUDA_COLUMNS", "transposed")
+    (x, logits, lam, decay), grad = decay_inputs(2, 4, 2, 40, 36, "split")
+    inputs = (x, logits, lam, decay + 6)  # decays near 1: lines far back still count
+    cluster_launches(device)
+    got, want, got_in, ref_in = decay_against_reference(inputs, grad, None, device, dtype)
+    rtol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+    assert_close_scaled(got, want, rtol, "forward")
+    for name, g, w in zip(("x", "logits", "lam", "decay"), got_in, ref_in):
+        assert_close_scaled(g.grad, w.grad, rtol, f"grad {name}")
+    launched = cluster_launches(device)
+    if launched is not None:
+        assert launched.count(2) == 4, launched  # the row and the column launches, forward and backward
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_split_lines_unknown_setting(device, monkeypatch):
+    """GSPN_CUDA_SPLIT other than auto, 2, 4 or 8 (or unset, 0, 1) is an
+    error that names the ways, where the CUDA kernels run."""
+    monkeypatch.setenv("GSPN_CUDA_SPLIT", "3")
+    x, gates, lam = make_inputs(1, 1, 1, 8, 16, torch.float32, device, "split setting")
+    if not runs_cuda_kernels(device):
+        gspn_scan(x, gates[:, :, :3], lam)  # the CPU kernels do not split
+        return
+    with pytest.raises(RuntimeError, match='GSPN_CUDA_SPLIT=3.*"auto"'):
+        gspn_scan(x, gates[:, :, :3], lam)

@@ -16,7 +16,13 @@
 // so do reads past its end (NaN guard bytes); a write past the end, or an
 // asynchronous copy outside it, raises an error. Threads of one block that
 // reach __syncthreads different numbers of times (a barrier inside divergent
-// code) raise an error. Asynchronous copies to shared
+// code) raise an error. A cluster launch (GSPN_LAUNCH_CLUSTER, sm_90 thread
+// block clusters) runs its cluster's blocks together: between two cluster
+// barriers (cluster_sync) one block after another, in a shuffled order, each
+// through its own __syncthreads phases, so a read of another block's shared
+// memory (map_shared_rank) that a missing cluster barrier leaves unordered
+// sees the other block either before or after, and the ring of rows a
+// kernel keeps for such reads shows whether it is deep enough. Asynchronous copies to shared
 // memory (cp.async) land when their thread waits for their group, or earlier,
 // as on a GPU: at each barrier of their thread some of them (chosen at random,
 // seeded by the block) land. So a read before the wait sees stale bytes, and
@@ -72,7 +78,11 @@ inline T __ldg(const T* p) {
 
 using cudaStream_t = void*;
 using cudaError_t = int;
-enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin, cudaDevAttrMultiProcessorCount };
+enum cudaDeviceAttr {
+  cudaDevAttrMaxSharedMemoryPerBlockOptin,
+  cudaDevAttrMultiProcessorCount,
+  cudaDevAttrComputeCapabilityMajor
+};
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 // What an H100/H200 allows a block, so launches too big for them fail here too.
 constexpr int kSimSharedMemoryPerBlock = 227 * 1024;
@@ -85,16 +95,19 @@ inline cudaError_t cudaGetDevice(int* device) {
   return 0;
 }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  *value = attr == cudaDevAttrMultiProcessorCount ? kSimMultiprocessors : kSimSharedMemoryPerBlock;
+  *value = attr == cudaDevAttrMultiProcessorCount      ? kSimMultiprocessors
+           : attr == cudaDevAttrComputeCapabilityMajor ? 9  // thread block clusters
+                                                       : kSimSharedMemoryPerBlock;
   return 0;
 }
 template <typename Kernel>
 inline cudaError_t cudaFuncSetAttribute(Kernel, cudaFuncAttribute, int) {
   return 0;
 }
-// The simulated kernels keep nothing in local memory.
+// The simulated kernels keep nothing in local memory, and are built for sm_90.
 struct cudaFuncAttributes {
   size_t localSizeBytes = 0;
+  int binaryVersion = 90;
 };
 template <typename Kernel>
 inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attributes, Kernel) {
@@ -141,39 +154,51 @@ struct Fiber {
   ucontext_t context;
   std::unique_ptr<char[]> stack;  // uninitialised: untouched pages cost nothing
   dim3 thread;
+  int block = 0;  // its block's index in the running cluster
   int64_t barriers = 0;
+  int64_t cluster_barriers = 0;
+  bool at_cluster_barrier = false;
   bool done = false;
   std::vector<PendingCopy> copies;
   int64_t committed = 0;  // groups committed so far; the open group's number
 };
 
-// The block being simulated on this OS thread.
+// One simulated block of the running cluster (a plain launch: a cluster of one).
 struct Block {
-  ucontext_t scheduler;
-  std::vector<Fiber> fibers;
+  dim3 index;
   std::mt19937_64 landing;  // which asynchronous copies land early
-  Fiber* current = nullptr;
-  void (*body)(void*) = nullptr;
-  void* args = nullptr;
   std::vector<unsigned char> dynamic_shared;  // the launch's bytes, then kSharedGuard more
-  size_t dynamic_shared_bytes = 0;
   std::string error;  // the first failed device_check of the block
 };
 
-inline thread_local Block running;
+// The cluster being simulated on this OS thread: its blocks' threads are
+// fibers, one block's at a time between cluster barriers.
+struct Running {
+  ucontext_t scheduler;
+  std::vector<Fiber> fibers;  // block b's threads at [b * threads, (b + 1) * threads)
+  std::vector<Block> blocks;
+  Fiber* current = nullptr;
+  void (*body)(void*) = nullptr;
+  void* args = nullptr;
+  size_t dynamic_shared_bytes = 0;
+};
+
+inline thread_local Running running;
+
+inline Block& current_block() { return running.blocks[running.current->block]; }
 
 // NaN bytes past a block's dynamic shared memory: a read there poisons the
 // result like an unwritten element, a write there fails the launch (the
 // kernel's size computation came out short of what it uses).
 constexpr size_t kSharedGuard = 4096;
 
-inline unsigned char* dynamic_shared() { return running.dynamic_shared.data(); }
+inline unsigned char* dynamic_shared() { return current_block().dynamic_shared.data(); }
 
 // A check inside a kernel. An exception cannot leave a fiber (it would unwind
 // into makecontext's frame and terminate the process), so the first failure
 // is kept and raised by the launch once the block has finished.
 inline void device_check(bool ok, const char* what) {
-  if (!ok && running.error.empty()) running.error = what;
+  if (!ok && current_block().error.empty()) current_block().error = what;
 }
 
 inline void fiber_main() {
@@ -181,15 +206,46 @@ inline void fiber_main() {
   running.current->done = true;  // returning resumes uc_link: the scheduler
 }
 
-// Runs the current block's threads to completion, barrier phase by phase.
-inline void run_block(unsigned threads, uint64_t seed) {
-  running.fibers.resize(threads);
-  for (unsigned i = 0; i < threads; ++i) {
+// Runs block b's threads, __syncthreads phase by phase, until each has ended
+// or waits at a cluster barrier; raises if some wait there while others of
+// the block went on to another barrier or ended (a barrier in divergent code).
+inline void run_until_cluster_barrier(int b, unsigned threads, std::mt19937_64& rng) {
+  std::vector<unsigned> order(threads);
+  std::iota(order.begin(), order.end(), b * threads);
+  blockIdx = running.blocks[b].index;
+  for (;;) {
+    std::shuffle(order.begin(), order.end(), rng);
+    bool any_ran = false;
+    for (unsigned i : order) {
+      Fiber& f = running.fibers[i];
+      if (f.done || f.at_cluster_barrier) continue;
+      any_ran = true;
+      threadIdx = f.thread;
+      running.current = &f;
+      swapcontext(&running.scheduler, &f.context);
+    }
+    if (!any_ran) return;
+    const auto first = running.fibers.begin() + static_cast<std::ptrdiff_t>(b * threads);
+    const auto waiting = std::count_if(first, first + threads, [](const Fiber& f) { return f.at_cluster_barrier; });
+    TORCH_CHECK(waiting == 0 || waiting == static_cast<std::ptrdiff_t>(threads), "CUDA simulator: in block (",
+                blockIdx.x, ", ", blockIdx.y, ", ", blockIdx.z, "), ", waiting, " of ", threads,
+                " threads wait at a cluster barrier while the others went on (a barrier in divergent code)");
+  }
+}
+
+// Runs the running cluster's blocks (threads each) to completion: between
+// two cluster barriers each block in turn, in a shuffled order.
+inline void run_cluster(unsigned threads, uint64_t seed) {
+  const int count = static_cast<int>(running.blocks.size());
+  running.fibers.resize(static_cast<size_t>(count) * threads);
+  for (size_t i = 0; i < running.fibers.size(); ++i) {
     Fiber& f = running.fibers[i];
+    const unsigned t = static_cast<unsigned>(i % threads);
     if (!f.stack) f.stack.reset(new char[kFiberStack]);
-    f.thread = dim3(i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y));
-    f.barriers = 0;
-    f.done = false;
+    f.thread = dim3(t % blockDim.x, (t / blockDim.x) % blockDim.y, t / (blockDim.x * blockDim.y));
+    f.block = static_cast<int>(i / threads);
+    f.barriers = f.cluster_barriers = 0;
+    f.at_cluster_barrier = f.done = false;
     f.copies.clear();
     f.committed = 0;
     getcontext(&f.context);
@@ -198,34 +254,35 @@ inline void run_block(unsigned threads, uint64_t seed) {
     f.context.uc_link = &running.scheduler;
     makecontext(&f.context, fiber_main, 0);
   }
-  std::vector<unsigned> order(threads);
-  std::iota(order.begin(), order.end(), 0u);
   std::mt19937_64 rng(seed);
-  running.landing.seed(seed ^ 0x5DEECE66Dull);
+  std::vector<int> blocks(count);
+  std::iota(blocks.begin(), blocks.end(), 0);
   for (;;) {
-    std::shuffle(order.begin(), order.end(), rng);
-    bool any_live = false;
-    for (unsigned i : order) {
-      Fiber& f = running.fibers[i];
-      if (f.done) continue;
-      any_live = true;
-      threadIdx = f.thread;
-      running.current = &f;
-      swapcontext(&running.scheduler, &f.context);
-    }
-    if (!any_live) break;
+    std::shuffle(blocks.begin(), blocks.end(), rng);
+    for (int b : blocks) run_until_cluster_barrier(b, threads, rng);
+    const auto waiting = std::count_if(running.fibers.begin(), running.fibers.end(),
+                                       [](const Fiber& f) { return f.at_cluster_barrier; });
+    if (waiting == 0) break;  // every thread has ended
+    TORCH_CHECK(waiting == static_cast<std::ptrdiff_t>(running.fibers.size()), "CUDA simulator: in the cluster of "
+                "block (", running.blocks[0].index.x, ", ", running.blocks[0].index.y, ", ",
+                running.blocks[0].index.z, "), some blocks ended while others wait at a cluster barrier");
+    for (Fiber& f : running.fibers) f.at_cluster_barrier = false;
   }
   // Legal CUDA when threads exit early, but every kernel here runs its barriers
   // uniformly over the block, so unequal counts mean one sat in divergent code.
-  const auto [fewest, most] = std::minmax_element(
-      running.fibers.begin(), running.fibers.end(), [](const Fiber& a, const Fiber& b) { return a.barriers < b.barriers; });
-  for (const Fiber& f : running.fibers) {
-    TORCH_CHECK(f.copies.empty(), "CUDA simulator: in block (", blockIdx.x, ", ", blockIdx.y, ", ", blockIdx.z,
-                "), thread ", f.thread.x, " ended with ", f.copies.size(), " asynchronous copies it never waited for");
+  for (int b = 0; b < count; ++b) {
+    const dim3 at = running.blocks[b].index;
+    const auto first = running.fibers.begin() + static_cast<std::ptrdiff_t>(b * threads);
+    const auto [fewest, most] = std::minmax_element(
+        first, first + threads, [](const Fiber& x, const Fiber& y) { return x.barriers < y.barriers; });
+    for (auto f = first; f != first + threads; ++f) {
+      TORCH_CHECK(f->copies.empty(), "CUDA simulator: in block (", at.x, ", ", at.y, ", ", at.z, "), thread ",
+                  f->thread.x, " ended with ", f->copies.size(), " asynchronous copies it never waited for");
+    }
+    TORCH_CHECK(fewest->barriers == most->barriers, "CUDA simulator: in block (", at.x, ", ", at.y, ", ", at.z,
+                "), thread ", fewest->thread.x, " reached __syncthreads ", fewest->barriers, " times and thread ",
+                most->thread.x, " ", most->barriers, " times (a barrier in divergent code)");
   }
-  TORCH_CHECK(fewest->barriers == most->barriers, "CUDA simulator: in block (", blockIdx.x, ", ", blockIdx.y, ", ",
-              blockIdx.z, "), thread ", fewest->thread.x, " reached __syncthreads ", fewest->barriers,
-              " times and thread ", most->thread.x, " ", most->barriers, " times (a barrier in divergent code)");
 }
 
 // The running thread's pending asynchronous copies for which lands(copy) holds
@@ -244,7 +301,7 @@ inline void land_copies(Predicate&& lands) {
 // Each of the thread's pending asynchronous copies lands now with
 // probability 1/2 (a GPU may complete a copy any time before its wait).
 inline void land_some_copies() {
-  land_copies([](const PendingCopy&) { return (running.landing() & 1) != 0; });
+  land_copies([](const PendingCopy&) { return (current_block().landing() & 1) != 0; });
 }
 }  // namespace gspn_sim
 
@@ -255,6 +312,30 @@ inline void __syncthreads() {
   swapcontext(&f->context, &gspn_sim::running.scheduler);
 }
 
+// barrier.cluster.arrive + wait: every thread of every block of the cluster
+// (sm_90 thread block clusters; a plain launch is a cluster of one block).
+inline void cluster_sync() {
+  gspn_sim::Fiber* f = gspn_sim::running.current;
+  ++f->cluster_barriers;
+  f->at_cluster_barrier = true;
+  gspn_sim::land_some_copies();
+  swapcontext(&f->context, &gspn_sim::running.scheduler);
+}
+
+// The address of *p (in this block's dynamic shared memory) in the dynamic
+// shared memory of the cluster's block `rank` (mapa).
+template <typename T>
+inline T* map_shared_rank(T* p, unsigned rank) {
+  auto& r = gspn_sim::running;
+  const unsigned char* mine = gspn_sim::dynamic_shared();
+  const auto offset = reinterpret_cast<const unsigned char*>(p) - mine;
+  gspn_sim::device_check(rank < r.blocks.size(), "map_shared_rank: no such block in the cluster");
+  gspn_sim::device_check(offset >= 0 && static_cast<size_t>(offset) < r.dynamic_shared_bytes,
+                         "map_shared_rank: not an address in the block's dynamic shared memory");
+  if (rank >= r.blocks.size()) rank = 0;
+  return reinterpret_cast<T*>(r.blocks[rank].dynamic_shared.data() + offset);
+}
+
 namespace gspn_sim {
 
 // cp.async of `bytes` from global src to shared dst, in the thread's open group.
@@ -262,7 +343,7 @@ inline void copy_async(void* dst, const void* src, size_t bytes) {
   Fiber* f = running.current;
   device_check(reinterpret_cast<uintptr_t>(dst) % bytes == 0 && reinterpret_cast<uintptr_t>(src) % bytes == 0,
                "misaligned asynchronous copy");
-  const unsigned char* shared = running.dynamic_shared.data();
+  const unsigned char* shared = current_block().dynamic_shared.data();
   device_check(static_cast<unsigned char*>(dst) >= shared &&
                    static_cast<unsigned char*>(dst) + bytes <= shared + running.dynamic_shared_bytes,
                "asynchronous copy outside the block's dynamic shared memory");
@@ -286,7 +367,16 @@ inline void copy_async_wait(int n) {
 // it unwritten.
 inline thread_local std::vector<std::function<void()>>* side_stream_launches = nullptr;
 
-// kernel<<<grid, block, shared_bytes>>>(args...): the arguments are converted
+// The cluster size of every launch run since the tests last asked
+// (torch.ops.gspn_sim.cluster_launches, gspn_scan_cuda_sim.cpp), so that a
+// test can tell which way a call ran.
+inline std::vector<int64_t>& cluster_launches() {
+  static std::vector<int64_t> sizes;
+  return sizes;
+}
+
+// kernel<<<grid, block, shared_bytes>>>(args...), in clusters of `cluster`
+// consecutive blocks along x (1: a plain launch): the arguments are converted
 // to the kernel's parameter types once, as a launch copies them, and every
 // thread calls the kernel with them.
 template <typename... Params>
@@ -295,12 +385,15 @@ struct Launch {
   void (*kernel)(Params...);
   dim3 grid, threads;
   size_t shared_bytes;
+  unsigned cluster = 1;
 
   template <typename... Args>
   void operator()(Args&&... args) const {
     TORCH_CHECK(shared_bytes <= static_cast<size_t>(kSimSharedMemoryPerBlock), "CUDA simulator: ", shared_bytes,
                 " bytes of dynamic shared memory per block");
     TORCH_CHECK(threads.x * threads.y * threads.z <= 1024, "CUDA simulator: more than 1024 threads per block");
+    TORCH_CHECK(cluster >= 1 && cluster <= 8 && grid.x % cluster == 0, "CUDA simulator: clusters of ", cluster,
+                " blocks for a grid of ", grid.x, " along x (at most 8, dividing it)");
     Packed packed(std::forward<Args>(args)...);
     if (side_stream_launches != nullptr) {
       side_stream_launches->push_back([launch = *this, packed]() mutable { launch.run(packed); });
@@ -319,22 +412,32 @@ struct Launch {
       std::apply(c->kernel, *c->packed);
     };
     running.args = &call;
+    running.dynamic_shared_bytes = shared_bytes;
+    cluster_launches().push_back(cluster);
     gridDim = grid;
     blockDim = threads;
     for (unsigned z = 0; z < grid.z; ++z) {
       for (unsigned y = 0; y < grid.y; ++y) {
-        for (unsigned x = 0; x < grid.x; ++x) {
-          blockIdx = dim3(x, y, z);
-          running.dynamic_shared.assign(shared_bytes + kSharedGuard, 0xFF);
-          running.dynamic_shared_bytes = shared_bytes;
-          running.error.clear();
-          const uint64_t linear = (uint64_t(z) * grid.y + y) * grid.x + x;
-          run_block(threads.x * threads.y * threads.z, 0x9E3779B97F4A7C15ull * (linear + 1));
-          TORCH_CHECK(running.error.empty(), "CUDA simulator: in block (", x, ", ", y, ", ", z, "): ", running.error);
-          const auto guard = running.dynamic_shared.begin() + static_cast<std::ptrdiff_t>(shared_bytes);
-          TORCH_CHECK(std::all_of(guard, running.dynamic_shared.end(), [](unsigned char b) { return b == 0xFF; }),
-                      "CUDA simulator: in block (", x, ", ", y, ", ", z, "): written past its ", shared_bytes,
-                      " bytes of dynamic shared memory");
+        for (unsigned x0 = 0; x0 < grid.x; x0 += cluster) {
+          running.blocks.resize(cluster);
+          for (unsigned k = 0; k < cluster; ++k) {
+            Block& b = running.blocks[k];
+            b.index = dim3(x0 + k, y, z);
+            b.dynamic_shared.assign(shared_bytes + kSharedGuard, 0xFF);
+            b.error.clear();
+            const uint64_t linear = (uint64_t(z) * grid.y + y) * grid.x + x0 + k;
+            b.landing.seed((0x9E3779B97F4A7C15ull * (linear + 1)) ^ 0x5DEECE66Dull);
+          }
+          const uint64_t first = (uint64_t(z) * grid.y + y) * grid.x + x0;
+          run_cluster(threads.x * threads.y * threads.z, 0x9E3779B97F4A7C15ull * (first + 1));
+          for (const Block& b : running.blocks) {
+            const dim3 at = b.index;
+            TORCH_CHECK(b.error.empty(), "CUDA simulator: in block (", at.x, ", ", at.y, ", ", at.z, "): ", b.error);
+            const auto guard = b.dynamic_shared.begin() + static_cast<std::ptrdiff_t>(shared_bytes);
+            TORCH_CHECK(std::all_of(guard, b.dynamic_shared.end(), [](unsigned char v) { return v == 0xFF; }),
+                        "CUDA simulator: in block (", at.x, ", ", at.y, ", ", at.z, "): written past its ",
+                        shared_bytes, " bytes of dynamic shared memory");
+          }
         }
       }
     }
@@ -342,11 +445,14 @@ struct Launch {
 };
 
 template <typename... Params>
-Launch<Params...> launch(void (*kernel)(Params...), dim3 grid, dim3 threads, size_t shared_bytes) {
-  return Launch<Params...>{kernel, grid, threads, shared_bytes};
+Launch<Params...> launch(void (*kernel)(Params...), dim3 grid, dim3 threads, size_t shared_bytes,
+                         unsigned cluster = 1) {
+  return Launch<Params...>{kernel, grid, threads, shared_bytes, cluster};
 }
 
 }  // namespace gspn_sim
 
 #define GSPN_LAUNCH(kernel, grid, block, shared_bytes, stream) gspn_sim::launch(kernel, grid, block, shared_bytes)
+#define GSPN_LAUNCH_CLUSTER(kernel, grid, block, shared_bytes, stream, cluster) \
+  gspn_sim::launch(kernel, grid, block, shared_bytes, cluster)
 #define GSPN_DYNAMIC_SHARED(name) unsigned char* name = gspn_sim::dynamic_shared()

@@ -11,3 +11,17 @@
 #include "../gspn_scan_cuda_float32.cu"
 #include "../gspn_scan_cuda_float16.cu"
 #include "../gspn_scan_cuda_bfloat16.cu"
+
+#include <torch/library.h>
+
+namespace {
+// The cluster sizes of the launches since the last call (1: a plain launch),
+// for tests of which kernels a call ran; only in simulator builds.
+std::vector<int64_t> take_cluster_launches() {
+  std::vector<int64_t> sizes;
+  sizes.swap(gspn_sim::cluster_launches());
+  return sizes;
+}
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(gspn_sim, m) { m.def("cluster_launches() -> int[]", &take_cluster_launches); }
