@@ -1512,37 +1512,55 @@ bool clusters_run(Kernel kernel) {
   return major >= 9 && attributes.binaryVersion >= 90;
 }
 
-// Blocks per line for a forward launch (GSPN_CUDA_SPLIT; 1: not split).
-// Each block of a plane (or chunk) scans every line of it, so a launch of
-// fewer planes than SMs leaves SMs idle: on an H200 a 32-channel scan ran
+// Blocks per line for a launch (GSPN_CUDA_SPLIT; 1: not split). Each block
+// of a plane (or chunk) scans every line of it, so a launch of fewer planes
+// than SMs leaves SMs idle, and one of a few more than a multiple of them
+// leaves most SMs idle for its last round: on an H200 a 32-channel scan ran
 // on 32 of 132 SMs at 9-20 % of the copy bandwidth, against 60 % for 320
-// channels (BENCHMARKS.md). Split, `segments` blocks of a cluster share
-// each line (LineWindow). Unset, "0" or "1": never (the default until a GPU
-// has timed it); "auto": the most segments (8, 4 or 2) that keep the
-// launch to one block per SM; "2", "4" or "8": that many (or the most of
-// fewer that the lines allow). Segments hold at least kSplitHalo positions,
-// windows at most kMaxSplitRows slots per thread; not for staged column
-// launches, nor on GPUs without clusters.
+// channels, and each SM processed about one position per cycle however
+// many blocks it held (BENCHMARKS.md). Split, `segments` blocks of a cluster
+// share each line (LineWindow). Unset, "0" or "1": never (the default until
+// a GPU has timed it); "auto": the segments whose busiest SM has the fewest
+// positions to compute (split_cost), if at least 10 % fewer than unsplit
+// (the margin for the cluster barriers); "2", "4" or "8": that many (or the
+// most of fewer that the lines allow). Segments hold at least kSplitHalo
+// positions, windows at most kMaxSplitRows slots per thread; not for
+// staged column launches, nor on GPUs without clusters (clusters_run).
 inline int split_segments(const ScanProblem& pb, const Launch& plan, bool staged) {
   const char* how = std::getenv("GSPN_CUDA_SPLIT");
   if (how == nullptr || std::strcmp(how, "0") == 0 || std::strcmp(how, "1") == 0) return 1;
   const bool automatic = std::strcmp(how, "auto") == 0;
   TORCH_CHECK(automatic || std::strcmp(how, "2") == 0 || std::strcmp(how, "4") == 0 || std::strcmp(how, "8") == 0,
               "GSPN_CUDA_SPLIT=", how, " is not a way to split lines: use \"auto\" (as many blocks per line as "
-              "keep a launch to one block per SM), \"2\", \"4\" or \"8\", or leave it unset (lines not split)");
+              "balance the SMs best), \"2\", \"4\" or \"8\", or leave it unset (lines not split)");
   if (staged) return 1;
   int64_t shortest = plan.max_length;
   for (int64_t d = 0; d < pb.D; ++d) shortest = std::min(shortest, line_geometry(pb.dirs[d], pb.H, pb.W).length);
   const int64_t sms = multiprocessors();
   const int most_positions = kMaxThreads * kMaxSplitRows * plan.positions_per_slot;
-  for (int segments = automatic ? kMaxSplitSegments : std::atoi(how); segments > 1; segments /= 2) {
-    if (automatic && plan.blocks * segments > sms) continue;
+  auto fits = [&](int segments) {
     const int per = split_segment_length(static_cast<int>(shortest), segments);
-    if (per < kSplitHalo || int64_t(segments - 1) * per >= shortest) continue;  // short or empty segments
-    if (split_window_length(static_cast<int>(plan.max_length), segments) > most_positions) continue;
-    return segments;
+    if (per < kSplitHalo || int64_t(segments - 1) * per >= shortest) return false;  // short or empty segments
+    return split_window_length(static_cast<int>(plan.max_length), segments) <= most_positions;
+  };
+  if (!automatic) {
+    for (int segments = std::atoi(how); segments > 1; segments /= 2) {
+      if (fits(segments)) return segments;
+    }
+    return 1;
   }
-  return 1;
+  // Positions per line of the busiest SM: its blocks (the launch's spread
+  // evenly, rounded up) times a block's window.
+  auto split_cost = [&](int segments) {
+    const int64_t window =
+        segments == 1 ? plan.max_length : split_window_length(static_cast<int>(plan.max_length), segments);
+    return double((plan.blocks * segments + sms - 1) / sms) * double(window);
+  };
+  int best = 1;
+  for (int segments = 2; segments <= kMaxSplitSegments; segments *= 2) {
+    if (fits(segments) && split_cost(segments) < split_cost(best)) best = segments;
+  }
+  return split_cost(best) <= 0.9 * split_cost(1) ? best : 1;
 }
 
 // plan with its lines split in `segments` (split_segments).

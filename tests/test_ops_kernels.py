@@ -1054,6 +1054,24 @@ def test_split_lines_in_the_layers_call(device, monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("channels,segments", [(4, 1), (5, 4)])
+def test_split_lines_auto_balances_the_sms(device, monkeypatch, channels, segments):
+    """GSPN_CUDA_SPLIT=auto splits where it evens out the SMs' work: on the
+    simulator's 4 SMs, 4 planes of 256-position lines are one block per SM
+    (not split); 5 would leave one SM two whole planes, so each line goes to
+    4 blocks (20 blocks of 80-position windows, 5 per SM)."""
+    monkeypatch.setenv("GSPN_CUDA_SPLIT", "auto")
+    x, gates, lam = make_inputs(1, channels, 1, 12, 256, torch.float32, device, "split auto")
+    cluster_launches(device)
+    got = gspn_scan(x, gates[:, :, :3], lam)
+    assert_close_scaled(got, reference_of(x, gates.unsqueeze(1), lam, None, False, ("tb",)).squeeze(1),
+                        TOLERANCE[torch.float32], "forward")
+    launched = cluster_launches(device)
+    if launched is not None:
+        assert launched == [segments]
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_split_lines_unknown_setting(device, monkeypatch):
     """GSPN_CUDA_SPLIT other than auto, 2, 4 or 8 (or unset, 0, 1) is an
     error that names the ways, where the CUDA kernels run."""
