@@ -6,7 +6,9 @@ build and planning do not reach its figures): each case launches one forward
 and one backward scan kernel, in an NVTX range named after it. The cases
 are the `bench_op` rows whose time the bandwidth alone does not explain
 (BENCHMARKS.md, session 19): per-channel and shared gates at 320 channels,
-32 channels, and the same scan with plain gates (no fused normalisation).
+32 channels, the same scan with plain gates (no fused normalisation), and
+32 channels with lines split across clusters (GSPN_CUDA_SPLIT=auto: the
+cluster barriers' stalls).
 
   ncu --clock-control none --nvtx -k regex:scan_ ... python3 scripts/profile_kernels.py --no-warmup
   python3 scripts/profile_kernels.py --list      # the cases, without a GPU
@@ -15,7 +17,9 @@ are the `bench_op` rows whose time the bandwidth alone does not explain
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from unittest import mock
 from pathlib import Path
 
 import torch
@@ -23,12 +27,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gspn_diffusers.ops import gspn_scan  # noqa: E402
 
-# (name, channels, gate groups, side, normalize)
+# (name, channels, gate groups, side, normalize, GSPN_CUDA_SPLIT)
 CASES = [
-    ("c320_g320_1024_norm", 320, 320, 1024, True),
-    ("c320_g1_1024_norm", 320, 1, 1024, True),
-    ("c32_g32_1024_norm", 32, 32, 1024, True),
-    ("c320_g320_1024_plain", 320, 320, 1024, False),
+    ("c320_g320_1024_norm", 320, 320, 1024, True, None),
+    ("c320_g1_1024_norm", 320, 1, 1024, True, None),
+    ("c32_g32_1024_norm", 32, 32, 1024, True, None),
+    ("c320_g320_1024_plain", 320, 320, 1024, False, None),
+    ("c32_g32_1024_norm_split", 32, 32, 1024, True, "auto"),
 ]
 
 
@@ -59,17 +64,19 @@ def main(argv=None) -> int:
             print(*case)
         return 0
     dtype = getattr(torch, args.dtype)
-    for name, channels, groups, side, normalize in CASES:
+    for name, channels, groups, side, normalize, split in CASES:
         side = args.side or side
-        if not args.no_warmup:  # build, plan, allocator: out of a timeline's range
+        environment = {"GSPN_CUDA_SPLIT": split} if split else {}
+        with mock.patch.dict(os.environ, environment):
+            if not args.no_warmup:  # build, plan, allocator: out of a timeline's range
+                run_case(channels, groups, side, normalize, args.device, dtype)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.nvtx.range_push(name)
             run_case(channels, groups, side, normalize, args.device, dtype)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.nvtx.range_push(name)
-        run_case(channels, groups, side, normalize, args.device, dtype)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.nvtx.range_pop()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.nvtx.range_pop()
         print(f"ran {name}", flush=True)
     return 0
 
