@@ -846,6 +846,9 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const void* __restrict__ gat
       store_column_tile<K>(op, lines.offset(ascending ? t0 : t0 + K - 1), slots.offset, slots.live, tile_h, ascending);
     }
   }
+  // A block's shared memory goes with it: none may leave while a neighbour
+  // may still copy its last refill's halo from it.
+  if constexpr (SPLIT) cluster_sync();
 }
 
 // The backward's inputs at one slot's V positions; hprev is h[t-1] there.
@@ -1168,6 +1171,7 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
       }
     }
   }
+  if constexpr (SPLIT) cluster_sync();  // as in the forward: neighbours may still read this block's rows
 }
 
 // Launch geometry shared by both passes.

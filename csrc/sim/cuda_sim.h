@@ -21,8 +21,9 @@
 // barriers (cluster_sync) one block after another, in a shuffled order, each
 // through its own __syncthreads phases, so a read of another block's shared
 // memory (map_shared_rank) that a missing cluster barrier leaves unordered
-// sees the other block either before or after, and the ring of rows a
-// kernel keeps for such reads shows whether it is deep enough. Asynchronous copies to shared
+// sees the other block either before or after, the ring of rows a kernel
+// keeps for such reads shows whether it is deep enough, and a read of a
+// block that has ended (its shared memory gone) is an error. Asynchronous copies to shared
 // memory (cp.async) land when their thread waits for their group, or earlier,
 // as on a GPU: at each barrier of their thread some of them (chosen at random,
 // seeded by the block) land. So a read before the wait sees stale bytes, and
@@ -333,6 +334,12 @@ inline T* map_shared_rank(T* p, unsigned rank) {
   gspn_sim::device_check(offset >= 0 && static_cast<size_t>(offset) < r.dynamic_shared_bytes,
                          "map_shared_rank: not an address in the block's dynamic shared memory");
   if (rank >= r.blocks.size()) rank = 0;
+  // On a GPU a block's shared memory is gone once all its threads have ended.
+  const size_t threads = r.fibers.size() / r.blocks.size();
+  const auto first = r.fibers.begin() + static_cast<std::ptrdiff_t>(rank * threads);
+  gspn_sim::device_check(!std::all_of(first, first + static_cast<std::ptrdiff_t>(threads),
+                                      [](const gspn_sim::Fiber& f) { return f.done; }),
+                         "map_shared_rank: the block has ended (a cluster barrier missing before its exit)");
   return reinterpret_cast<T*>(r.blocks[rank].dynamic_shared.data() + offset);
 }
 
