@@ -4,7 +4,7 @@
 # so that a hang or a slow stage still leaves the others' results.
 #
 #   bash scripts/gpu_check.sh                  # every stage, full sizes (~15 min)
-#   bash scripts/gpu_check.sh build tests op   # some: build tests op op-widest profile unet distill e2e fidelity shapes
+#   bash scripts/gpu_check.sh build tests op   # some: build tests op op-widest profile unet unet-split distill e2e fidelity shapes
 #   bash scripts/gpu_check.sh quick            # every stage, sizes that fit ~4 min of a lease
 #   bash scripts/gpu_check.sh quick build op   # those stages at the quick sizes
 #
@@ -109,6 +109,11 @@ if want profile; then
 fi
 want unet && stage "UNet step benchmark" 300 python3 benchmarks/bench_unet.py --models sd15 sdxl \
     $unet_args --json "$out/bench_unet.json"
+# Not in the default set: the same with the scans' lines split across
+# clusters where that evens out the SMs (GSPN_CUDA_SPLIT=auto; csrc/README.md,
+# split lines), against the stage above in the same call.
+want unet-split && GSPN_CUDA_SPLIT=auto stage "UNet step benchmark, split lines" 300 python3 benchmarks/bench_unet.py \
+    --models sd15 sdxl $unet_args --json "$out/bench_unet_split.json"
 want e2e && stage "end-to-end high-resolution benchmark" 300 python3 benchmarks/bench_e2e.py \
     $e2e_args --json "$out/bench_e2e.json"
 want distill && stage "distillation step benchmark" 150 python3 benchmarks/bench_distill.py \
