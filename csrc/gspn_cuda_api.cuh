@@ -8,7 +8,28 @@
 
 #ifdef GSPN_CUDA_SIM
 #include "sim/cuda_sim.h"
-#else
+#endif
+
+namespace gspn {
+
+// How many launches this thread queues to run at the same time, sharing the
+// GPU's SMs (the column route's two streams, side_by_side_cuda): launch
+// planning that balances blocks over the SMs (split_segments) counts a
+// share of them.
+inline thread_local int side_by_side_launches = 1;
+
+// side_by_side_launches = n for the guard's scope.
+struct SideBySide {
+  int saved;
+  explicit SideBySide(int n) : saved(side_by_side_launches) { side_by_side_launches = n; }
+  ~SideBySide() { side_by_side_launches = saved; }
+  SideBySide(const SideBySide&) = delete;
+  SideBySide& operator=(const SideBySide&) = delete;
+};
+
+}  // namespace gspn
+
+#ifndef GSPN_CUDA_SIM
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

@@ -388,6 +388,7 @@ void side_by_side_cuda(const at::Tensor& on, const std::function<void()>& beside
     then();
     return;
   }
+  const SideBySide sharing(2);
 #ifdef GSPN_CUDA_SIM
   (void)on;
   std::vector<std::function<void()>> queued;

@@ -1525,7 +1525,8 @@ bool clusters_run(Kernel kernel) {
 // many blocks it held (BENCHMARKS.md). Split, `segments` blocks of a cluster
 // share each line (LineWindow). Unset, "0" or "1": never (the default until
 // a GPU has timed it); "auto": the segments whose busiest SM has the fewest
-// positions to compute (split_cost), if at least 10 % fewer than unsplit
+// positions to compute (split_cost; of this launch's share of the SMs where
+// another runs beside it, side_by_side_launches), if at least 10 % fewer than unsplit
 // (the margin for the cluster barriers); "2", "4" or "8": that many (or the
 // most of fewer that the lines allow). Segments hold at least kSplitHalo
 // positions, windows at most kMaxSplitRows slots per thread; not for
@@ -1540,7 +1541,7 @@ inline int split_segments(const ScanProblem& pb, const Launch& plan, bool staged
   if (staged) return 1;
   int64_t shortest = plan.max_length;
   for (int64_t d = 0; d < pb.D; ++d) shortest = std::min(shortest, line_geometry(pb.dirs[d], pb.H, pb.W).length);
-  const int64_t sms = multiprocessors();
+  const int64_t sms = std::max<int64_t>(1, multiprocessors() / side_by_side_launches);  // this launch's share
   const int most_positions = kMaxThreads * kMaxSplitRows * plan.positions_per_slot;
   auto fits = [&](int segments) {
     const int per = split_segment_length(static_cast<int>(shortest), segments);

@@ -1072,6 +1072,29 @@ def test_split_lines_auto_balances_the_sms(device, monkeypatch, channels, segmen
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("streams,segments", [("2", 1), ("1", 2)])
+def test_split_lines_auto_counts_launches_side_by_side(device, monkeypatch, streams, segments):
+    """The column route's row and column launches run side by side (two
+    streams) and share the SMs: auto balances each over half of them. Two
+    planes of 64-position lines per launch: on 2 of the simulator's 4 SMs
+    they are one block each (not split); one after the other (one stream),
+    each launch has 4 SMs and splits its lines in 2."""
+    from gspn_diffusers import ops
+
+    monkeypatch.setitem(ops.COLUMNS_AS_ROWS_MIN_PIXELS, device.type, 0)
+    monkeypatch.setenv("GSPN_CUDA_COLUMNS", "transposed")
+    monkeypatch.setenv("GSPN_CUDA_STREAMS", streams)
+    monkeypatch.setenv("GSPN_CUDA_SPLIT", "auto")
+    x, gates, lam = make_inputs(1, 1, 1, 64, 64, torch.float32, device, "split streams", dirs=4)
+    cluster_launches(device)
+    got = gspn_scan_4dir(x, gates, lam)
+    assert_close_scaled(got, reference_of(x, gates, lam, None), TOLERANCE[torch.float32], "forward")
+    launched = cluster_launches(device)
+    if launched is not None:  # the scans' launches (the transposes' are plain)
+        assert launched.count(segments) >= 2 and max(launched) == segments, launched
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
 def test_split_lines_unknown_setting(device, monkeypatch):
     """GSPN_CUDA_SPLIT other than auto, 2, 4 or 8 (or unset, 0, 1) is an
     error that names the ways, where the CUDA kernels run."""
