@@ -494,6 +494,8 @@ constexpr int kMaxSplitSegments = 8;  // a portable cluster size
 
 struct LineWindow {
   int seg_begin, seg_end, first, length;
+  // Whether the line's position p is in this block's segment (its to store).
+  __host__ __device__ bool owns(int p) const { return p >= seg_begin && p < seg_end; }
 };
 
 // Positions per segment: even (pairs of positions stay in one segment).
@@ -715,7 +717,7 @@ __device__ inline void refill_halo(bool due, acc_t* mine, const ThreadSlots<RPT,
 #pragma unroll
     for (int r = 0; r < RPT; ++r) {
       const int p = window.first + slots.pos[r];  // the slot's first position in the line
-      if (!slots.live[r] || (p >= window.seg_begin && p < window.seg_end)) continue;
+      if (!slots.live[r] || window.owns(p)) continue;
       const int neighbour = p < window.seg_begin ? rank - 1 : rank + 1;
       // Window index i here is the line's position first + i, there i + first - (its first).
       const acc_t* theirs =
@@ -830,9 +832,8 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const void* __restrict__ gat
             h[v] = first ? st.lx : propagate(st.lx, st.g0, st.g1, st.g2, prev + p);
             row[p] = h[v];
           }
-          const int at = window.first + slots.pos[r];  // segments hold whole slots
           if constexpr (tile_vectors) tile_h[s][r] = static_cast<scalar_t>(h[0]);
-          else if (!SPLIT || (at >= window.seg_begin && at < window.seg_end))
+          else if (!SPLIT || window.owns(window.first + slots.pos[r]))  // segments hold whole slots
             store_positions<V>(op + (line + slots.offset[r]), h);
         }
       }
@@ -1009,10 +1010,7 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
   const int W = window.length;  // positions this block computes per line
   const ThreadSlots<RPT, V> slots(W, lines.pos_stride, window.first, L);
   // Whether slot r's positions are the block's to store (split: its segment; segments hold whole slots).
-  auto in_segment = [&](int r) {
-    const int at = window.first + slots.pos[r];
-    return at >= window.seg_begin && at < window.seg_end;
-  };
+  auto in_segment = [&](int r) { return window.owns(window.first + slots.pos[r]); };
 
   GSPN_DYNAMIC_SHARED(smem_raw);
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
@@ -1579,24 +1577,17 @@ inline Launch split_lines(Launch plan, int segments) {
   return plan;
 }
 
-// The forward with split lines: `plan` from split_lines, one cluster of
-// plan.segments blocks per plane (or chunk), kSplitRing rows of the hidden
-// state per block; no block packing (split only where the blocks fit).
-template <typename scalar_t>
-void launch_forward_split(const at::Tensor& x, const at::Tensor& gates, const at::Tensor& lam, at::Tensor& out,
-                          const ScanProblem& pb, const Launch& plan, bool float_gates) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const size_t smem = size_t(kSplitRing) * (plan.max_length + 2) * sizeof(acc_t);
-  const bool vectors =
-      !float_gates && column_vectors(pb, {&x, &gates, &lam}, forward_tile_lines(plan.rows_per_thread), plan);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  with_forward_kernel<scalar_t>(plan, pb.normalize, 0, float_gates, [&](auto kernel) {
-    set_shared_memory(kernel, smem);
-    GSPN_LAUNCH_CLUSTER(kernel, plan.blocks, plan.threads, smem, stream, plan.segments)(
-        x.data_ptr<scalar_t>(), gates.data_ptr(), lam.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pb,
-        plan.chunks_per_plane, vectors, plan.segments);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+// Launches kernel on plan's grid with its arguments and plan.segments last:
+// in clusters of plan.segments blocks where the lines are split.
+template <typename Kernel, typename... Args>
+void launch_planned(Kernel kernel, const Launch& plan, size_t smem, cudaStream_t stream, Args... args) {
+  set_shared_memory(kernel, smem);
+  if (plan.segments > 1) {
+    GSPN_LAUNCH_CLUSTER(kernel, plan.blocks, plan.threads, smem, stream, plan.segments)(args..., plan.segments);
+  } else {
+    GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(args..., 1);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // staged: run the column scans staged (ColumnStages, in the groups
@@ -1611,15 +1602,14 @@ void launch_forward(const at::Tensor& x, const at::Tensor& gates, const at::Tens
   const bool float_gates = gates.scalar_type() != x.scalar_type();
   if (const int segments = split_segments(pb, plan, staged); segments > 1) {
     const Launch split = split_lines(plan, segments);
-    bool runs = false;
-    with_forward_kernel<scalar_t>(split, pb.normalize, 0, float_gates, [&](auto kernel) { runs = clusters_run(kernel); });
-    if (runs) {
-      launch_forward_split<scalar_t>(x, gates, lam, out, pb, split, float_gates);
-      return;
-    }
+    with_forward_kernel<scalar_t>(split, pb.normalize, 0, float_gates, [&](auto kernel) {
+      if (clusters_run(kernel)) plan = split;
+    });
   }
-  const size_t smem = shared_bytes<scalar_t>(2, plan.max_length, group, 5);
-  pack_blocks(
+  // Split: a ring of kSplitRing rows of the window, no packing (split_segments balanced the SMs).
+  const size_t smem = plan.segments > 1 ? shared_bytes<scalar_t>(kSplitRing, plan.max_length, 0, 5)
+                                        : shared_bytes<scalar_t>(2, plan.max_length, group, 5);
+  if (plan.segments == 1) pack_blocks(
       plan,
       [&](const Launch& candidate) {
         Residency r{};
@@ -1632,32 +1622,8 @@ void launch_forward(const at::Tensor& x, const at::Tensor& gates, const at::Tens
       !float_gates && column_vectors(pb, {&x, &gates, &lam}, forward_tile_lines(plan.rows_per_thread), plan);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_forward_kernel<scalar_t>(plan, pb.normalize, group, float_gates, [&](auto kernel) {
-    set_shared_memory(kernel, smem);
-    GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
-        x.data_ptr<scalar_t>(), gates.data_ptr(), lam.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), pb,
-        plan.chunks_per_plane, vectors, 1);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
-
-// The backward with split lines, as launch_forward_split: 3 kSplitRing + 2
-// rows per block (the v_k ring and h[t-1]).
-template <typename scalar_t>
-void launch_backward_split(const at::Tensor& grad_h, const at::Tensor& h, const at::Tensor& x,
-                           const at::Tensor& gates, const at::Tensor& lam, at::Tensor& dx, at::Tensor& dgates,
-                           at::Tensor& dlam, const ScanProblem& pb, const Launch& plan, bool atomic, bool float_gates) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const size_t smem = size_t(3 * kSplitRing + 2) * (plan.max_length + 2) * sizeof(acc_t);
-  const bool vectors = !float_gates && column_vectors(pb, {&grad_h, &x, &gates, &lam},
-                                                      backward_tile_lines(plan.rows_per_thread), plan);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  with_backward_kernel<scalar_t>(plan, pb.normalize, atomic, 0, float_gates, [&](auto kernel) {
-    set_shared_memory(kernel, smem);
-    GSPN_LAUNCH_CLUSTER(kernel, plan.blocks, plan.threads, smem, stream, plan.segments)(
-        grad_h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gates.data_ptr(),
-        lam.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dgates.data_ptr(), dlam.data_ptr<scalar_t>(), pb,
-        plan.chunks_per_plane, vectors, plan.segments);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_planned(kernel, plan, smem, stream, x.data_ptr<scalar_t>(), gates.data_ptr(), lam.data_ptr<scalar_t>(),
+                   out.data_ptr<scalar_t>(), pb, plan.chunks_per_plane, vectors);
   });
 }
 
@@ -1674,16 +1640,14 @@ void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Te
   const bool float_gates = gates.scalar_type() != x.scalar_type();
   if (const int segments = split_segments(pb, plan, staged); segments > 1) {
     const Launch split = split_lines(plan, segments);
-    bool runs = false;
-    with_backward_kernel<scalar_t>(split, pb.normalize, atomic, 0, float_gates,
-                                   [&](auto kernel) { runs = clusters_run(kernel); });
-    if (runs) {
-      launch_backward_split<scalar_t>(grad_h, h, x, gates, lam, dx, dgates, dlam, pb, split, atomic, float_gates);
-      return;
-    }
+    with_backward_kernel<scalar_t>(split, pb.normalize, atomic, 0, float_gates, [&](auto kernel) {
+      if (clusters_run(kernel)) plan = split;
+    });
   }
-  const size_t smem = shared_bytes<scalar_t>(8, plan.max_length, group, 7);
-  pack_blocks(
+  // Split: the v_k ring (3 kSplitRing rows) and h[t-1] (2), no packing.
+  const size_t smem = plan.segments > 1 ? shared_bytes<scalar_t>(3 * kSplitRing + 2, plan.max_length, 0, 7)
+                                        : shared_bytes<scalar_t>(8, plan.max_length, group, 7);
+  if (plan.segments == 1) pack_blocks(
       plan,
       [&](const Launch& candidate) {
         Residency r{};
@@ -1696,12 +1660,9 @@ void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Te
                                                       backward_tile_lines(plan.rows_per_thread), plan);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_backward_kernel<scalar_t>(plan, pb.normalize, atomic, group, float_gates, [&](auto kernel) {
-    set_shared_memory(kernel, smem);
-    GSPN_LAUNCH(kernel, plan.blocks, plan.threads, smem, stream)(
-        grad_h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gates.data_ptr(),
-        lam.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dgates.data_ptr(), dlam.data_ptr<scalar_t>(), pb,
-        plan.chunks_per_plane, vectors, 1);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_planned(kernel, plan, smem, stream, grad_h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
+                   x.data_ptr<scalar_t>(), gates.data_ptr(), lam.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
+                   dgates.data_ptr(), dlam.data_ptr<scalar_t>(), pb, plan.chunks_per_plane, vectors);
   });
 }
 
