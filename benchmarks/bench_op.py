@@ -72,15 +72,15 @@ def columns_way(way: str):
     return mock.patch.dict(os.environ, {"GSPN_CUDA_COLUMNS": way})
 
 
-# Where bench_op times the forward with split lines beside the default (the
-# CUDA kernels; a test adds "cpu", where the CPU kernels ignore the setting).
+# Where bench_op times split lines beside the default, forward and backward
+# (the CUDA kernels; a test adds "cpu", where the CPU kernels ignore the setting).
 SPLIT_LINES_DEVICES = {"cuda"}
 
 
 def split_lines():
-    """Temporarily split the forward's lines across clusters of blocks where a
-    launch has fewer planes than SMs (GSPN_CUDA_SPLIT=auto; sm_90), instead of
-    the default (one block per line, not split)."""
+    """Temporarily split the scans' lines across clusters of blocks where that
+    evens out the SMs' work (GSPN_CUDA_SPLIT=auto; sm_90), instead of the
+    default (one block per line, not split)."""
     return mock.patch.dict(os.environ, {"GSPN_CUDA_SPLIT": "auto"})
 
 
