@@ -72,16 +72,24 @@ def columns_way(way: str):
     return mock.patch.dict(os.environ, {"GSPN_CUDA_COLUMNS": way})
 
 
-# Where bench_op times split lines beside the default, forward and backward
-# (the CUDA kernels; a test adds "cpu", where the CPU kernels ignore the setting).
-SPLIT_LINES_DEVICES = {"cuda"}
+# Ways of running the CUDA kernels not yet timed on a GPU, which bench_op
+# times beside the default, forward and backward, by row suffix: lines split
+# across clusters of blocks where that evens out the SMs' work
+# (GSPN_CUDA_SPLIT=auto; sm_90), and pairs of channels of a shared gate group
+# per block (GSPN_CUDA_CHANNELS=2; rows with G < C only).
+TRIAL_WAYS = {", split": {"GSPN_CUDA_SPLIT": "auto"}, ", channel pairs": {"GSPN_CUDA_CHANNELS": "2"}}
+# Where bench_op times them (the CUDA kernels; a test adds "cpu", where the
+# CPU kernels ignore the settings).
+TRIAL_WAYS_DEVICES = {"cuda"}
 
 
-def split_lines():
-    """Temporarily split the scans' lines across clusters of blocks where that
-    evens out the SMs' work (GSPN_CUDA_SPLIT=auto; sm_90), instead of the
-    default (one block per line, not split)."""
-    return mock.patch.dict(os.environ, {"GSPN_CUDA_SPLIT": "auto"})
+def trial_ways(device, channels: int, groups: int):
+    """(suffix, context manager setting that way) of the trial ways that
+    apply to a size on this device."""
+    if device.type not in TRIAL_WAYS_DEVICES:
+        return []
+    return [(suffix, mock.patch.dict(os.environ, settings)) for suffix, settings in TRIAL_WAYS.items()
+            if suffix != ", channel pairs" or groups < channels]
 
 
 @contextlib.contextmanager
@@ -152,10 +160,10 @@ def measure_size(args, device, dtype, gen, results, channels, groups, side, item
         out = gspn_scan(xr, gr, lr, direction, args.chunk, True)
         bwd = timed(lambda: torch.autograd.grad(out, (xr, gr, lr), grad, retain_graph=True))
         row(f"bwd {direction}", bwd, bwd_bytes - fwd_bytes)
-        if direction == "tb" and device.type in SPLIT_LINES_DEVICES:
-            with split_lines(), untimed_if_failing("tb, split"):
-                row("fwd tb, split", timed(lambda: gspn_scan(x, g, lam, direction, args.chunk, True)), fwd_bytes)
-                row("bwd tb, split", timed(lambda: torch.autograd.grad(out, (xr, gr, lr), grad, retain_graph=True)),
+        for suffix, way in trial_ways(device, channels, groups) if direction == "tb" else []:
+            with way, untimed_if_failing(f"tb{suffix}"):
+                row(f"fwd tb{suffix}", timed(lambda: gspn_scan(x, g, lam, direction, args.chunk, True)), fwd_bytes)
+                row(f"bwd tb{suffix}", timed(lambda: torch.autograd.grad(out, (xr, gr, lr), grad, retain_graph=True)),
                     bwd_bytes - fwd_bytes)
         if direction == "tb":
             # The same scan with the gates given as they are (normalize=False,
@@ -206,10 +214,10 @@ def measure_size(args, device, dtype, gen, results, channels, groups, side, item
     row("bwd 4dir, decay", timed(lambda: torch.autograd.grad(out, (xd, gd, ld, dd), grad, retain_graph=True)),
         four_bwd_bytes + 2 * decay_bytes)
     del out
-    if device.type in SPLIT_LINES_DEVICES:
-        with split_lines(), untimed_if_failing("4dir, split"):
-            four_directions(", split")
-            row("fwd 4dir, decay, split",
+    for suffix, way in trial_ways(device, channels, groups):
+        with way, untimed_if_failing(f"4dir{suffix}"):
+            four_directions(suffix)
+            row(f"fwd 4dir, decay{suffix}",
                 timed(lambda: gspn_scan_4dir(x, logits, lam, args.chunk, True, decay=decay)), four_bytes + decay_bytes)
     if ops.COLUMNS_AS_ROWS_MIN_PIXELS.get(device.type) is not None:
         for way in ("transposed", "staged"):
@@ -260,9 +268,10 @@ def check_targets(results: dict, device_type: str) -> list:
 # that names them ("" is the default: columns staged in place for small
 # calls where the planes align, else transposed copies, the row launch beside
 # the column launch on a second stream, lines not split; "one stream": one
-# after the other; "split": lines split across clusters, GSPN_CUDA_SPLIT=auto).
+# after the other; the TRIAL_WAYS: "split": lines split across clusters,
+# "channel pairs": two channels of a shared gate group per block).
 COLUMN_WAYS = {"": "default", ", transposed": "transposed", ", staged": "staged", ", strided kernel": "strided",
-               ", one stream": "one_stream", ", split": "split"}
+               ", one stream": "one_stream", ", split": "split", ", channel pairs": "channel_pairs"}
 
 
 def compare_column_ways(results: dict) -> list:
@@ -282,7 +291,7 @@ def compare_column_ways(results: dict) -> list:
              for (c, g, side, what), ways in times.items() if "default" in ways and len(ways) > 1]
     if table:
         print("# ways of running scans, time over the default (columns staged in place for small calls, else "
-              "transposed copies; lines not split):")
+              "transposed copies; lines not split; one channel per block):")
         for t in table:
             others = "  ".join(f"{way} {t[f'x_{way}']:.2f}x" for way in list(COLUMN_WAYS.values())[1:]
                                if f"x_{way}" in t)

@@ -63,6 +63,14 @@ constexpr int forward_tile_lines(int positions_per_thread) {
 constexpr int backward_tile_lines(int positions_per_thread) {
   return positions_per_thread == 1 ? 4 : (positions_per_thread == 2 ? 2 : 1);
 }
+// A block of CH channels (pair_channels) holds CH times the inputs per slot:
+// tiles as for CH times the positions, but for 16-bit pairs of positions
+// (one register per input and channel), whose full tiles fit (SASS, sm_90:
+// the others spilled).
+template <typename scalar_t, int V, int CH>
+constexpr int tile_channels() {
+  return V == 2 && sizeof(scalar_t) == 2 ? 1 : CH;
+}
 // 512 threads leave each thread up to 128 registers for its RPT positions of
 // two staged tiles; lines up to 512 * 8 = 4096 positions (32K px).
 constexpr int kMaxThreads = 512;
@@ -75,14 +83,17 @@ struct BlockTask {
 };
 
 // blk: the block's (plane, chunk) index, blockIdx.x but for split lines
-// (segments blocks per chunk, LineWindow).
+// (segments blocks per chunk, LineWindow). CH channels per block (channel
+// pairs, see pair_channels): c is the first of CH neighbouring channels of
+// one gate group.
+template <int CH = 1>
 __device__ inline BlockTask decode_block(const ScanProblem& pb, int64_t chunks_per_plane, int64_t blk) {
-  const int64_t plane = blk / chunks_per_plane;
+  const int64_t plane = blk / chunks_per_plane, groups_of_channels = pb.C / CH;
   BlockTask task;
   task.chunk_index = blk % chunks_per_plane;
-  task.c = plane % pb.C;
-  task.d = (plane / pb.C) % pb.D;
-  task.b = plane / (pb.C * pb.D);
+  task.c = plane % groups_of_channels * CH;
+  task.d = (plane / groups_of_channels) % pb.D;
+  task.b = plane / (groups_of_channels * pb.D);
   return task;
 }
 
@@ -166,9 +177,10 @@ struct Stored<c10::Half, 2> {
 // gate_t: the gates' type, scalar_t or (decayed gates that an elementwise
 // pass made, for 16-bit inputs) float: in 16 bits the taps' sum would round
 // off the decay it carries (a sum of 1.002 for sigmoid(8) = 0.99966 in bf16).
-template <typename scalar_t, int V, typename gate_t = scalar_t>
+// CH: channels of one gate group per block (pair_channels), which share the gates.
+template <typename scalar_t, int V, typename gate_t = scalar_t, int CH = 1>
 struct ForwardSlot {
-  Stored<scalar_t, V> x, lam;
+  Stored<scalar_t, V> x[CH], lam[CH];
   Stored<gate_t, V> g0, g1, g2;
 };
 
@@ -491,6 +503,7 @@ constexpr int kSplitRing = 16;
 static_assert(kSplitRing > kSplitHalo && (kSplitRing & (kSplitRing - 1)) == 0, "a ring of a power of 2 rows");
 constexpr int kMaxSplitRows = 2;  // slots per thread of the split kernels
 constexpr int kMaxSplitSegments = 8;  // a portable cluster size
+constexpr int kMaxPairedRows = 2;     // slots per thread of the kernels of channel pairs (pair_channels)
 
 struct LineWindow {
   int seg_begin, seg_end, first, length;
@@ -612,19 +625,19 @@ struct ColumnStages {
 // vectors from the tile's group in shared memory; a group's first tile
 // starts the next group's copies and waits for its own. Gates of another
 // type than the other inputs (gate_t) take the loads per line.
-template <typename scalar_t, int RPT, int V, int K, int GK, typename gate_t>
-__device__ inline void load_forward_tile(ForwardSlot<scalar_t, V, gate_t> (&tile)[K][RPT], const scalar_t* xp,
-                                         const scalar_t* lp, const gate_t* g0p, const gate_t* g1p,
-                                         const gate_t* g2p, const BlockLines& lines,
-                                         const ThreadSlots<RPT, V>& slots, int t0, int t_last, bool line_vectors,
-                                         const ColumnStages<scalar_t, 5, GK>& stages) {
+template <typename scalar_t, int RPT, int V, int K, int GK, typename gate_t, int CH>
+__device__ inline void load_forward_tile(ForwardSlot<scalar_t, V, gate_t, CH> (&tile)[K][RPT],
+                                         const scalar_t* const (&xp)[CH], const scalar_t* const (&lp)[CH],
+                                         const gate_t* g0p, const gate_t* g1p, const gate_t* g2p,
+                                         const BlockLines& lines, const ThreadSlots<RPT, V>& slots, int t0,
+                                         int t_last, bool line_vectors, const ColumnStages<scalar_t, 5, GK>& stages) {
   static_assert(GK == 0 || std::is_same_v<gate_t, scalar_t>, "staged kernels take gates of the inputs' type");
-  if constexpr (V == 1 && std::is_same_v<gate_t, scalar_t>) {
+  if constexpr (V == 1 && std::is_same_v<gate_t, scalar_t> && CH == 1) {
     auto assign = [&](int r) {
       return [&, r](int s, const scalar_t(&v)[5]) {
         ForwardSlot<scalar_t, V, gate_t>& in = tile[s][r];
-        in.x.v[0] = v[0];
-        in.lam.v[0] = v[1];
+        in.x[0].v[0] = v[0];
+        in.lam[0].v[0] = v[1];
         in.g0.v[0] = v[2];
         in.g1.v[0] = v[3];
         in.g2.v[0] = v[4];
@@ -632,7 +645,7 @@ __device__ inline void load_forward_tile(ForwardSlot<scalar_t, V, gate_t> (&tile
     };
     // Ascending addresses are lines t0, t0 + 1, ... for "lr" (line_stride 1), t0 + K - 1, ... for "rl".
     const bool ascending = lines.line_stride > 0;
-    const scalar_t* const inputs[5] = {xp, lp, g0p, g1p, g2p};
+    const scalar_t* const inputs[5] = {xp[0], lp[0], g0p, g1p, g2p};
     if constexpr (GK > 0) {
       static_assert(GK % K == 0, "a staged group holds whole tiles");
       if (t0 == stages.t_begin) {  // the first group
@@ -674,8 +687,11 @@ __device__ inline void load_forward_tile(ForwardSlot<scalar_t, V, gate_t> (&tile
 #pragma unroll
     for (int r = 0; r < RPT; ++r) {
       const int o = line + slots.offset[r];
-      load_positions<V>(xp + o, tile[s][r].x);
-      load_positions<V>(lp + o, tile[s][r].lam);
+#pragma unroll
+      for (int j = 0; j < CH; ++j) {
+        load_positions<V>(xp[j] + o, tile[s][r].x[j]);
+        load_positions<V>(lp[j] + o, tile[s][r].lam[j]);
+      }
       load_positions<V>(g0p + o, tile[s][r].g0);
       load_positions<V>(g1p + o, tile[s][r].g1);
       load_positions<V>(g2p + o, tile[s][r].g2);
@@ -696,10 +712,11 @@ __device__ inline void slot_gates(const Stored<scalar_t, V>& l0, const Stored<sc
 }
 
 // One position's forward step, everything that does not depend on the
-// previous line already computed: h = lx + g0 * h[p-1] + g1 * h[p] + g2 * h[p+1].
-template <typename acc_t>
+// previous line already computed: h = lx + g0 * h[p-1] + g1 * h[p] + g2 * h[p+1]
+// (lx of each of the block's CH channels, which share the gates).
+template <typename acc_t, int CH = 1>
 struct ForwardStep {
-  acc_t lx, g0, g1, g2;
+  acc_t lx[CH], g0, g1, g2;
 };
 
 // Split lines (SPLIT, LineWindow), where a halo refill is due (`due`,
@@ -736,18 +753,23 @@ __device__ inline void refill_halo(bool due, acc_t* mine, const ThreadSlots<RPT,
 // 2-element vector load per input and one vector store: half the memory
 // instructions and their address arithmetic (plan_launch picks it for row
 // scans of even lines). SPLIT: the block is block blockIdx.x % segments of
-// a cluster that splits each line in `segments` (LineWindow).
+// a cluster that splits each line in `segments` (LineWindow). CH: the block
+// scans CH channels of one gate group side by side (pair_channels): each
+// tile's gates are loaded and normalised once for all of them, and one
+// barrier per line serves them all; each channel has its own rows of the
+// hidden state.
 template <typename scalar_t, typename acc_t, int RPT, bool NORM, int V, int GK, typename gate_t = scalar_t,
-          bool SPLIT = false>
+          bool SPLIT = false, int CH = 1>
 __global__ void __launch_bounds__(kMaxThreads)
 scan_forward_kernel(const scalar_t* __restrict__ x, const void* __restrict__ gates_raw,
                     const scalar_t* __restrict__ lam, scalar_t* __restrict__ out, const ScanProblem pb,
                     const int64_t chunks_per_plane, const bool column_vectors, const int segments) {
   static_assert(!SPLIT || GK == 0, "split lines are not staged");
+  static_assert(CH == 1 || (GK == 0 && !SPLIT), "channel pairs are neither staged nor split");
   const gate_t* gates = static_cast<const gate_t*>(gates_raw);
-  constexpr int K = forward_tile_lines(RPT * V);
+  constexpr int K = forward_tile_lines(RPT * V * tile_channels<scalar_t, V, CH>());
   const int rank = SPLIT ? static_cast<int>(blockIdx.x % segments) : 0;
-  const BlockTask task = decode_block(pb, chunks_per_plane, SPLIT ? blockIdx.x / segments : blockIdx.x);
+  const BlockTask task = decode_block<CH>(pb, chunks_per_plane, SPLIT ? blockIdx.x / segments : blockIdx.x);
   const BlockLines lines = block_lines(pb, task);
   // GK > 0: a launch of column scans staged in groups of GK lines
   // (ColumnStages), its own kernels so that the others keep their
@@ -767,18 +789,24 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const void* __restrict__ gat
   GSPN_DYNAMIC_SHARED(smem_raw);
   const ColumnStages<scalar_t, 5, GK> stages{
       reinterpret_cast<scalar_t*>(smem_raw + column_stages_offset(2, L, sizeof(acc_t))), L, t_begin, t_end};
-  // Rows of the hidden state (two; split: kSplitRing, all blocks of a
-  // cluster alike), each padded by one zero on both sides; row j starts at
-  // smem + j * pitch + 1 (computed, not indexed from an array, so nothing
-  // goes to local memory).
+  // Rows of the hidden state (two per channel; split: kSplitRing, all
+  // blocks of a cluster alike), each padded by one zero on both sides; row j
+  // of channel i starts at smem + (i * ring + j) * pitch + 1 (computed, not
+  // indexed from an array, so nothing goes to local memory).
   constexpr int ring = SPLIT ? kSplitRing : 2;
   const int pitch = (SPLIT ? split_window_length(L, segments) : L) + 2;
+  const int channel_rows = ring * pitch;  // one channel's rows
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
-  if (threadIdx.x < ring) smem[threadIdx.x * pitch] = smem[threadIdx.x * pitch + W + 1] = acc_t(0);
+  if (threadIdx.x < ring * CH) smem[threadIdx.x * pitch] = smem[threadIdx.x * pitch + W + 1] = acc_t(0);
 
-  const scalar_t* xp = opaque(x + pb.x_plane(task.b, task.d, task.c));
-  const scalar_t* lp = opaque(lam + pb.lam_plane(task.b, task.d, task.c));
-  scalar_t* op = opaque(out + pb.out_plane(task.b, task.d, task.c));
+  const scalar_t *xp[CH], *lp[CH];
+  scalar_t* op[CH];
+#pragma unroll
+  for (int j = 0; j < CH; ++j) {
+    xp[j] = opaque(x + pb.x_plane(task.b, task.d, task.c + j));
+    lp[j] = opaque(lam + pb.lam_plane(task.b, task.d, task.c + j));
+    op[j] = opaque(out + pb.out_plane(task.b, task.d, task.c + j));
+  }
   const gate_t* g0p = gates + pb.gate_plane(task.b, task.d, task.c / pb.channels_per_group(), 0);
   const gate_t *g1p = opaque(g0p + pb.plane()), *g2p = opaque(g0p + 2 * pb.plane());
   g0p = opaque(g0p);
@@ -788,29 +816,28 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const void* __restrict__ gat
   // gates are normalised and lam * x formed for all its K * RPT slots before
   // its first line: independent work that then overlaps, where computed inside
   // the line loop it sat on the per-line critical path between barriers.
-  ForwardSlot<scalar_t, V, gate_t> next[K][RPT];
-  load_forward_tile<scalar_t, RPT, V, K, GK, gate_t>(next, xp, lp, g0p, g1p, g2p, lines, slots, t_begin, t_end - 1,
-                                                     line_vectors, stages);
+  ForwardSlot<scalar_t, V, gate_t, CH> next[K][RPT];
+  load_forward_tile(next, xp, lp, g0p, g1p, g2p, lines, slots, t_begin, t_end - 1, line_vectors, stages);
   for (int t0 = t_begin; t0 < t_end; t0 += K) {
-    ForwardStep<acc_t> step[K][RPT][V];
+    ForwardStep<acc_t, CH> step[K][RPT][V];
 #pragma unroll
     for (int s = 0; s < K; ++s) {
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
 #pragma unroll
         for (int v = 0; v < V; ++v) {
-          const ForwardSlot<scalar_t, V, gate_t>& in = next[s][r];
-          ForwardStep<acc_t>& st = step[s][r][v];
+          const ForwardSlot<scalar_t, V, gate_t, CH>& in = next[s][r];
+          ForwardStep<acc_t, CH>& st = step[s][r][v];
           acc_t unused_sum;
           slot_gates<acc_t, NORM>(in.g0, in.g1, in.g2, v, slots.before(r, v), slots.after(r, v), st.g0, st.g1, st.g2,
                                   unused_sum);
-          st.lx = in.lam.template at<acc_t>(v) * in.x.template at<acc_t>(v);
+#pragma unroll
+          for (int j = 0; j < CH; ++j) st.lx[j] = in.lam[j].template at<acc_t>(v) * in.x[j].template at<acc_t>(v);
         }
       }
     }
     if (t0 + K < t_end) {
-      load_forward_tile<scalar_t, RPT, V, K, GK, gate_t>(next, xp, lp, g0p, g1p, g2p, lines, slots, t0 + K,
-                                                         t_end - 1, line_vectors, stages);
+      load_forward_tile(next, xp, lp, g0p, g1p, g2p, lines, slots, t0 + K, t_end - 1, line_vectors, stages);
     }
     scalar_t tile_h[K][RPT];  // tile_vectors: the tile's output, stored after its lines
 #pragma unroll
@@ -823,18 +850,20 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const void* __restrict__ gat
       const bool first = t == t_begin;
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
-        if (slots.live[r]) {  // with V = 2 lines are even: both positions of a live slot are live
+        if (!slots.live[r]) continue;  // with V = 2 lines are even: both positions of a live slot are live
+#pragma unroll
+        for (int j = 0; j < CH; ++j) {
           acc_t h[V];
 #pragma unroll
           for (int v = 0; v < V; ++v) {
-            const int p = slots.pos[r] + v;
-            const ForwardStep<acc_t>& st = step[s][r][v];
-            h[v] = first ? st.lx : propagate(st.lx, st.g0, st.g1, st.g2, prev + p);
+            const int p = j * channel_rows + slots.pos[r] + v;
+            const ForwardStep<acc_t, CH>& st = step[s][r][v];
+            h[v] = first ? st.lx[j] : propagate(st.lx[j], st.g0, st.g1, st.g2, prev + p);
             row[p] = h[v];
           }
-          if constexpr (tile_vectors) tile_h[s][r] = static_cast<scalar_t>(h[0]);
+          if constexpr (tile_vectors) tile_h[s][r] = static_cast<scalar_t>(h[0]);  // CH = 1
           else if (!SPLIT || window.owns(window.first + slots.pos[r]))  // segments hold whole slots
-            store_positions<V>(op + (line + slots.offset[r]), h);
+            store_positions<V>(op[j] + (line + slots.offset[r]), h);
         }
       }
       __syncthreads();
@@ -844,7 +873,8 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const void* __restrict__ gat
     }
     if constexpr (tile_vectors) {  // tiles are whole
       const bool ascending = lines.line_stride > 0;
-      store_column_tile<K>(op, lines.offset(ascending ? t0 : t0 + K - 1), slots.offset, slots.live, tile_h, ascending);
+      store_column_tile<K>(op[0], lines.offset(ascending ? t0 : t0 + K - 1), slots.offset, slots.live, tile_h,
+                           ascending);
     }
   }
   // A block's shared memory goes with it: none may leave while a neighbour
@@ -853,11 +883,12 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const void* __restrict__ gat
 }
 
 // The backward's inputs at one slot's V positions; hprev is h[t-1] there.
-template <typename scalar_t, int V, typename gate_t = scalar_t>
+// CH: channels of one gate group per block, as in the forward.
+template <typename scalar_t, int V, typename gate_t = scalar_t, int CH = 1>
 struct BackwardSlot {
-  Stored<scalar_t, V> go, x, lam;
+  Stored<scalar_t, V> go[CH], x[CH], lam[CH];
   Stored<gate_t, V> g0, g1, g2;
-  Stored<scalar_t, V> hprev;
+  Stored<scalar_t, V> hprev[CH];
 };
 
 // Lines t0 .. t0 + K - 1 of the backward's inputs, clipped to t_last as in
@@ -870,34 +901,35 @@ struct BackwardSlot {
 // line, whose previous line is in the group after it in the backward's
 // order: one load from global memory per group. Tiles run from the chunk's
 // end backwards, so a group's first tile here is its last in line order.
-template <typename scalar_t, int RPT, int V, int K, int GK, typename gate_t>
-__device__ inline void load_backward_tile(BackwardSlot<scalar_t, V, gate_t> (&tile)[K][RPT], const scalar_t* ghp,
-                                          const scalar_t* hp, const scalar_t* xp, const scalar_t* lp,
+template <typename scalar_t, int RPT, int V, int K, int GK, typename gate_t, int CH>
+__device__ inline void load_backward_tile(BackwardSlot<scalar_t, V, gate_t, CH> (&tile)[K][RPT],
+                                          const scalar_t* const (&ghp)[CH], const scalar_t* const (&hp)[CH],
+                                          const scalar_t* const (&xp)[CH], const scalar_t* const (&lp)[CH],
                                           const gate_t* g0p, const gate_t* g1p, const gate_t* g2p,
                                           const BlockLines& lines, const ThreadSlots<RPT, V>& slots, int t0,
                                           int t_last, int t_begin, bool line_vectors,
                                           const ColumnStages<scalar_t, 7, GK>& stages) {
   static_assert(GK == 0 || std::is_same_v<gate_t, scalar_t>, "staged kernels take gates of the inputs' type");
-  if constexpr (V == 1 && std::is_same_v<gate_t, scalar_t>) {
+  if constexpr (V == 1 && std::is_same_v<gate_t, scalar_t> && CH == 1) {
     auto assign = [&](int r) {
       return [&, r](int s, const scalar_t(&v)[6]) {
         BackwardSlot<scalar_t, V, gate_t>& in = tile[s][r];
-        in.go.v[0] = v[0];
-        in.x.v[0] = v[1];
-        in.lam.v[0] = v[2];
+        in.go[0].v[0] = v[0];
+        in.x[0].v[0] = v[1];
+        in.lam[0].v[0] = v[2];
         in.g0.v[0] = v[3];
         in.g1.v[0] = v[4];
         in.g2.v[0] = v[5];
       };
     };
     auto hprev_from_global = [&](int r, int t, Stored<scalar_t, V>& out) {
-      load_positions<V>(hp + (lines.offset(t > t_begin ? t - 1 : t) + slots.offset[r]), out);
+      load_positions<V>(hp[0] + (lines.offset(t > t_begin ? t - 1 : t) + slots.offset[r]), out);
     };
     const bool ascending = lines.line_stride > 0;
-    const scalar_t* const inputs[6] = {ghp, xp, lp, g0p, g1p, g2p};
+    const scalar_t* const inputs[6] = {ghp[0], xp[0], lp[0], g0p, g1p, g2p};
     if constexpr (GK > 0) {
       static_assert(GK % K == 0, "a staged group holds whole tiles");
-      const scalar_t* const copied[7] = {ghp, xp, lp, g0p, g1p, g2p, hp};
+      const scalar_t* const copied[7] = {ghp[0], xp[0], lp[0], g0p, g1p, g2p, hp[0]};
       const int g0 = stages.group_of(t0);
       if (t0 + K == stages.t_end) {  // the first tile: the last group
         stages.fetch(copied, lines, slots, g0);
@@ -922,8 +954,8 @@ __device__ inline void load_backward_tile(BackwardSlot<scalar_t, V, gate_t> (&ti
 #pragma unroll
         for (int s = 0; s < K; ++s) {
           const int before = t0 + s - 1 - g0;  // line t - 1 in the group
-          if (before >= 0) tile[s][r].hprev.v[0] = h_row[ascending ? before : GK - 1 - before];
-          else hprev_from_global(r, t0 + s, tile[s][r].hprev);
+          if (before >= 0) tile[s][r].hprev[0].v[0] = h_row[ascending ? before : GK - 1 - before];
+          else hprev_from_global(r, t0 + s, tile[s][r].hprev[0]);
         }
       }
       return;
@@ -934,7 +966,7 @@ __device__ inline void load_backward_tile(BackwardSlot<scalar_t, V, gate_t> (&ti
       for (int r = 0; r < RPT; ++r) {
         load_column_tile<K>(inputs, low + slots.offset[r], ascending, assign(r));
 #pragma unroll
-        for (int s = 0; s < K; ++s) hprev_from_global(r, t0 + s, tile[s][r].hprev);
+        for (int s = 0; s < K; ++s) hprev_from_global(r, t0 + s, tile[s][r].hprev[0]);
       }
       return;
     }
@@ -947,13 +979,16 @@ __device__ inline void load_backward_tile(BackwardSlot<scalar_t, V, gate_t> (&ti
 #pragma unroll
     for (int r = 0; r < RPT; ++r) {
       const int o = line + slots.offset[r];
-      load_positions<V>(ghp + o, tile[s][r].go);
-      load_positions<V>(xp + o, tile[s][r].x);
-      load_positions<V>(lp + o, tile[s][r].lam);
+#pragma unroll
+      for (int j = 0; j < CH; ++j) {
+        load_positions<V>(ghp[j] + o, tile[s][r].go[j]);
+        load_positions<V>(xp[j] + o, tile[s][r].x[j]);
+        load_positions<V>(lp[j] + o, tile[s][r].lam[j]);
+        load_positions<V>(hp[j] + (prev_line + slots.offset[r]), tile[s][r].hprev[j]);
+      }
       load_positions<V>(g0p + o, tile[s][r].g0);
       load_positions<V>(g1p + o, tile[s][r].g1);
       load_positions<V>(g2p + o, tile[s][r].g2);
-      load_positions<V>(hp + (prev_line + slots.offset[r]), tile[s][r].hprev);
     }
   }
 }
@@ -962,9 +997,9 @@ __device__ inline void load_backward_tile(BackwardSlot<scalar_t, V, gate_t> (&ti
 // when NORM, with normalize_taps' signed sum for the chain rule), ready for
 // the line loop. The other inputs stay 16-bit (split from their pairs): kept
 // as pairs, or in float, the backward at 8 positions per thread spilled.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, int CH = 1>
 struct BackwardStep {
-  scalar_t go, x, lam, hprev;
+  scalar_t go[CH], x[CH], lam[CH], hprev[CH];
   acc_t g0, g1, g2, signed_sum;
 };
 
@@ -980,8 +1015,12 @@ struct BackwardStep {
 // its halo from its neighbours' rows (refill_halo, three rows); h[t-1] comes
 // from memory at every window position, so only the window's own edge
 // positions (never stored) read an unknown neighbour there.
+// CH: CH channels of one (shared) gate group side by side, as in the
+// forward; their gate gradients are summed in registers before the one
+// atomic add per tap, CH times fewer adds into the buffer that every
+// channel of the group adds into.
 template <typename scalar_t, typename acc_t, int RPT, bool NORM, bool ATOMIC, int V, int GK,
-          typename gate_t = scalar_t, bool SPLIT = false>
+          typename gate_t = scalar_t, bool SPLIT = false, int CH = 1>
 __global__ void __launch_bounds__(kMaxThreads)
 scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __restrict__ h,
                      const scalar_t* __restrict__ x, const void* __restrict__ gates_raw,
@@ -989,11 +1028,12 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
                      void* __restrict__ dgates_raw, scalar_t* __restrict__ dlam, const ScanProblem pb,
                      const int64_t chunks_per_plane, const bool column_vectors, const int segments) {
   static_assert(!SPLIT || GK == 0, "split lines are not staged");
+  static_assert(CH == 1 || (ATOMIC && GK == 0 && !SPLIT), "channel pairs share a gate group, neither staged nor split");
   using dg_t = typename std::conditional<ATOMIC, acc_t, gate_t>::type;
   const gate_t* gates = static_cast<const gate_t*>(gates_raw);
-  constexpr int K = backward_tile_lines(RPT * V);
+  constexpr int K = backward_tile_lines(RPT * V * tile_channels<scalar_t, V, CH>());
   const int rank = SPLIT ? static_cast<int>(blockIdx.x % segments) : 0;
-  const BlockTask task = decode_block(pb, chunks_per_plane, SPLIT ? blockIdx.x / segments : blockIdx.x);
+  const BlockTask task = decode_block<CH>(pb, chunks_per_plane, SPLIT ? blockIdx.x / segments : blockIdx.x);
   const BlockLines lines = block_lines(pb, task);
   // GK > 0: staged, as in the forward.
   constexpr bool STAGED = GK > 0;
@@ -1018,22 +1058,28 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
   const int pitch = (SPLIT ? split_window_length(L, segments) : L) + 2;
   const ColumnStages<scalar_t, 7, GK> stages{
       reinterpret_cast<scalar_t*>(smem_raw + column_stages_offset(8, L, sizeof(acc_t))), L, t_begin, t_end};
-  // 3 ring + 2 padded rows (8 unsplit): v_k of line t at row
-  // 3 (t % ring) + k, h[t-1] of parity j at row 3 ring + j. Position p of a
-  // row is at row * pitch + 1 + p.
-  for (int i = threadIdx.x; i < 3 * ring + 2; i += blockDim.x) {
+  // 3 ring + 2 padded rows per channel (8 unsplit): v_k of line t at row
+  // 3 (t % ring) + k, h[t-1] of parity j at row 3 ring + j; channel i's
+  // rows follow channel i - 1's. Position p of a row is at row * pitch + 1 + p.
+  const int channel_rows = (3 * ring + 2) * pitch;
+  for (int i = threadIdx.x; i < (3 * ring + 2) * CH; i += blockDim.x) {
     smem[i * pitch] = acc_t(0);
     smem[i * pitch + W + 1] = acc_t(0);
   }
   __syncthreads();
 
-  const int64_t plane_out = pb.out_plane(task.b, task.d, task.c);
-  const scalar_t* ghp = opaque(grad_h + plane_out);
-  const scalar_t* hp = opaque(h + plane_out);
-  const scalar_t* xp = opaque(x + pb.x_plane(task.b, task.d, task.c));
-  const scalar_t* lp = opaque(lam + pb.lam_plane(task.b, task.d, task.c));
-  scalar_t* dxp = opaque(dx + plane_out);
-  scalar_t* dlp = opaque(dlam + plane_out);
+  const scalar_t *ghp[CH], *hp[CH], *xp[CH], *lp[CH];
+  scalar_t *dxp[CH], *dlp[CH];
+#pragma unroll
+  for (int j = 0; j < CH; ++j) {
+    const int64_t plane_out = pb.out_plane(task.b, task.d, task.c + j);
+    ghp[j] = opaque(grad_h + plane_out);
+    hp[j] = opaque(h + plane_out);
+    xp[j] = opaque(x + pb.x_plane(task.b, task.d, task.c + j));
+    lp[j] = opaque(lam + pb.lam_plane(task.b, task.d, task.c + j));
+    dxp[j] = opaque(dx + plane_out);
+    dlp[j] = opaque(dlam + plane_out);
+  }
   const int64_t plane = pb.plane();
   const int64_t tap_offset = pb.gate_plane(task.b, task.d, task.c / pb.channels_per_group(), 0);
   const gate_t *g0p = opaque(gates + tap_offset), *g1p = opaque(gates + tap_offset + plane),
@@ -1046,32 +1092,35 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
   // computed; a tile's gates are prepared for all its slots before its first
   // line, as in the forward.
   auto tile_start = [&](int t_hi) { return t_hi - K > t_begin ? t_hi - K : t_begin; };
-  BackwardSlot<scalar_t, V, gate_t> next[K][RPT];
-  load_backward_tile<scalar_t, RPT, V, K, GK, gate_t>(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots,
-                                                      tile_start(t_end), t_end - 1, t_begin, line_vectors, stages);
+  BackwardSlot<scalar_t, V, gate_t, CH> next[K][RPT];
+  load_backward_tile(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots, tile_start(t_end), t_end - 1, t_begin,
+                     line_vectors, stages);
   for (int t_hi = t_end; t_hi > t_begin; t_hi -= K) {
     const int t0 = tile_start(t_hi);
-    BackwardStep<scalar_t, acc_t> step[K][RPT][V];
+    BackwardStep<scalar_t, acc_t, CH> step[K][RPT][V];
 #pragma unroll
     for (int s = 0; s < K; ++s) {
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
 #pragma unroll
         for (int v = 0; v < V; ++v) {
-          const BackwardSlot<scalar_t, V, gate_t>& in = next[s][r];
-          BackwardStep<scalar_t, acc_t>& st = step[s][r][v];
-          st.go = in.go.element(v);
-          st.x = in.x.element(v);
-          st.lam = in.lam.element(v);
-          st.hprev = in.hprev.element(v);
+          const BackwardSlot<scalar_t, V, gate_t, CH>& in = next[s][r];
+          BackwardStep<scalar_t, acc_t, CH>& st = step[s][r][v];
+#pragma unroll
+          for (int j = 0; j < CH; ++j) {
+            st.go[j] = in.go[j].element(v);
+            st.x[j] = in.x[j].element(v);
+            st.lam[j] = in.lam[j].element(v);
+            st.hprev[j] = in.hprev[j].element(v);
+          }
           slot_gates<acc_t, NORM>(in.g0, in.g1, in.g2, v, slots.before(r, v), slots.after(r, v), st.g0, st.g1, st.g2,
                                   st.signed_sum);
         }
       }
     }
     if (t0 > t_begin) {
-      load_backward_tile<scalar_t, RPT, V, K, GK, gate_t>(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots,
-                                                          tile_start(t0), t0 - 1, t_begin, line_vectors, stages);
+      load_backward_tile(next, ghp, hp, xp, lp, g0p, g1p, g2p, lines, slots, tile_start(t0), t0 - 1, t_begin,
+                         line_vectors, stages);
     }
     // tile_vectors: stored (the shared groups' gate gradients added) after the tile's lines
     scalar_t tile_dx[K][RPT], tile_dlam[K][RPT];
@@ -1080,6 +1129,7 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
     for (int s = K - 1; s >= 0; --s) {
       const int t = t0 + s;
       if (t >= t_hi) continue;  // uniform over the block
+      // Channel 0's rows; channel j's at + j * channel_rows.
       acc_t* vc = smem + 3 * (t & (ring - 1)) * pitch + 1;  // v_k of this line at vc + k * pitch
       const acc_t* vn = smem + 3 * ((t + 1) & (ring - 1)) * pitch + 1;  // v_k of line t + 1
       acc_t* hcur = smem + (3 * ring + (t & 1)) * pitch + 1;
@@ -1088,32 +1138,34 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
       // The line before a chunk's first counts as zero, so its gates' (or
       // logits') gradients a * h[t-1] come out zero through the same code.
       const bool first = t == t_begin;
-      acc_t adj[RPT][V];
+      acc_t adj[RPT][CH][V];
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
-        if (slots.live[r]) {  // with V = 2 lines are even: both positions of a live slot are live
-          const int o = line + slots.offset[r];
+        if (!slots.live[r]) continue;  // with V = 2 lines are even: both positions of a live slot are live
+        const int o = line + slots.offset[r];
+#pragma unroll
+        for (int j = 0; j < CH; ++j) {
           acc_t dx_v[V], dlam_v[V];
 #pragma unroll
           for (int v = 0; v < V; ++v) {
-            const int p = slots.pos[r] + v;
-            const BackwardStep<scalar_t, acc_t>& st = step[s][r][v];
-            const acc_t a = static_cast<acc_t>(st.go) +
+            const int p = j * channel_rows + slots.pos[r] + v;
+            const BackwardStep<scalar_t, acc_t, CH>& st = step[s][r][v];
+            const acc_t a = static_cast<acc_t>(st.go[j]) +
                             (last ? acc_t(0) : gather_adjoint(vn + p, vn + pitch + p, vn + 2 * pitch + p));
-            adj[r][v] = a;
-            dx_v[v] = static_cast<acc_t>(st.lam) * a;
-            dlam_v[v] = static_cast<acc_t>(st.x) * a;
+            adj[r][j][v] = a;
+            dx_v[v] = static_cast<acc_t>(st.lam[j]) * a;
+            dlam_v[v] = static_cast<acc_t>(st.x[j]) * a;
             vc[p] = st.g0 * a;
             vc[pitch + p] = st.g1 * a;
             vc[2 * pitch + p] = st.g2 * a;
-            hcur[p] = first ? acc_t(0) : static_cast<acc_t>(st.hprev);
+            hcur[p] = first ? acc_t(0) : static_cast<acc_t>(st.hprev[j]);
           }
-          if constexpr (tile_vectors) {
+          if constexpr (tile_vectors) {  // CH = 1
             tile_dx[s][r] = static_cast<scalar_t>(dx_v[0]);
             tile_dlam[s][r] = static_cast<scalar_t>(dlam_v[0]);
           } else if (!SPLIT || in_segment(r)) {
-            store_positions<V>(dxp + o, dx_v);
-            store_positions<V>(dlp + o, dlam_v);
+            store_positions<V>(dxp[j] + o, dx_v);
+            store_positions<V>(dlp[j] + o, dlam_v);
           }
         }
       }
@@ -1126,15 +1178,30 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
 #pragma unroll
         for (int v = 0; v < V; ++v) {
           const int p = slots.pos[r] + v;
-          const acc_t a = adj[r][v];
-          if constexpr (NORM) {  // the logits' gradients, written in place of the gates'
-            const BackwardStep<scalar_t, acc_t>& st = step[s][r][v];
-            normalize_taps_backward_of_scan(st.g0, st.g1, st.g2, st.signed_sum, a, hcur[p - 1], hcur[p], hcur[p + 1],
-                                            d0[v], d1[v], d2[v]);
+          // The gates' gradients are a * h[t-1] at the three neighbours: with
+          // one channel the adjoint a times h's, with several the sum over
+          // the channels of a * h's, times 1 (the chain rule is linear in them).
+          acc_t a, h0, h1, h2;
+          if constexpr (CH == 1) {
+            a = adj[r][0][v];
+            h0 = hcur[p - 1], h1 = hcur[p], h2 = hcur[p + 1];
           } else {
-            d0[v] = a * hcur[p - 1];
-            d1[v] = a * hcur[p];
-            d2[v] = a * hcur[p + 1];
+            a = acc_t(1), h0 = h1 = h2 = acc_t(0);
+#pragma unroll
+            for (int j = 0; j < CH; ++j) {
+              const acc_t* hj = hcur + j * channel_rows + p;
+              h0 += adj[r][j][v] * hj[-1];
+              h1 += adj[r][j][v] * hj[0];
+              h2 += adj[r][j][v] * hj[1];
+            }
+          }
+          if constexpr (NORM) {  // the logits' gradients, written in place of the gates'
+            const BackwardStep<scalar_t, acc_t, CH>& st = step[s][r][v];
+            normalize_taps_backward_of_scan(st.g0, st.g1, st.g2, st.signed_sum, a, h0, h1, h2, d0[v], d1[v], d2[v]);
+          } else {
+            d0[v] = a * h0;
+            d1[v] = a * h1;
+            d2[v] = a * h2;
           }
         }
         if constexpr (gate_tiles) {
@@ -1160,8 +1227,8 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
     if constexpr (tile_vectors) {  // tiles are whole
       const bool ascending = lines.line_stride > 0;
       const int low = lines.offset(ascending ? t0 : t0 + K - 1);
-      store_column_tile<K>(dxp, low, slots.offset, slots.live, tile_dx, ascending);
-      store_column_tile<K>(dlp, low, slots.offset, slots.live, tile_dlam, ascending);
+      store_column_tile<K>(dxp[0], low, slots.offset, slots.live, tile_dx, ascending);
+      store_column_tile<K>(dlp[0], low, slots.offset, slots.live, tile_dlam, ascending);
       if constexpr (gate_tiles) {
         store_column_tile<K, ATOMIC>(dg0, low, slots.offset, slots.live, tile_dg[0], ascending);
         store_column_tile<K, ATOMIC>(dg1, low, slots.offset, slots.live, tile_dg[1], ascending);
@@ -1181,6 +1248,7 @@ struct Launch {
   int64_t max_length;   // positions of a block's line (split: of its window)
   int positions_per_slot;
   int segments = 1;     // blocks per line (split_lines), a cluster
+  int channels = 1;     // channels per block (pair_channels)
 
   int64_t slots() const { return (max_length + positions_per_slot - 1) / positions_per_slot; }
   // Threads of a block: the line's slots at rows_per_thread each, in whole warps.
@@ -1420,11 +1488,22 @@ void with_forward_kernel(const Launch& plan, bool normalize, int group, bool flo
   const bool split = plan.segments > 1;
   TORCH_CHECK(!split || (group == 0 && plan.rows_per_thread <= kMaxSplitRows),
               "gspn::scan (CUDA): split lines are not staged and take at most ", kMaxSplitRows, " slots per thread");
+  TORCH_CHECK(plan.channels == 1 || (group == 0 && !split && plan.rows_per_thread <= kMaxPairedRows),
+              "gspn::scan (CUDA): channel pairs are neither staged nor split and take at most ", kMaxPairedRows,
+              " slots per thread");
   with_slot_layout(plan, [&](auto rpt, auto positions) {
     with_bool(normalize, [&](auto norm) {
       // decay: in a nested generic lambda GCC gives decltype of the outer parameters as references
       constexpr int R = std::decay_t<decltype(rpt)>::value, V = std::decay_t<decltype(positions)>::value;
       constexpr bool N = std::decay_t<decltype(norm)>::value;
+      if constexpr (R <= kMaxPairedRows) {
+        if (plan.channels == 2) {
+          if constexpr (sizeof(scalar_t) == 2 && !N) {
+            if (float_gates) return f(scan_forward_kernel<scalar_t, acc_t, R, N, V, 0, float, false, 2>);
+          }
+          return f(scan_forward_kernel<scalar_t, acc_t, R, N, V, 0, scalar_t, false, 2>);
+        }
+      }
       if constexpr (R <= kMaxSplitRows) {
         if (split) {
           if constexpr (sizeof(scalar_t) == 2 && !N) {
@@ -1462,11 +1541,22 @@ void with_backward_kernel(const Launch& plan, bool normalize, bool atomic, int g
   TORCH_CHECK(!split || (group == 0 && plan.rows_per_thread <= kMaxSplitRows),
               "gspn::scan_backward (CUDA): split lines are not staged and take at most ", kMaxSplitRows,
               " slots per thread");
+  TORCH_CHECK(plan.channels == 1 || (atomic && group == 0 && !split && plan.rows_per_thread <= kMaxPairedRows),
+              "gspn::scan_backward (CUDA): channel pairs share a gate group, are neither staged nor split and take "
+              "at most ", kMaxPairedRows, " slots per thread");
   with_slot_layout(plan, [&](auto rpt, auto positions) {
     with_bool(normalize, [&](auto norm) {
       with_bool(atomic, [&](auto use_atomic) {
         constexpr int R = std::decay_t<decltype(rpt)>::value, V = std::decay_t<decltype(positions)>::value;
         constexpr bool N = std::decay_t<decltype(norm)>::value, A = std::decay_t<decltype(use_atomic)>::value;
+        if constexpr (A && R <= kMaxPairedRows) {
+          if (plan.channels == 2) {
+            if constexpr (sizeof(scalar_t) == 2 && !N) {
+              if (float_gates) return f(scan_backward_kernel<scalar_t, acc_t, R, N, A, V, 0, float, false, 2>);
+            }
+            return f(scan_backward_kernel<scalar_t, acc_t, R, N, A, V, 0, scalar_t, false, 2>);
+          }
+        }
         if constexpr (R <= kMaxSplitRows) {
           if (split) {
             if constexpr (sizeof(scalar_t) == 2 && !N) {
@@ -1577,6 +1667,39 @@ inline Launch split_lines(Launch plan, int segments) {
   return plan;
 }
 
+// Channels per block (GSPN_CUDA_CHANNELS). Channels of one gate group
+// share its gates, yet each block scanned one channel: it loaded and
+// normalised the group's gates for itself (the normalisation is about a
+// third of a forward's instructions per position, SASS), and in the
+// backward added its gate gradients into the group's one fp32 buffer, as
+// many atomic adds per position as the group has channels: on an H200 the
+// backward of 320 channels sharing one group ran at 16 % of copy against
+// 61 % with per-channel gates, whose bytes are double (BENCHMARKS.md). A
+// pair of channels per block loads and normalises the gates once for both,
+// waits at one barrier per line for both, and sums both channels' gate
+// gradients before adding them: half the adds. Half the blocks, though, so
+// a launch of fewer pairs than SMs leaves SMs idle. Unset or "1": one channel
+// per block (the default until a GPU has timed pairs); "2": pairs wherever
+// the group has an even number of channels and the lines take at most
+// kMaxPairedRows slots per thread (a pair's registers), unstaged and unsplit;
+// the launches take them where the pair's rows fit shared memory and its
+// kernel does not spill registers (fp32's backward at 2 slots of 2
+// positions and most fp64 kernels do, SASS).
+
+inline Launch pair_channels(const ScanProblem& pb, Launch plan, bool staged) {
+  const char* how = std::getenv("GSPN_CUDA_CHANNELS");
+  if (how == nullptr || std::strcmp(how, "1") == 0) return plan;
+  TORCH_CHECK(std::strcmp(how, "2") == 0, "GSPN_CUDA_CHANNELS=", how, " is not a number of channels per block: "
+              "use \"2\" (pairs of channels of one gate group, where they fit) or leave it unset (one channel "
+              "per block)");
+  if (staged || pb.G == pb.C || pb.channels_per_group() % 2 != 0 || plan.rows_per_thread > kMaxPairedRows) {
+    return plan;
+  }
+  plan.channels = 2;
+  plan.blocks /= 2;
+  return plan;
+}
+
 // Launches kernel on plan's grid with its arguments and plan.segments last:
 // in clusters of plan.segments blocks where the lines are split.
 template <typename Kernel, typename... Args>
@@ -1600,7 +1723,15 @@ void launch_forward(const at::Tensor& x, const at::Tensor& gates, const at::Tens
   const int group = staged ? staged_group<scalar_t>(pb, false) : 0;
   TORCH_CHECK(group > 0 || !staged, "gspn::scan (CUDA): column scans asked to run staged that do not fit it");
   const bool float_gates = gates.scalar_type() != x.scalar_type();
-  if (const int segments = split_segments(pb, plan, staged); segments > 1) {
+  if (const Launch paired = pair_channels(pb, plan, staged); paired.channels > 1) {
+    const size_t bytes = shared_bytes<scalar_t>(2 * paired.channels, paired.max_length, 0, 5);
+    if (bytes <= static_cast<size_t>(max_shared_bytes())) {
+      with_forward_kernel<scalar_t>(paired, pb.normalize, 0, float_gates, [&](auto kernel) {
+        if (!residency_of(kernel, paired, bytes).spills) plan = paired;
+      });
+    }
+  }
+  if (const int segments = plan.channels == 1 ? split_segments(pb, plan, staged) : 1; segments > 1) {
     const Launch split = split_lines(plan, segments);
     with_forward_kernel<scalar_t>(split, pb.normalize, 0, float_gates, [&](auto kernel) {
       if (clusters_run(kernel)) plan = split;
@@ -1608,7 +1739,7 @@ void launch_forward(const at::Tensor& x, const at::Tensor& gates, const at::Tens
   }
   // Split: a ring of kSplitRing rows of the window, no packing (split_segments balanced the SMs).
   const size_t smem = plan.segments > 1 ? shared_bytes<scalar_t>(kSplitRing, plan.max_length, 0, 5)
-                                        : shared_bytes<scalar_t>(2, plan.max_length, group, 5);
+                                        : shared_bytes<scalar_t>(2 * plan.channels, plan.max_length, group, 5);
   if (plan.segments == 1) pack_blocks(
       plan,
       [&](const Launch& candidate) {
@@ -1617,7 +1748,7 @@ void launch_forward(const at::Tensor& x, const at::Tensor& gates, const at::Tens
                                       [&](auto kernel) { r = residency_of(kernel, candidate, smem); });
         return r;
       },
-      staged ? kMaxStagedRows : kMaxRowsPerThread);
+      staged ? kMaxStagedRows : (plan.channels > 1 ? kMaxPairedRows : kMaxRowsPerThread));
   const bool vectors =
       !float_gates && column_vectors(pb, {&x, &gates, &lam}, forward_tile_lines(plan.rows_per_thread), plan);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -1638,7 +1769,15 @@ void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Te
   TORCH_CHECK(group > 0 || !staged,
               "gspn::scan_backward (CUDA): column scans asked to run staged that do not fit it");
   const bool float_gates = gates.scalar_type() != x.scalar_type();
-  if (const int segments = split_segments(pb, plan, staged); segments > 1) {
+  if (const Launch paired = pair_channels(pb, plan, staged); paired.channels > 1) {  // as in the forward
+    const size_t bytes = shared_bytes<scalar_t>(8 * paired.channels, paired.max_length, 0, 7);
+    if (bytes <= static_cast<size_t>(max_shared_bytes())) {
+      with_backward_kernel<scalar_t>(paired, pb.normalize, atomic, 0, float_gates, [&](auto kernel) {
+        if (!residency_of(kernel, paired, bytes).spills) plan = paired;
+      });
+    }
+  }
+  if (const int segments = plan.channels == 1 ? split_segments(pb, plan, staged) : 1; segments > 1) {
     const Launch split = split_lines(plan, segments);
     with_backward_kernel<scalar_t>(split, pb.normalize, atomic, 0, float_gates, [&](auto kernel) {
       if (clusters_run(kernel)) plan = split;
@@ -1646,7 +1785,7 @@ void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Te
   }
   // Split: the v_k ring (3 kSplitRing rows) and h[t-1] (2), no packing.
   const size_t smem = plan.segments > 1 ? shared_bytes<scalar_t>(3 * kSplitRing + 2, plan.max_length, 0, 7)
-                                        : shared_bytes<scalar_t>(8, plan.max_length, group, 7);
+                                        : shared_bytes<scalar_t>(8 * plan.channels, plan.max_length, group, 7);
   if (plan.segments == 1) pack_blocks(
       plan,
       [&](const Launch& candidate) {
@@ -1655,7 +1794,7 @@ void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Te
                                        [&](auto kernel) { r = residency_of(kernel, candidate, smem); });
         return r;
       },
-      staged ? kMaxStagedBackwardRows : kMaxRowsPerThread);
+      staged ? kMaxStagedBackwardRows : (plan.channels > 1 ? kMaxPairedRows : kMaxRowsPerThread));
   const bool vectors = !float_gates && column_vectors(pb, {&grad_h, &x, &gates, &lam},
                                                       backward_tile_lines(plan.rows_per_thread), plan);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -4,7 +4,7 @@
 # so that a hang or a slow stage still leaves the others' results.
 #
 #   bash scripts/gpu_check.sh                  # every stage, full sizes (~15 min)
-#   bash scripts/gpu_check.sh build tests op   # some: build tests op op-widest profile unet unet-split distill e2e fidelity shapes
+#   bash scripts/gpu_check.sh build tests op   # some: build tests op op-widest profile unet unet-split unet-pairs distill distill-pairs e2e fidelity shapes
 #   bash scripts/gpu_check.sh quick            # every stage, sizes that fit ~4 min of a lease
 #   bash scripts/gpu_check.sh quick build op   # those stages at the quick sizes
 #
@@ -114,10 +114,18 @@ want unet && stage "UNet step benchmark" 300 python3 benchmarks/bench_unet.py --
 # split lines), against the stage above in the same call.
 want unet-split && GSPN_CUDA_SPLIT=auto stage "UNet step benchmark, split lines" 300 python3 benchmarks/bench_unet.py \
     --models sd15 sdxl $unet_args --json "$out/bench_unet_split.json"
+# And with two channels of a gate group per block (GSPN_CUDA_CHANNELS=2;
+# csrc/README.md, channel pairs): the layer's scans share 4 gate groups.
+want unet-pairs && GSPN_CUDA_CHANNELS=2 stage "UNet step benchmark, channel pairs" 300 \
+    python3 benchmarks/bench_unet.py --models sd15 sdxl $unet_args --json "$out/bench_unet_pairs.json"
 want e2e && stage "end-to-end high-resolution benchmark" 300 python3 benchmarks/bench_e2e.py \
     $e2e_args --json "$out/bench_e2e.json"
 want distill && stage "distillation step benchmark" 150 python3 benchmarks/bench_distill.py \
     $distill_args --json "$out/bench_distill.json"
+# Not in the default set: the training step with channel pairs (the
+# backward's atomic adds into the shared groups' gradients halved).
+want distill-pairs && GSPN_CUDA_CHANNELS=2 stage "distillation step benchmark, channel pairs" 150 \
+    python3 benchmarks/bench_distill.py $distill_args --json "$out/bench_distill_pairs.json"
 # Not in the default set: the shapes-world fidelity run of issue 6 at full
 # size (200 prompts, 25 steps, 4x and 8x, with ablations), hours on a CPU.
 want fidelity && stage "fidelity benchmark (full)" 420 python3 benchmarks/fidelity.py --device cuda \

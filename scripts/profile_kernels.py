@@ -6,9 +6,10 @@ build and planning do not reach its figures): each case launches one forward
 and one backward scan kernel, in an NVTX range named after it. The cases
 are the `bench_op` rows whose time the bandwidth alone does not explain
 (BENCHMARKS.md, session 19): per-channel and shared gates at 320 channels,
-32 channels, the same scan with plain gates (no fused normalisation), and
+32 channels, the same scan with plain gates (no fused normalisation),
 32 channels with lines split across clusters (GSPN_CUDA_SPLIT=auto: the
-cluster barriers' stalls).
+cluster barriers' stalls), and shared gates with two channels per block
+(GSPN_CUDA_CHANNELS=2: the backward's atomic adds halved).
 
   ncu --clock-control none --nvtx -k regex:scan_ ... python3 scripts/profile_kernels.py --no-warmup
   python3 scripts/profile_kernels.py --list      # the cases, without a GPU
@@ -27,13 +28,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gspn_diffusers.ops import gspn_scan  # noqa: E402
 
-# (name, channels, gate groups, side, normalize, GSPN_CUDA_SPLIT)
+# (name, channels, gate groups, side, normalize, environment: a way of running the kernels)
 CASES = [
-    ("c320_g320_1024_norm", 320, 320, 1024, True, None),
-    ("c320_g1_1024_norm", 320, 1, 1024, True, None),
-    ("c32_g32_1024_norm", 32, 32, 1024, True, None),
-    ("c320_g320_1024_plain", 320, 320, 1024, False, None),
-    ("c32_g32_1024_norm_split", 32, 32, 1024, True, "auto"),
+    ("c320_g320_1024_norm", 320, 320, 1024, True, {}),
+    ("c320_g1_1024_norm", 320, 1, 1024, True, {}),
+    ("c32_g32_1024_norm", 32, 32, 1024, True, {}),
+    ("c320_g320_1024_plain", 320, 320, 1024, False, {}),
+    ("c32_g32_1024_norm_split", 32, 32, 1024, True, {"GSPN_CUDA_SPLIT": "auto"}),
+    ("c320_g1_1024_norm_pairs", 320, 1, 1024, True, {"GSPN_CUDA_CHANNELS": "2"}),
 ]
 
 
@@ -64,9 +66,8 @@ def main(argv=None) -> int:
             print(*case)
         return 0
     dtype = getattr(torch, args.dtype)
-    for name, channels, groups, side, normalize, split in CASES:
+    for name, channels, groups, side, normalize, environment in CASES:
         side = args.side or side
-        environment = {"GSPN_CUDA_SPLIT": split} if split else {}
         with mock.patch.dict(os.environ, environment):
             if not args.no_warmup:  # build, plan, allocator: out of a timeline's range
                 run_case(channels, groups, side, normalize, args.device, dtype)

@@ -29,9 +29,9 @@ from pathlib import Path
 from check_cuda_compiles import ROOT, compile_one, nvcc_flags
 
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+((?:@!?U?P\w+\s+)?[A-Z][A-Z0-9_.]*)([^;]*);")
-# scan_forward_kernel<scalar_t, acc_t, RPT, NORM, V, GK, gate_t, SPLIT>, scan_backward_kernel<..., RPT, NORM,
-# ATOMIC, V, GK, gate_t> (GK: lines per staged group, 0 for kernels that do not stage; gate_t float: decayed
-# gates; SPLIT: lines split across a cluster)
+# scan_forward_kernel<scalar_t, acc_t, RPT, NORM, V, GK, gate_t, SPLIT, CH>, scan_backward_kernel<..., RPT, NORM,
+# ATOMIC, V, GK, gate_t, SPLIT, CH> (GK: lines per staged group, 0 for kernels that do not stage; gate_t float:
+# decayed gates; SPLIT: lines split across a cluster; CH: channels per block, 2 for channel pairs)
 VARIANT = re.compile(r"(scan_forward_kernel|scan_backward_kernel)I(.*)")
 
 
@@ -41,15 +41,16 @@ def describe(mangled: str) -> str:
     if not match:
         return mangled
     name, rest = match.groups()
-    ints = re.findall(r"Li(\d+)E", rest)  # RPT, positions per slot, lines per staged group
+    ints = re.findall(r"Li(\d+)E", rest)  # RPT, positions per slot, lines per staged group, channels per block
     flags = [int(b) for b in re.findall(r"Lb([01])E", rest)]
     labels = ["norm"] if name == "scan_forward_kernel" else ["norm", "atomic"]
     pairs = f" V={ints[1]}" if len(ints) > 1 else ""
     staged = f" staged={ints[2]}" if len(ints) > 2 else ""
-    gates = " gates=float" if re.search(r"Li\d+Ef(?:Lb[01]E)?E", rest) else ""  # 16-bit inputs with float gates
+    gates = " gates=float" if re.search(r"Li\d+Ef(?:Lb[01]E)?(?:Li\d+E)?E", rest) else ""  # 16-bit inputs with float gates
     split = " split" if len(flags) > len(labels) and flags[-1] else ""  # lines split across a cluster
+    channels = " channel-pairs" if len(ints) > 3 and ints[3] == "2" else ""
     return (f"{name} RPT={ints[0]}{pairs} " + " ".join(f"{label}={flag}" for label, flag in zip(labels, flags))
-            + staged + gates + split)
+            + staged + gates + split + channels)
 
 
 def largest_loop(instructions: list) -> list:

@@ -48,15 +48,15 @@ def test_bench_op_writes_json(tmp_path, compiled_cpu):
 def test_bench_op_rows_of_the_column_route(tmp_path, compiled_cpu, monkeypatch):
     """The rows bench_op times only where the column route runs (CUDA): the
     strided kernel's and the transposed copies' 'lr' and four-direction
-    rows, and the staged ones forced, beside the route's default; the forward
-    with split lines. Run here on the CPU with the route switched on for it,
+    rows, and the staged ones forced, beside the route's default; the trial
+    ways (split lines, channel pairs). Run here on the CPU with the route switched on for it,
     so a GPU session's short lease does not find a crash in them."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import bench_op
     from gspn_diffusers import ops
 
     monkeypatch.setitem(ops.COLUMNS_AS_ROWS_MIN_PIXELS, "cpu", 1)
-    monkeypatch.setattr(bench_op, "SPLIT_LINES_DEVICES", {"cuda", "cpu"})
+    monkeypatch.setattr(bench_op, "TRIAL_WAYS_DEVICES", {"cuda", "cpu"})
     out = tmp_path / "op.json"
     bench_op.main(["--device", "cpu", "--channels", "2", "--sides", "8", "--groups", "1", "--repeats", "1",
                    "--warmup", "0", "--no-reference", "--no-keep-freed", "--json", str(out)])
@@ -65,12 +65,13 @@ def test_bench_op_rows_of_the_column_route(tmp_path, compiled_cpu, monkeypatch):
             "bwd 4dir (one call)", "fwd lr, transposed", "bwd lr, transposed", "fwd 4dir, transposed",
             "bwd 4dir, transposed", "fwd lr, staged", "bwd lr, staged", "fwd 4dir, staged", "bwd 4dir, staged",
             "fwd 4dir, one stream", "bwd 4dir, one stream", "fwd tb, plain gates", "bwd tb, plain gates",
-            "fwd tb, split", "bwd tb, split", "fwd 4dir, split", "bwd 4dir, split", "fwd 4dir, decay, split"} <= {
-        r["what"] for r in rows}
+            "fwd tb, split", "bwd tb, split", "fwd 4dir, split", "bwd 4dir, split", "fwd 4dir, decay, split",
+            "fwd tb, channel pairs", "bwd tb, channel pairs", "fwd 4dir, channel pairs", "bwd 4dir, channel pairs",
+            "fwd 4dir, decay, channel pairs"} <= {r["what"] for r in rows}
     assert ops.COLUMNS_AS_ROWS_MIN_PIXELS["cpu"] == 1  # the route's threshold is restored after each strided row
     assert "GSPN_CUDA_COLUMNS" not in os.environ  # and the default way of running columns
     assert "GSPN_CUDA_STREAMS" not in os.environ
-    assert "GSPN_CUDA_SPLIT" not in os.environ
+    assert "GSPN_CUDA_SPLIT" not in os.environ and "GSPN_CUDA_CHANNELS" not in os.environ
     ways = json.loads(out.read_text())["column_ways"]
     assert {w["what"] for w in ways} == {"fwd tb", "bwd tb", "fwd lr", "bwd lr", "fwd 4dir", "bwd 4dir"}
     fwd_lr = next(w for w in ways if w["what"] == "fwd lr")
@@ -84,6 +85,7 @@ def test_bench_op_rows_of_the_column_route(tmp_path, compiled_cpu, monkeypatch):
     fwd_tb = next(w for w in ways if w["what"] == "fwd tb")
     assert fwd_tb["x_split"] == pytest.approx(ms["fwd tb, split"] / ms["fwd tb"])
     assert bwd_4dir["x_split"] == pytest.approx(ms["bwd 4dir, split"] / ms["bwd 4dir (one call)"])
+    assert fwd_tb["x_channel_pairs"] == pytest.approx(ms["fwd tb, channel pairs"] / ms["fwd tb"])
 
 
 def test_bench_unet_quick_writes_json(tmp_path):

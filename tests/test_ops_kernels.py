@@ -973,13 +973,20 @@ def test_cuda_offsets_beyond_int32(compiled_cuda):
     torch.cuda.empty_cache()
 
 
-def cluster_launches(device) -> list:
-    """Cluster sizes of the kernel launches since the last call (1: a plain
-    launch), where the simulator runs them; None elsewhere (a GPU, or the
-    CPU kernels)."""
+def launches(device) -> list:
+    """(blocks, cluster size) of each kernel launch since the last call (a
+    cluster size of 1: a plain launch), where the simulator runs them; None
+    elsewhere (a GPU, or the CPU kernels)."""
     if device.type != "cpu" or not runs_cuda_kernels(device):
         return None
-    return list(torch.ops.gspn_sim.cluster_launches())
+    flat = list(torch.ops.gspn_sim.launches())
+    return list(zip(flat[::2], flat[1::2]))
+
+
+def cluster_launches(device) -> list:
+    """Cluster sizes of the kernel launches since the last call (see launches)."""
+    launched = launches(device)
+    return None if launched is None else [cluster for _, cluster in launched]
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
@@ -1104,4 +1111,97 @@ def test_split_lines_unknown_setting(device, monkeypatch):
         gspn_scan(x, gates[:, :, :3], lam)  # the CPU kernels do not split
         return
     with pytest.raises(RuntimeError, match='GSPN_CUDA_SPLIT=3.*"auto"'):
+        gspn_scan(x, gates[:, :, :3], lam)
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize(
+    "dtype,width,channels,groups,chunk,paired",
+    [
+        (torch.float32, 40, 4, 2, None, (True, True)),  # pairs of positions (even rows), 2 channels per group
+        (torch.float16, 40, 6, 1, 4, (True, True)),  # 3 pairs of one group's 6 channels, chunks
+        (torch.bfloat16, 17, 4, 1, None, (True, True)),  # single positions (odd rows)
+        (torch.float64, 1100, 2, 1, None, (True, True)),  # 2 slots per thread (pairs of positions)
+        # 2 slots of 2 positions, the backward's 16 rows of 2050 doubles over the shared memory
+        (torch.float64, 2048, 2, 1, None, (True, False)),
+        (torch.float32, 2100, 2, 1, None, (False, False)),  # 4 slots per thread: too many registers for pairs
+        (torch.float32, 40, 3, 1, None, (False, False)),  # an odd number of channels per group
+        (torch.float32, 40, 4, 4, None, (False, False)),  # per-channel gates: nothing to share
+    ],
+    ids=lambda v: str(v).replace("torch.", "") if isinstance(v, torch.dtype) else None,
+)
+@pytest.mark.parametrize("normalize", [True, False], ids=["normalised", "plain"])
+def test_channel_pairs_match_reference(device, monkeypatch, dtype, width, channels, groups, chunk, paired,
+                                       normalize):
+    """GSPN_CUDA_CHANNELS=2: a block scans two channels of one gate group,
+    whose gates it loads and normalises once, and sums both channels' gate
+    (or logit) gradients before adding them into the group's buffer. "tb"
+    and "bt" (the backward's gather from the next line reads both channels'
+    rows), B = 2: output and gradients of x, gates and lam against the
+    reference; in the simulator also the blocks of the scan launches (half
+    where paired: forward, backward)."""
+    monkeypatch.setenv("GSPN_CUDA_CHANNELS", "2")
+    height = 4 if width > 2000 else 8 if width > 1000 else 12
+    for direction in ("tb", "bt"):
+        x, gates, lam = make_inputs(2, channels, groups, height, width, dtype, device, "pairs", direction)
+        gates = gates[:, :, :3] * 4 - 2 if normalize else gates[:, :, :3]
+        grad = torch.randn(x.shape, generator=generator_for("pairs grad", direction, width), dtype=torch.float64)
+        inputs = [t.detach().requires_grad_() for t in (x, gates, lam)]
+        launches(device)  # forget earlier launches
+        got = gspn_scan(*inputs, direction, chunk, normalize=normalize)
+        got.backward(grad.to(device, dtype))
+        launched = launches(device)
+        ref = [t.detach().double().cpu().requires_grad_() for t in (x, gates, lam)]
+        want = scan_reference(*ref, direction, chunk, normalize)
+        want.backward(grad)
+        tolerance = TOLERANCE[dtype] * (1 if dtype in (torch.float64, torch.float32) else 4)
+        what = f"{direction} {dtype} width {width}"
+        assert_close_scaled(got, want, tolerance, what)
+        for name, g, w in zip(("x", "gates", "lam"), inputs, ref):
+            assert_close_scaled(g.grad, w.grad, tolerance, f"grad {name}, {what}")
+        if launched is not None:  # forward, backward: one block per (batch, channel or pair, chunk)
+            chunks = 1 if chunk is None else -(-height // chunk)
+            assert launched == [(2 * channels * chunks // (2 if p else 1), 1) for p in paired], launched
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_channel_pairs_in_the_layers_call(device, monkeypatch, dtype):
+    """The GSPN layer's call with channel pairs: four directions with decay
+    (on CUDA float gates for fp16), the column directions as row scans of
+    transposed copies, two gate groups of 4 channels, B = 2: forward and
+    gradients against the reference, and the scan launches' blocks halved."""
+    from gspn_diffusers import ops
+
+    monkeypatch.setitem(ops.COLUMNS_AS_ROWS_MIN_PIXELS, device.type, 0)
+    monkeypatch.setenv("GSPN_CUDA_COLUMNS", "transposed")
+    inputs, grad = decay_inputs(2, 8, 2, 12, 10, "pairs")
+    inputs = (*inputs[:3], inputs[3] + 4)  # decays near 1
+    launched = {}
+    for channels in ("1", "2"):
+        monkeypatch.setenv("GSPN_CUDA_CHANNELS", channels)
+        launches(device)
+        got, want, got_in, ref_in = decay_against_reference(inputs, grad, None, device, dtype)
+        launched[channels] = launches(device)
+        rtol = 2e-3 if dtype == torch.float16 else 1e-4
+        assert_close_scaled(got, want, rtol, f"forward, {channels} channels per block")
+        for name, g, w in zip(("x", "logits", "lam", "decay"), got_in, ref_in):
+            assert_close_scaled(g.grad, w.grad, rtol, f"grad {name}, {channels} channels per block")
+    if launched["1"] is not None:
+        # The same launches but the scans': the row and the column launches (2
+        # directions of 2 x 8 planes each), forward and backward, in half the blocks.
+        changed = [(one, two) for one, two in zip(launched["1"], launched["2"]) if one != two]
+        assert len(launched["1"]) == len(launched["2"]) and changed == [((32, 1), (16, 1))] * 4, launched
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_channel_pairs_unknown_setting(device, monkeypatch):
+    """GSPN_CUDA_CHANNELS other than 1 or 2 (or unset) is an error that says
+    what to set, where the CUDA kernels run."""
+    monkeypatch.setenv("GSPN_CUDA_CHANNELS", "4")
+    x, gates, lam = make_inputs(1, 2, 1, 8, 16, torch.float32, device, "pairs setting")
+    if not runs_cuda_kernels(device):
+        gspn_scan(x, gates[:, :, :3], lam)  # the CPU kernels do not pair channels
+        return
+    with pytest.raises(RuntimeError, match='GSPN_CUDA_CHANNELS=4.*"2"'):
         gspn_scan(x, gates[:, :, :3], lam)

@@ -374,12 +374,15 @@ inline void copy_async_wait(int n) {
 // it unwritten.
 inline thread_local std::vector<std::function<void()>>* side_stream_launches = nullptr;
 
-// The cluster size of every launch run since the tests last asked
-// (torch.ops.gspn_sim.cluster_launches, gspn_scan_cuda_sim.cpp), so that a
+// The blocks and the cluster size of every launch run since the tests last
+// asked (torch.ops.gspn_sim.launches, gspn_scan_cuda_sim.cpp), so that a
 // test can tell which way a call ran.
-inline std::vector<int64_t>& cluster_launches() {
-  static std::vector<int64_t> sizes;
-  return sizes;
+struct LaunchRecord {
+  int64_t blocks, cluster;
+};
+inline std::vector<LaunchRecord>& launch_records() {
+  static std::vector<LaunchRecord> records;
+  return records;
 }
 
 // kernel<<<grid, block, shared_bytes>>>(args...), in clusters of `cluster`
@@ -420,7 +423,7 @@ struct Launch {
     };
     running.args = &call;
     running.dynamic_shared_bytes = shared_bytes;
-    cluster_launches().push_back(cluster);
+    launch_records().push_back({int64_t(grid.x) * grid.y * grid.z, cluster});
     gridDim = grid;
     blockDim = threads;
     for (unsigned z = 0; z < grid.z; ++z) {

@@ -15,13 +15,19 @@
 #include <torch/library.h>
 
 namespace {
-// The cluster sizes of the launches since the last call (1: a plain launch),
-// for tests of which kernels a call ran; only in simulator builds.
-std::vector<int64_t> take_cluster_launches() {
-  std::vector<int64_t> sizes;
-  sizes.swap(gspn_sim::cluster_launches());
-  return sizes;
+// The launches since the last call, as blocks, cluster size (1: a plain
+// launch), blocks, cluster size, ...: for tests of which kernels a call
+// ran; only in simulator builds.
+std::vector<int64_t> take_launches() {
+  std::vector<gspn_sim::LaunchRecord> records;
+  records.swap(gspn_sim::launch_records());
+  std::vector<int64_t> flat;
+  for (const gspn_sim::LaunchRecord& r : records) {
+    flat.push_back(r.blocks);
+    flat.push_back(r.cluster);
+  }
+  return flat;
 }
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(gspn_sim, m) { m.def("cluster_launches() -> int[]", &take_cluster_launches); }
+TORCH_LIBRARY_FRAGMENT(gspn_sim, m) { m.def("launches() -> int[]", &take_launches); }
