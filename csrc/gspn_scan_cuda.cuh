@@ -106,9 +106,11 @@ __device__ inline int direction_of(const ScanProblem& pb, int64_t d) {
 // Where a thread's RPT slots sit in a line: slot r holds the V neighbouring
 // positions p = V * (threadIdx.x + r * blockDim.x) + v, v < V (V = 2: row
 // scans of even lines, loaded and stored as one 2-element vector; see
-// plan_launch), its offset from the line's start (0 for a slot past the
-// line's end, which then reads the line's first element: valid, unused), and
-// which of its positions' taps have a neighbour. Offsets inside one (H, W)
+// plan_launch), its offset from the line's start, and which of its
+// positions' taps have a neighbour. A slot past the line's end (dead) takes
+// position 0: its reads of the line in memory and of the block's rows in
+// shared memory stay valid (unused), and a live slot's reads and writes of
+// those rows share one index, so one address. Offsets inside one (H, W)
 // plane are 32-bit (the host checks H * W < 2^31; plane starts stay 64-bit),
 // so a load costs one multiply-add into a 64-bit address: with 64-bit offsets
 // the address arithmetic was more than half of the kernels' instructions.
@@ -125,9 +127,10 @@ struct ThreadSlots {
     if (line_length < 0) line_length = length;
 #pragma unroll
     for (int r = 0; r < RPT; ++r) {
-      pos[r] = static_cast<int>(V * (threadIdx.x + r * blockDim.x));
-      live[r] = pos[r] < length;
-      offset[r] = live[r] ? (first + pos[r]) * pos_stride : first * pos_stride;
+      const int p = static_cast<int>(V * (threadIdx.x + r * blockDim.x));
+      live[r] = p < length;
+      pos[r] = live[r] ? p : 0;
+      offset[r] = (first + pos[r]) * pos_stride;
       has_before[r] = first + pos[r] > 0;
       has_after[r] = first + pos[r] + V - 1 < line_length - 1;
     }
@@ -668,7 +671,7 @@ __device__ inline void load_forward_tile(ForwardSlot<scalar_t, V, gate_t, CH> (&
                                          stages.segment(stage, 4, 0)};
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
-        const int row = slots.live[r] ? slots.pos[r] : 0;  // a dead slot reads row 0: valid, unused
+        const int row = slots.pos[r];  // a dead slot reads row 0: valid, unused
         load_column_tile<K, 5, true>(staged, stages.template tile_offset<K>(t0, g0, row, ascending), ascending,
                                      assign(r));
       }
@@ -796,6 +799,11 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const void* __restrict__ gat
   constexpr int ring = SPLIT ? kSplitRing : 2;
   const int pitch = (SPLIT ? split_window_length(L, segments) : L) + 2;
   const int channel_rows = ring * pitch;  // one channel's rows
+  // Slots whose previous-line neighbours a line reads at once (below): all,
+  // up to 32 bytes of inputs' values per thread (16 in 16-bit, 8 in fp32);
+  // with more some kernels spilled (SASS), so one slot at a time.
+  constexpr int kAroundSlots = RPT * CH * (V + 2) * sizeof(scalar_t) <= 32 ? RPT : 1;
+
   acc_t* smem = reinterpret_cast<acc_t*>(smem_raw);
   if (threadIdx.x < ring * CH) smem[threadIdx.x * pitch] = smem[threadIdx.x * pitch + W + 1] = acc_t(0);
 
@@ -848,22 +856,42 @@ scan_forward_kernel(const scalar_t* __restrict__ x, const void* __restrict__ gat
       const acc_t* prev = smem + ((t - 1) & (ring - 1)) * pitch;  // prev[p + k] is position p - 1 + k
       const int line = lines.offset(t);
       const bool first = t == t_begin;
+      // The previous line around a group of slots (all of them where their
+      // values fit the registers), read before the group's first store: read
+      // between the stores (as the compiler must: row and prev may alias for
+      // all it knows), each position waited for a shared-memory round trip
+      // of its own, in turn (SASS: 6 loads in two rounds per line at 2
+      // positions per thread, where 4 in one do).
 #pragma unroll
-      for (int r = 0; r < RPT; ++r) {
-        if (!slots.live[r]) continue;  // with V = 2 lines are even: both positions of a live slot are live
+      for (int r0 = 0; r0 < RPT; r0 += kAroundSlots) {
+        acc_t around[kAroundSlots][CH][V + 2];  // positions pos - 1 .. pos + V
 #pragma unroll
-        for (int j = 0; j < CH; ++j) {
-          acc_t h[V];
+        for (int q = 0; q < kAroundSlots; ++q) {
 #pragma unroll
-          for (int v = 0; v < V; ++v) {
-            const int p = j * channel_rows + slots.pos[r] + v;
-            const ForwardStep<acc_t, CH>& st = step[s][r][v];
-            h[v] = first ? st.lx[j] : propagate(st.lx[j], st.g0, st.g1, st.g2, prev + p);
-            row[p] = h[v];
+          for (int j = 0; j < CH; ++j) {
+#pragma unroll
+            for (int i = 0; i < V + 2; ++i) {
+              around[q][j][i] = prev[j * channel_rows + slots.pos[r0 + q] + i];
+            }
           }
-          if constexpr (tile_vectors) tile_h[s][r] = static_cast<scalar_t>(h[0]);  // CH = 1
-          else if (!SPLIT || window.owns(window.first + slots.pos[r]))  // segments hold whole slots
-            store_positions<V>(op[j] + (line + slots.offset[r]), h);
+        }
+#pragma unroll
+        for (int q = 0; q < kAroundSlots; ++q) {
+          const int r = r0 + q;
+          if (!slots.live[r]) continue;  // with V = 2 lines are even: both positions of a live slot are live
+#pragma unroll
+          for (int j = 0; j < CH; ++j) {
+            acc_t h[V];
+#pragma unroll
+            for (int v = 0; v < V; ++v) {
+              const ForwardStep<acc_t, CH>& st = step[s][r][v];
+              h[v] = first ? st.lx[j] : propagate(st.lx[j], st.g0, st.g1, st.g2, around[q][j] + v);
+              row[j * channel_rows + slots.pos[r] + v] = h[v];
+            }
+            if constexpr (tile_vectors) tile_h[s][r] = static_cast<scalar_t>(h[0]);  // CH = 1
+            else if (!SPLIT || window.owns(window.first + slots.pos[r]))  // segments hold whole slots
+              store_positions<V>(op[j] + (line + slots.offset[r]), h);
+          }
         }
       }
       __syncthreads();
@@ -947,7 +975,7 @@ __device__ inline void load_backward_tile(BackwardSlot<scalar_t, V, gate_t, CH> 
                                          stages.segment(stage, 4, 0), stages.segment(stage, 5, 0)};
 #pragma unroll
       for (int r = 0; r < RPT; ++r) {
-        const int row = slots.live[r] ? slots.pos[r] : 0;  // a dead slot reads row 0: valid, unused
+        const int row = slots.pos[r];  // a dead slot reads row 0: valid, unused
         load_column_tile<K, 6, true>(staged, stages.template tile_offset<K>(t0, g0, row, ascending), ascending,
                                      assign(r));
         const scalar_t* h_row = stages.segment(stage, 6, row);
@@ -1143,6 +1171,18 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
       for (int r = 0; r < RPT; ++r) {
         if (!slots.live[r]) continue;  // with V = 2 lines are even: both positions of a live slot are live
         const int o = line + slots.offset[r];
+        // What line t + 1 sends back to the slot's positions, read before
+        // its first store, as the forward reads its previous line (SASS: at
+        // 2 positions per slot two rounds of loads per line, where one does;
+        // all slots at once spilled in some kernels).
+#pragma unroll
+        for (int j = 0; j < CH; ++j) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            const int p = j * channel_rows + slots.pos[r] + v;
+            adj[r][j][v] = last ? acc_t(0) : gather_adjoint(vn + p, vn + pitch + p, vn + 2 * pitch + p);
+          }
+        }
 #pragma unroll
         for (int j = 0; j < CH; ++j) {
           acc_t dx_v[V], dlam_v[V];
@@ -1150,8 +1190,7 @@ scan_backward_kernel(const scalar_t* __restrict__ grad_h, const scalar_t* __rest
           for (int v = 0; v < V; ++v) {
             const int p = j * channel_rows + slots.pos[r] + v;
             const BackwardStep<scalar_t, acc_t, CH>& st = step[s][r][v];
-            const acc_t a = static_cast<acc_t>(st.go[j]) +
-                            (last ? acc_t(0) : gather_adjoint(vn + p, vn + pitch + p, vn + 2 * pitch + p));
+            const acc_t a = static_cast<acc_t>(st.go[j]) + adj[r][j][v];
             adj[r][j][v] = a;
             dx_v[v] = static_cast<acc_t>(st.lam[j]) * a;
             dlam_v[v] = static_cast<acc_t>(st.x[j]) * a;
