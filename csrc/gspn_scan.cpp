@@ -160,16 +160,11 @@ inline vec_t vadd(vec_t a, vec_t b) { return _mm512_add_ps(a, b); }
 inline vec_t vset(float v) { return _mm512_set1_ps(v); }
 inline vec_t vmin(vec_t a, vec_t b) { return _mm512_min_ps(a, b); }
 inline vec_t vmax(vec_t a, vec_t b) { return _mm512_max_ps(a, b); }
-inline vec_t vfloor(vec_t a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
-// 2^n for integral n in the normal range: n + 127 in the exponent bits.
-inline vec_t vpow2(vec_t n) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
-}
+// t's bits shifted left by 23 (its low mantissa bits into the exponent field).
+inline vec_t vshift_into_exponent(vec_t t) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(t), 23)); }
 inline vec_t vreciprocal_estimate(vec_t a) { return _mm512_rcp14_ps(a); }  // 14 bits
-// x where a <= b or either is NaN, else 0.
-inline vec_t vkeep_where_not_greater(vec_t a, vec_t b, vec_t x) {
-  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a, b, _CMP_NGT_UQ), x);
-}
+// Whether a <= b in every lane (false where either is NaN).
+inline bool vall_at_most(vec_t a, vec_t b) { return _mm512_cmp_ps_mask(a, b, _CMP_LE_OQ) == 0xffff; }
 constexpr bool kStreamStores = true;
 
 // out(i, v): v holds element i of in(0), ..., in(15) -- a 16x16 transpose.
@@ -212,15 +207,9 @@ inline vec_t vadd(vec_t a, vec_t b) { return _mm256_add_ps(a, b); }
 inline vec_t vset(float v) { return _mm256_set1_ps(v); }
 inline vec_t vmin(vec_t a, vec_t b) { return _mm256_min_ps(a, b); }
 inline vec_t vmax(vec_t a, vec_t b) { return _mm256_max_ps(a, b); }
-inline vec_t vfloor(vec_t a) { return _mm256_floor_ps(a); }
-// 2^n for integral n in the normal range: n + 127 in the exponent bits.
-inline vec_t vpow2(vec_t n) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
-}
+inline vec_t vshift_into_exponent(vec_t t) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(t), 23)); }
 inline vec_t vreciprocal_estimate(vec_t a) { return _mm256_rcp_ps(a); }  // 12 bits
-inline vec_t vkeep_where_not_greater(vec_t a, vec_t b, vec_t x) {
-  return _mm256_and_ps(_mm256_cmp_ps(a, b, _CMP_NGT_UQ), x);
-}
+inline bool vall_at_most(vec_t a, vec_t b) { return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_LE_OQ)) == 0xff; }
 // A 32-byte streaming store fills half a cache line; on an EPYC (Zen) the
 // partial write-combining made column scans slower (lr 3.5-5.0 ms plain,
 // 5.1-6.6 ms streamed at 1x32x256x256).
@@ -248,20 +237,33 @@ inline void transpose_block(In&& in, Out&& out) {
 }
 #endif
 
+// normalize_taps for one position p of a line's three staged taps (logits
+// in, gates out), with its signed sum where sum is given.
+template <typename acc_t>
+inline void normalize_position(acc_t* __restrict__ a0, acc_t* __restrict__ a1, acc_t* __restrict__ a2,
+                               acc_t* __restrict__ sum, int64_t p, bool before, bool after) {
+  acc_t n0, n1, n2, signed_sum;
+  normalize_taps<acc_t>(a0[p], a1[p], a2[p], before, after, n0, n1, n2, signed_sum);
+  a0[p] = n0;
+  a1[p] = n1;
+  a2[p] = n2;
+  if (sum) sum[p] = signed_sum;
+}
+
 #if GSPN_SIMD_BLOCKS
 // Gate normalisation on whole vectors (GCC/Clang vector operators on the
-// intrinsic types). exp as exp_of on the CPU (gspn_scan.h), its steps on
-// every lane at once.
-inline vec_t vexp(vec_t v) {
-  v = vmin(vmax(v, vset(kExpMin)), vset(kExpMax));
-  const vec_t n = vfloor(v * kExpLog2e + 0.5f);
-  return exp_polynomial((v - n * kExpLn2High) - n * kExpLn2Low) * vpow2(n);
+// intrinsic types). exp(-l) as exp_of(-l) on the CPU (gspn_scan.h), its
+// steps on every lane at once, the negation folded into them.
+inline vec_t vexp_of_negated(vec_t l) {
+  l = vmin(vset(-kExpMin), vmax(vset(-kExpMax), l));  // a NaN l stays NaN (min/max return their second operand)
+  const vec_t t = l * -kExpLog2e + kExpRound;
+  const vec_t n = t - kExpRound;
+  return exp_polynomial(-(l + n * kExpLn2High) - n * kExpLn2Low) * vshift_into_exponent(t);
 }
 
 // 1 / v: the hardware's estimate refined by one Newton step, r (2 - v r):
 // within a few ulp, where a vector division occupies the divider for ~5
-// cycles (Zen 4, 8 lanes). An estimate that underflows to 0 (v > 2^126:
-// sigmoids of logits below -87) stays 0.
+// cycles (Zen 4, 8 lanes).
 inline vec_t vreciprocal(vec_t v) {
   const vec_t r = vreciprocal_estimate(v);
   return r * (2.f - v * r);
@@ -269,25 +271,30 @@ inline vec_t vreciprocal(vec_t v) {
 
 // normalize_taps at the positions [1, L - 1) of one line, whose taps all have
 // their neighbour, a vector at a time, with the signed sums where asked;
-// returns the first position it left to the scalar loop. Four reciprocals
-// instead of six divisions per position: with them the loop was
-// divider-bound, ~56 cycles per 8 positions on a Zen 4 (AVX2), half of a
-// forward with per-channel gates.
+// returns the first position it left to the scalar loop. normalize_taps'
+// product form (gspn_scan.h): one reciprocal per position, two with the
+// sums, where the quotient of sigmoids took four and the loop was bound by
+// them (~56 cycles per 8 positions on a Zen 4; six divisions before that).
+// A vector where the product form does not hold takes normalize_taps
+// itself, lane by lane.
 inline int64_t normalize_interior(float* __restrict__ a0, float* __restrict__ a1, float* __restrict__ a2,
                                   float* __restrict__ sums, int64_t L) {
-  const vec_t eps = vset(static_cast<float>(kGateEps));
   int64_t p = 1;
   for (; p + kBlock <= L - 1; p += kBlock) {
-    const vec_t s0 = vreciprocal(1.f + vexp(-vload(a0 + p)));
-    const vec_t s1 = vreciprocal(1.f + vexp(-vload(a1 + p)));
-    const vec_t s2 = vreciprocal(1.f + vexp(-vload(a2 + p)));
-    const vec_t raw = s0 + s1 + s2, sum = vmax(raw, eps);
-    const vec_t inv = vreciprocal(sum);
-    vstore(a0 + p, s0 * inv);
-    vstore(a1 + p, s1 * inv);
-    vstore(a2 + p, s2 * inv);
-    // -sum where the floor held: sum - 2 sum, the second term kept only there.
-    if (sums) vstore(sums + p, sum - 2.f * vkeep_where_not_greater(raw, eps, sum));
+    const vec_t u0 = 1.f + vexp_of_negated(vload(a0 + p));
+    const vec_t u1 = 1.f + vexp_of_negated(vload(a1 + p));
+    const vec_t u2 = 1.f + vexp_of_negated(vload(a2 + p));
+    const vec_t q0 = u1 * u2, q1 = u0 * u2, q2 = u0 * u1;
+    const vec_t n = q0 + q1 + q2, all = u1 * q1;
+    if (!vall_at_most(all, vset(kProductFormMax)) || !vall_at_most(all * static_cast<float>(kGateEps), n)) {
+      for (int64_t i = p; i < p + kBlock; ++i) normalize_position(a0, a1, a2, sums, i, true, true);
+      continue;
+    }
+    const vec_t inv = vreciprocal(n);
+    vstore(a0 + p, q0 * inv);
+    vstore(a1 + p, q1 * inv);
+    vstore(a2 + p, q2 * inv);
+    if (sums) vstore(sums + p, n * vreciprocal(all));
   }
   return p;
 }
@@ -485,15 +492,6 @@ void gather_gates(const scalar_t* tap0, int64_t plane, const LineGeometry& geo, 
   gather_lines(tap0 + plane, geo, t0, n, g1, L);
   gather_lines(tap0 + 2 * plane, geo, t0, n, g2, L);
   if (!normalize) return;
-  const auto normalize_at = [](acc_t* __restrict__ a0, acc_t* __restrict__ a1, acc_t* __restrict__ a2,
-                               acc_t* __restrict__ sum, int64_t p, bool before, bool after) {
-    acc_t n0, n1, n2, signed_sum;
-    normalize_taps<acc_t>(a0[p], a1[p], a2[p], before, after, n0, n1, n2, signed_sum);
-    a0[p] = n0;
-    a1[p] = n1;
-    a2[p] = n2;
-    if (sum) sum[p] = signed_sum;
-  };
   for (int64_t s = 0; s < n; ++s) {
     acc_t* __restrict__ a0 = g0 + s * L;
     acc_t* __restrict__ a1 = g1 + s * L;
@@ -506,9 +504,9 @@ void gather_gates(const scalar_t* tap0, int64_t plane, const LineGeometry& geo, 
 #if GSPN_SIMD_BLOCKS
     if constexpr (std::is_same_v<acc_t, float>) p = normalize_interior(a0, a1, a2, sum, L);
 #endif
-    for (; p < L - 1; ++p) normalize_at(a0, a1, a2, sum, p, true, true);
-    normalize_at(a0, a1, a2, sum, 0, false, L > 1);
-    if (L > 1) normalize_at(a0, a1, a2, sum, L - 1, true, false);
+    for (; p < L - 1; ++p) normalize_position(a0, a1, a2, sum, p, true, true);
+    normalize_position(a0, a1, a2, sum, 0, false, L > 1);
+    if (L > 1) normalize_position(a0, a1, a2, sum, L - 1, true, false);
   }
 }
 

@@ -107,13 +107,22 @@ constexpr int kIdentitySlots = 0 | (1 << 2) | (2 << 4) | (3 << 6);
 
 // The CPU's steps, shared with its vectorised gate normalisation
 // (gspn_scan.cpp), which takes them on whole vectors: v clamped to
-// [kExpMin, kExpMax] (keeps 2^n a normal float), n = round(v / ln 2),
-// r = v - n ln 2 with ln 2 split in two, exp(v) = exp_polynomial(r) 2^n.
+// [kExpMin, kExpMax] (keeps 2^n a normal float); t = v log2(e) + kExpRound
+// rounds v / ln 2 to the integer n in the addition itself (floats near
+// 1.5 * 2^23 are whole numbers), so n = t - kExpRound and t's low mantissa
+// bits hold n + 127, the exponent field of 2^n (t's bits shifted left by
+// 23); r = v - n ln 2 with ln 2 split in two, |r| <= ln 2 / 2, and
+// exp(v) = exp_polynomial(r) 2^n.
 constexpr float kExpMin = -87.3f, kExpMax = 88.0f, kExpLog2e = 1.44269504f;
+constexpr float kExpRound = 12582912.f + 127.f;  // 1.5 * 2^23 + the exponent bias
 constexpr float kExpLn2High = 0.693145752f, kExpLn2Low = 1.42860677e-6f;
+// exp(r) for |r| <= ln 2 / 2: 1 + r q(r), q of degree 4 fitted for the least
+// largest relative error (Lawson's iteration; 9.1e-8, where the Taylor
+// polynomial of degree 6 it replaced, a multiply-add more, had 1.6e-7), and
+// exactly 1 at r = 0.
 template <typename T>
 GSPN_HD T exp_polynomial(T r) {
-  return 1.f + r * (1.f + r * (0.5f + r * (1.f / 6 + r * (1.f / 24 + r * (1.f / 120 + r * (1.f / 720))))));
+  return 1.f + r * (0.999999702f + r * (0.499991506f + r * (0.166676357f + r * (0.0418979302f + r * 0.00829031505f))));
 }
 
 // exp for the gate sigmoid. On the GPU in float the hardware's approximate
@@ -124,9 +133,9 @@ GSPN_HD T exp_polynomial(T r) {
 // arithmetic is most of the kernels' instructions. A flushed exp(-l) (l > 87)
 // only turns sigmoid(l) = 1 / (1 + 1e-38) into exactly 1. On the CPU, float
 // uses straight-line arithmetic instead of a libm call so that the loops over
-// it vectorise (libm's expf does not without -ffast-math): range reduction
-// by ln 2 and a degree-6 Taylor polynomial, relative error below 2.5e-7 on
-// the whole float range. double keeps libm's exp (fp64 is the exact path).
+// it vectorise (libm's expf does not without -ffast-math): the steps above,
+// relative error below 1.7e-7 on the whole float range (measured on a 1e-5
+// grid of [-88, 87]). double keeps libm's exp (fp64 is the exact path).
 GSPN_HD float exp_of(float v) {
 #if defined(__CUDA_ARCH__)
   float e;
@@ -134,9 +143,12 @@ GSPN_HD float exp_of(float v) {
   return e;
 #else
   v = v < kExpMin ? kExpMin : (v > kExpMax ? kExpMax : v);
-  const float n = floorf(v * kExpLog2e + 0.5f);
+  const float t = v * kExpLog2e + kExpRound;
+  const float n = t - kExpRound;
   const float r = (v - n * kExpLn2High) - n * kExpLn2Low;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;  // 2^n
+  uint32_t bits;
+  memcpy(&bits, &t, sizeof(bits));
+  bits <<= 23;  // 2^n
   float scale;
   memcpy(&scale, &bits, sizeof(scale));
   return exp_polynomial(r) * scale;
@@ -148,7 +160,8 @@ GSPN_HD double exp_of(double v) { return exp(v); }
 // flushed (one MUFU.RCP, ~1 ulp) instead of the IEEE division's dozen
 // instructions and slow-path call (__fdividef added range fix-ups around the
 // MUFU); it gives 0 for v = inf, so sigmoid(-inf) stays 0. Its arguments here
-// are 1 + exp(-l) >= 1 and the taps' sum, floored at kGateEps: never denormal.
+// are 1 + exp(-l) >= 1, products and sums of those, and the taps' sum,
+// floored at kGateEps: never denormal.
 GSPN_HD float reciprocal(float v) {
 #if defined(__CUDA_ARCH__)
   float r;
@@ -165,6 +178,22 @@ GSPN_HD acc_t sigmoid(acc_t v) {
   return reciprocal(acc_t(1) + exp_of(-v));
 }
 
+// normalize_taps computes g_k = m_k s_k / sum_j m_j s_j (s_k = sigmoid(l_k),
+// m_k: whether tap k's neighbour exists) from u_k = 1 / s_k = 1 + exp(-l_k).
+// On the CPU with one reciprocal instead of four: multiplying through by
+// P = u0 u1 u2, g_k = m_k q_k / N with q_k the product of the other two u and
+// N = sum_j m_j q_j, and the taps' sum is N / P. That holds where P <= 2^124
+// (then N <= 3 P keeps 1 / N a normal float) and N >= kGateEps P (the floor
+// does not hold): everywhere but where the three logits are very negative
+// together (summing below about -86, or all below -27), where the quotient
+// of sigmoids, the definition, is taken (as at NaN, which fails both
+// comparisons). The reciprocals bound the CPU's vectorised normalisation
+// (gspn_scan.cpp, normalize_interior): ~25 % faster with this form. The GPU
+// keeps the quotient: there the product form trades 3 of a position's 7
+// MUFU instructions (16 a cycle per SM) for a compare and a branch, about
+// as many instructions as it saves (SASS, sm_90: csrc/README.md), untimed.
+constexpr float kProductFormMax = 2.12676479e37f;  // 2^124
+
 // Stability-context condition for one position: sigmoid of each tap, taps whose
 // neighbour lies outside the line left out, divided by the sum of the rest.
 // signed_sum: the sum divided by (floored at kGateEps), negative where the
@@ -173,31 +202,38 @@ GSPN_HD acc_t sigmoid(acc_t v) {
 template <typename acc_t>
 GSPN_HD void normalize_taps(acc_t l0, acc_t l1, acc_t l2, bool has_before, bool has_after,
                             acc_t& g0, acc_t& g1, acc_t& g2, acc_t& signed_sum) {
-  // Branch-free (masks, a select for the clamp) so CPU loops over it vectorise.
-  const acc_t s0 = sigmoid(l0) * acc_t(has_before);
-  const acc_t s1 = sigmoid(l1);
-  const acc_t s2 = sigmoid(l2) * acc_t(has_after);
+  const acc_t m0 = acc_t(has_before), m2 = acc_t(has_after);
+  const acc_t u0 = acc_t(1) + exp_of(-l0);
+  const acc_t u1 = acc_t(1) + exp_of(-l1);
+  const acc_t u2 = acc_t(1) + exp_of(-l2);
+#if !defined(__CUDA_ARCH__)
+  const acc_t q0 = m0 * (u1 * u2), q1 = u0 * u2, q2 = m2 * (u0 * u1);
+  const acc_t n = q0 + q1 + q2, all = u1 * q1;
+  if (all <= acc_t(kProductFormMax) && n >= acc_t(kGateEps) * all) {
+    const acc_t inv = reciprocal(n);
+    g0 = q0 * inv;
+    g1 = q1 * inv;
+    g2 = q2 * inv;
+    signed_sum = n * reciprocal(all);
+    return;
+  }
+#endif
+  const acc_t s0 = reciprocal(u0) * m0;
+  const acc_t s1 = reciprocal(u1);
+  const acc_t s2 = reciprocal(u2) * m2;
   const acc_t raw = s0 + s1 + s2;
   const acc_t sum = raw < acc_t(kGateEps) ? acc_t(kGateEps) : raw;
   signed_sum = raw > acc_t(kGateEps) ? sum : -sum;
-#if defined(__CUDA_ARCH__)
-  // One reciprocal, three products: the GPU's division is the costly part.
-  // (On the CPU three vector divisions measured faster than this form.)
   const acc_t inv = reciprocal(sum);
   g0 = s0 * inv;
   g1 = s1 * inv;
   g2 = s2 * inv;
-#else
-  g0 = s0 / sum;
-  g1 = s1 / sum;
-  g2 = s2 / sum;
-#endif
 }
 
 template <typename acc_t>
 GSPN_HD void normalize_taps(acc_t l0, acc_t l1, acc_t l2, bool has_before, bool has_after,
                             acc_t& g0, acc_t& g1, acc_t& g2) {
-  acc_t signed_sum;  // unused: inlined, its select is dropped
+  acc_t signed_sum;  // unused: inlined, its arithmetic is dropped
   normalize_taps(l0, l1, l2, has_before, has_after, g0, g1, g2, signed_sum);
 }
 

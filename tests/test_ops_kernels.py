@@ -410,6 +410,27 @@ def test_fused_normalisation_gradients_at_the_floor(device, dtype):
             assert_close_scaled(got.grad, want.grad, rtol, f"{direction} grad {name}")
 
 
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_fused_normalisation_passes_nan_on(device, dtype):
+    """A NaN logit makes h NaN exactly where the reference's is (its position
+    and what the scan carries it to), the rest matching: the kernels' fast
+    paths (the CPU's vectors clamp exp's argument, the product form of the
+    normalisation) must neither hide bad input nor spread it further. The
+    NaN sits inside a line, where the CPU normalises whole vectors."""
+    gen = generator_for("nan", dtype)
+    logits = torch.randn(1, 2, 3, 9, 21, generator=gen, dtype=torch.float64) * 3
+    logits[0, 0, 1, 4, 10] = float("nan")
+    x = torch.randn(1, 2, 9, 21, generator=gen, dtype=torch.float64)
+    lam = torch.rand(1, 2, 9, 21, generator=gen, dtype=torch.float64)
+    for direction in DIRECTIONS:
+        h = gspn_scan(*(t.to(device=device, dtype=dtype) for t in (x, logits, lam)), direction, normalize=True).cpu()
+        want = scan_reference(x, logits, lam, direction, normalize=True)
+        assert want.isnan().any() and not want.isnan().all()
+        assert torch.equal(h.isnan(), want.isnan()), direction
+        assert_close_scaled(h.nan_to_num(), want.nan_to_num(), TOLERANCE[dtype], f"{direction} {dtype}")
+
+
 @pytest.mark.parametrize("gates_are", ["gates", "logits", "logits with decay"])
 def test_channel_slices_of_one_gate_group(gates_are):
     """With fewer gate groups than threads the CPU kernels split a group's
