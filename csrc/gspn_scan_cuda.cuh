@@ -1752,6 +1752,31 @@ void launch_planned(Kernel kernel, const Launch& plan, size_t smem, cudaStream_t
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// plan, or the alternative that pair_channels, else split_segments, offers
+// where its kernel can run it: a pair of channels whose shared memory
+// (shared_bytes_of the paired plan) fits and whose kernel does not spill;
+// lines split where the kernel runs in clusters. with_kernel(candidate, f)
+// calls f with the unstaged kernel of a candidate plan.
+template <typename SharedBytes, typename WithKernel>
+Launch plan_with_alternatives(const ScanProblem& pb, Launch plan, bool staged, SharedBytes&& shared_bytes_of,
+                              WithKernel&& with_kernel) {
+  if (const Launch paired = pair_channels(pb, plan, staged); paired.channels > 1) {
+    const size_t bytes = shared_bytes_of(paired);
+    if (bytes <= static_cast<size_t>(max_shared_bytes())) {
+      with_kernel(paired, [&](auto kernel) {
+        if (!residency_of(kernel, paired, bytes).spills) plan = paired;
+      });
+    }
+  }
+  if (const int segments = plan.channels == 1 ? split_segments(pb, plan, staged) : 1; segments > 1) {
+    const Launch split = split_lines(plan, segments);
+    with_kernel(split, [&](auto kernel) {
+      if (clusters_run(kernel)) plan = split;
+    });
+  }
+  return plan;
+}
+
 // staged: run the column scans staged (ColumnStages, in the groups
 // staged_group picks); the caller found them fit (columns_staged_fit, for
 // these tensors).
@@ -1762,36 +1787,31 @@ void launch_forward(const at::Tensor& x, const at::Tensor& gates, const at::Tens
   const int group = staged ? staged_group<scalar_t>(pb, false) : 0;
   TORCH_CHECK(group > 0 || !staged, "gspn::scan (CUDA): column scans asked to run staged that do not fit it");
   const bool float_gates = gates.scalar_type() != x.scalar_type();
-  if (const Launch paired = pair_channels(pb, plan, staged); paired.channels > 1) {
-    const size_t bytes = shared_bytes<scalar_t>(2 * paired.channels, paired.max_length, 0, 5);
-    if (bytes <= static_cast<size_t>(max_shared_bytes())) {
-      with_forward_kernel<scalar_t>(paired, pb.normalize, 0, float_gates, [&](auto kernel) {
-        if (!residency_of(kernel, paired, bytes).spills) plan = paired;
-      });
-    }
-  }
-  if (const int segments = plan.channels == 1 ? split_segments(pb, plan, staged) : 1; segments > 1) {
-    const Launch split = split_lines(plan, segments);
-    with_forward_kernel<scalar_t>(split, pb.normalize, 0, float_gates, [&](auto kernel) {
-      if (clusters_run(kernel)) plan = split;
-    });
-  }
+  const auto with_kernel = [&](const Launch& candidate, int staged_lines, auto&& f) {
+    with_forward_kernel<scalar_t>(candidate, pb.normalize, staged_lines, float_gates, f);
+  };
+  // Two rows of h per channel (the kernel's ring), inputs staged 5 to a group.
+  const auto unsplit_bytes = [&](const Launch& l, int staged_lines) {
+    return shared_bytes<scalar_t>(2 * l.channels, l.max_length, staged_lines, 5);
+  };
+  plan = plan_with_alternatives(
+      pb, plan, staged, [&](const Launch& candidate) { return unsplit_bytes(candidate, 0); },
+      [&](const Launch& candidate, auto&& f) { with_kernel(candidate, 0, f); });
   // Split: a ring of kSplitRing rows of the window, no packing (split_segments balanced the SMs).
   const size_t smem = plan.segments > 1 ? shared_bytes<scalar_t>(kSplitRing, plan.max_length, 0, 5)
-                                        : shared_bytes<scalar_t>(2 * plan.channels, plan.max_length, group, 5);
+                                        : unsplit_bytes(plan, group);
   if (plan.segments == 1) pack_blocks(
       plan,
       [&](const Launch& candidate) {
         Residency r{};
-        with_forward_kernel<scalar_t>(candidate, pb.normalize, group, float_gates,
-                                      [&](auto kernel) { r = residency_of(kernel, candidate, smem); });
+        with_kernel(candidate, group, [&](auto kernel) { r = residency_of(kernel, candidate, smem); });
         return r;
       },
       staged ? kMaxStagedRows : (plan.channels > 1 ? kMaxPairedRows : kMaxRowsPerThread));
   const bool vectors =
       !float_gates && column_vectors(pb, {&x, &gates, &lam}, forward_tile_lines(plan.rows_per_thread), plan);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  with_forward_kernel<scalar_t>(plan, pb.normalize, group, float_gates, [&](auto kernel) {
+  with_kernel(plan, group, [&](auto kernel) {
     launch_planned(kernel, plan, smem, stream, x.data_ptr<scalar_t>(), gates.data_ptr(), lam.data_ptr<scalar_t>(),
                    out.data_ptr<scalar_t>(), pb, plan.chunks_per_plane, vectors);
   });
@@ -1808,36 +1828,31 @@ void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Te
   TORCH_CHECK(group > 0 || !staged,
               "gspn::scan_backward (CUDA): column scans asked to run staged that do not fit it");
   const bool float_gates = gates.scalar_type() != x.scalar_type();
-  if (const Launch paired = pair_channels(pb, plan, staged); paired.channels > 1) {  // as in the forward
-    const size_t bytes = shared_bytes<scalar_t>(8 * paired.channels, paired.max_length, 0, 7);
-    if (bytes <= static_cast<size_t>(max_shared_bytes())) {
-      with_backward_kernel<scalar_t>(paired, pb.normalize, atomic, 0, float_gates, [&](auto kernel) {
-        if (!residency_of(kernel, paired, bytes).spills) plan = paired;
-      });
-    }
-  }
-  if (const int segments = plan.channels == 1 ? split_segments(pb, plan, staged) : 1; segments > 1) {
-    const Launch split = split_lines(plan, segments);
-    with_backward_kernel<scalar_t>(split, pb.normalize, atomic, 0, float_gates, [&](auto kernel) {
-      if (clusters_run(kernel)) plan = split;
-    });
-  }
+  const auto with_kernel = [&](const Launch& candidate, int staged_lines, auto&& f) {
+    with_backward_kernel<scalar_t>(candidate, pb.normalize, atomic, staged_lines, float_gates, f);
+  };
+  // Eight rows per channel (the kernel's v_k ring and h[t-1]), inputs staged 7 to a group.
+  const auto unsplit_bytes = [&](const Launch& l, int staged_lines) {
+    return shared_bytes<scalar_t>(8 * l.channels, l.max_length, staged_lines, 7);
+  };
+  plan = plan_with_alternatives(
+      pb, plan, staged, [&](const Launch& candidate) { return unsplit_bytes(candidate, 0); },
+      [&](const Launch& candidate, auto&& f) { with_kernel(candidate, 0, f); });
   // Split: the v_k ring (3 kSplitRing rows) and h[t-1] (2), no packing.
   const size_t smem = plan.segments > 1 ? shared_bytes<scalar_t>(3 * kSplitRing + 2, plan.max_length, 0, 7)
-                                        : shared_bytes<scalar_t>(8 * plan.channels, plan.max_length, group, 7);
+                                        : unsplit_bytes(plan, group);
   if (plan.segments == 1) pack_blocks(
       plan,
       [&](const Launch& candidate) {
         Residency r{};
-        with_backward_kernel<scalar_t>(candidate, pb.normalize, atomic, group, float_gates,
-                                       [&](auto kernel) { r = residency_of(kernel, candidate, smem); });
+        with_kernel(candidate, group, [&](auto kernel) { r = residency_of(kernel, candidate, smem); });
         return r;
       },
       staged ? kMaxStagedBackwardRows : (plan.channels > 1 ? kMaxPairedRows : kMaxRowsPerThread));
   const bool vectors = !float_gates && column_vectors(pb, {&grad_h, &x, &gates, &lam},
                                                       backward_tile_lines(plan.rows_per_thread), plan);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  with_backward_kernel<scalar_t>(plan, pb.normalize, atomic, group, float_gates, [&](auto kernel) {
+  with_kernel(plan, group, [&](auto kernel) {
     launch_planned(kernel, plan, smem, stream, grad_h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(),
                    x.data_ptr<scalar_t>(), gates.data_ptr(), lam.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
                    dgates.data_ptr(), dlam.data_ptr<scalar_t>(), pb, plan.chunks_per_plane, vectors);
