@@ -238,8 +238,11 @@ inline void transpose_block(In&& in, Out&& out) {
 #endif
 
 // normalize_taps for one position p of a line's three staged taps (logits
-// in, gates out), with its signed sum where sum is given.
-template <typename acc_t>
+// in, gates out), with its signed sum where KeepSums. A compile-time flag,
+// not a test of a null sum: vectorised, such a test became masked stores
+// through the null pointer, a microcode assist per vector on AMD CPUs
+// (logit_gradients below).
+template <bool KeepSums, typename acc_t>
 inline void normalize_position(acc_t* __restrict__ a0, acc_t* __restrict__ a1, acc_t* __restrict__ a2,
                                acc_t* __restrict__ sum, int64_t p, bool before, bool after) {
   acc_t n0, n1, n2, signed_sum;
@@ -247,7 +250,7 @@ inline void normalize_position(acc_t* __restrict__ a0, acc_t* __restrict__ a1, a
   a0[p] = n0;
   a1[p] = n1;
   a2[p] = n2;
-  if (sum) sum[p] = signed_sum;
+  if constexpr (KeepSums) sum[p] = signed_sum;
 }
 
 #if GSPN_SIMD_BLOCKS
@@ -270,15 +273,16 @@ inline vec_t vreciprocal(vec_t v) {
 }
 
 // normalize_taps at the positions [1, L - 1) of one line, whose taps all have
-// their neighbour, a vector at a time, with the signed sums where asked;
+// their neighbour, a vector at a time, with the signed sums where KeepSums;
 // returns the first position it left to the scalar loop. normalize_taps'
 // product form (gspn_scan.h): one reciprocal per position, two with the
 // sums, where the quotient of sigmoids took four and the loop was bound by
 // them (~56 cycles per 8 positions on a Zen 4; six divisions before that).
 // A vector where the product form does not hold takes normalize_taps
 // itself, lane by lane.
-inline int64_t normalize_interior(float* __restrict__ a0, float* __restrict__ a1, float* __restrict__ a2,
-                                  float* __restrict__ sums, int64_t L) {
+template <bool KeepSums>
+int64_t normalize_interior(float* __restrict__ a0, float* __restrict__ a1, float* __restrict__ a2,
+                           float* __restrict__ sums, int64_t L) {
   int64_t p = 1;
   for (; p + kBlock <= L - 1; p += kBlock) {
     const vec_t u0 = 1.f + vexp_of_negated(vload(a0 + p));
@@ -287,14 +291,14 @@ inline int64_t normalize_interior(float* __restrict__ a0, float* __restrict__ a1
     const vec_t q0 = u1 * u2, q1 = u0 * u2, q2 = u0 * u1;
     const vec_t n = q0 + q1 + q2, all = u1 * q1;
     if (!vall_at_most(all, vset(kProductFormMax)) || !vall_at_most(all * static_cast<float>(kGateEps), n)) {
-      for (int64_t i = p; i < p + kBlock; ++i) normalize_position(a0, a1, a2, sums, i, true, true);
+      for (int64_t i = p; i < p + kBlock; ++i) normalize_position<KeepSums>(a0, a1, a2, sums, i, true, true);
       continue;
     }
     const vec_t inv = vreciprocal(n);
     vstore(a0 + p, q0 * inv);
     vstore(a1 + p, q1 * inv);
     vstore(a2 + p, q2 * inv);
-    if (sums) vstore(sums + p, n * vreciprocal(all));
+    if constexpr (KeepSums) vstore(sums + p, n * vreciprocal(all));
   }
   return p;
 }
@@ -481,6 +485,21 @@ void scatter_lines(const acc_t* src, int64_t pitch, const LineGeometry& geo, int
   for_each_rest(geo, t0, n, done, [&](int64_t s, int64_t p, int64_t i) { put(plane[i], src[s * pitch + p]); });
 }
 
+// normalize_taps over one staged line of L positions (logits in, gates out),
+// with the signed sums where KeepSums. Interior positions have both
+// neighbours: whole vectors, then one at a time; the two ends on their own.
+template <bool KeepSums, typename acc_t>
+void normalize_line(acc_t* __restrict__ a0, acc_t* __restrict__ a1, acc_t* __restrict__ a2,
+                    acc_t* __restrict__ sum, int64_t L) {
+  int64_t p = 1;
+#if GSPN_SIMD_BLOCKS
+  if constexpr (std::is_same_v<acc_t, float>) p = normalize_interior<KeepSums>(a0, a1, a2, sum, L);
+#endif
+  for (; p < L - 1; ++p) normalize_position<KeepSums>(a0, a1, a2, sum, p, true, true);
+  normalize_position<KeepSums>(a0, a1, a2, sum, 0, false, L > 1);
+  if (L > 1) normalize_position<KeepSums>(a0, a1, a2, sum, L - 1, true, false);
+}
+
 // Loads the three taps of one gate group for lines [t0, t0+n), normalised when
 // the problem says the gates are logits; then, where sums is given, also
 // normalize_taps' signed sums (for the chain rule in the backward).
@@ -493,20 +512,8 @@ void gather_gates(const scalar_t* tap0, int64_t plane, const LineGeometry& geo, 
   gather_lines(tap0 + 2 * plane, geo, t0, n, g2, L);
   if (!normalize) return;
   for (int64_t s = 0; s < n; ++s) {
-    acc_t* __restrict__ a0 = g0 + s * L;
-    acc_t* __restrict__ a1 = g1 + s * L;
-    acc_t* __restrict__ a2 = g2 + s * L;
-    acc_t* __restrict__ sum = sums ? sums + s * L : nullptr;
-    // Interior positions have both neighbours: whole vectors, then a
-    // branch-free loop (which the compiler vectorises for double). The two
-    // ends are done on their own.
-    int64_t p = 1;
-#if GSPN_SIMD_BLOCKS
-    if constexpr (std::is_same_v<acc_t, float>) p = normalize_interior(a0, a1, a2, sum, L);
-#endif
-    for (; p < L - 1; ++p) normalize_position(a0, a1, a2, sum, p, true, true);
-    normalize_position(a0, a1, a2, sum, 0, false, L > 1);
-    if (L > 1) normalize_position(a0, a1, a2, sum, L - 1, true, false);
+    if (sums) normalize_line<true>(g0 + s * L, g1 + s * L, g2 + s * L, sums + s * L, L);
+    else normalize_line<false>(g0 + s * L, g1 + s * L, g2 + s * L, sums, L);
   }
 }
 
