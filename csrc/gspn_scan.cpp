@@ -808,8 +808,10 @@ void backward_cpu(const ScanProblem& pb, const CpuTasks& plan, const scalar_t* g
         scatter_lines<false>(ls, L, geo, t0, n, dx + plane_out);
         scatter_lines<false>(xs, L, geo, t0, n, dlam + plane_out);
       }
-      if (pb.normalize && pb.decay) logit_gradients<true>(n0, n1, n2, sums, sig, d0, d1, d2, da, n * L);
-      if (pb.normalize && !pb.decay) logit_gradients<false>(n0, n1, n2, sums, sig, d0, d1, d2, da, n * L);
+      if (pb.normalize) {
+        if (pb.decay) logit_gradients<true>(n0, n1, n2, sums, sig, d0, d1, d2, da, n * L);
+        else logit_gradients<false>(n0, n1, n2, sums, sig, d0, d1, d2, da, n * L);
+      }
       if (pb.decay) scatter_lines<true>(da, L, geo, t0, n, dd_partial + task_set * plane);
       for (int k = 0; k < 3; ++k) scatter_lines<true>(d0 + k * TL, L, geo, t0, n, dgp + k * plane);
     }

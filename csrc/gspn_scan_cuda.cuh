@@ -1754,23 +1754,23 @@ void launch_planned(Kernel kernel, const Launch& plan, size_t smem, cudaStream_t
 
 // plan, or the alternative that pair_channels, else split_segments, offers
 // where its kernel can run it: a pair of channels whose shared memory
-// (shared_bytes_of the paired plan) fits and whose kernel does not spill;
-// lines split where the kernel runs in clusters. with_kernel(candidate, f)
-// calls f with the unstaged kernel of a candidate plan.
-template <typename SharedBytes, typename WithKernel>
-Launch plan_with_alternatives(const ScanProblem& pb, Launch plan, bool staged, SharedBytes&& shared_bytes_of,
+// (unsplit_bytes(paired plan, 0): pairs are unstaged) fits and whose kernel
+// does not spill; lines split where the kernel runs in clusters.
+// with_kernel(candidate, staged lines, f) calls f with a plan's kernel.
+template <typename UnsplitBytes, typename WithKernel>
+Launch plan_with_alternatives(const ScanProblem& pb, Launch plan, bool staged, UnsplitBytes&& unsplit_bytes,
                               WithKernel&& with_kernel) {
   if (const Launch paired = pair_channels(pb, plan, staged); paired.channels > 1) {
-    const size_t bytes = shared_bytes_of(paired);
+    const size_t bytes = unsplit_bytes(paired, 0);
     if (bytes <= static_cast<size_t>(max_shared_bytes())) {
-      with_kernel(paired, [&](auto kernel) {
+      with_kernel(paired, 0, [&](auto kernel) {
         if (!residency_of(kernel, paired, bytes).spills) plan = paired;
       });
     }
   }
   if (const int segments = plan.channels == 1 ? split_segments(pb, plan, staged) : 1; segments > 1) {
     const Launch split = split_lines(plan, segments);
-    with_kernel(split, [&](auto kernel) {
+    with_kernel(split, 0, [&](auto kernel) {
       if (clusters_run(kernel)) plan = split;
     });
   }
@@ -1794,9 +1794,7 @@ void launch_forward(const at::Tensor& x, const at::Tensor& gates, const at::Tens
   const auto unsplit_bytes = [&](const Launch& l, int staged_lines) {
     return shared_bytes<scalar_t>(2 * l.channels, l.max_length, staged_lines, 5);
   };
-  plan = plan_with_alternatives(
-      pb, plan, staged, [&](const Launch& candidate) { return unsplit_bytes(candidate, 0); },
-      [&](const Launch& candidate, auto&& f) { with_kernel(candidate, 0, f); });
+  plan = plan_with_alternatives(pb, plan, staged, unsplit_bytes, with_kernel);
   // Split: a ring of kSplitRing rows of the window, no packing (split_segments balanced the SMs).
   const size_t smem = plan.segments > 1 ? shared_bytes<scalar_t>(kSplitRing, plan.max_length, 0, 5)
                                         : unsplit_bytes(plan, group);
@@ -1835,9 +1833,7 @@ void launch_backward(const at::Tensor& grad_h, const at::Tensor& h, const at::Te
   const auto unsplit_bytes = [&](const Launch& l, int staged_lines) {
     return shared_bytes<scalar_t>(8 * l.channels, l.max_length, staged_lines, 7);
   };
-  plan = plan_with_alternatives(
-      pb, plan, staged, [&](const Launch& candidate) { return unsplit_bytes(candidate, 0); },
-      [&](const Launch& candidate, auto&& f) { with_kernel(candidate, 0, f); });
+  plan = plan_with_alternatives(pb, plan, staged, unsplit_bytes, with_kernel);
   // Split: the v_k ring (3 kSplitRing rows) and h[t-1] (2), no packing.
   const size_t smem = plan.segments > 1 ? shared_bytes<scalar_t>(3 * kSplitRing + 2, plan.max_length, 0, 7)
                                         : unsplit_bytes(plan, group);
