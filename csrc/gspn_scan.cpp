@@ -127,19 +127,35 @@ ScanProblem make_problem(const at::Tensor& x, const at::Tensor& gates, const at:
 // (fewer than a block of lines or positions) take the scalar loops.
 
 // Lines staged per tile of a task with `channels` channels. Row tiles only
-// need to amortise the gate staging. Column tiles read a segment of every
-// row of the plane per tile, rows W floats apart; measured (1x32xSxS on a
-// Zen 4; csrc/README.md, CPU kernel):
-// - up to 512 x 512, tasks of a few channels (G = C: one) take 16 lines, 10-25 %
-//   faster than 64 (their staged buffers stay in L1/L2); more channels per
-//   task take 64, faster for them;
-// - larger planes take 128 lines for every task: at 1024 x 1024 (every row its
-//   own 4 KB page) 16-line tiles were 1.6x slower than 64, and 128 lines made
-//   column backward 15-20 % and forward 5-15 % faster than 64.
+// need to amortise the gate staging (16; 8 to 64 measured alike). A column
+// tile reads a segment of every row of the plane, rows W floats apart, and
+// the best width depends on the CPU (csrc/README.md, CPU kernel):
+// - AVX-512 builds, measured on a Zen 4 (1x32xSxS): up to 512 x 512, tasks
+//   of a few channels (G = C: one) take 16 lines, 10-25 % faster than 64
+//   (their staged buffers stay in L1/L2); more channels per task take 64;
+//   larger planes take 128 lines for every task (at 1024 x 1024, every row
+//   its own 4 KB page, 16 lines were 1.6x slower than 64, and 128 made
+//   column backward 15-20 % and forward 5-15 % faster than 64).
+// - AVX2 builds, measured on a Zen 3 (the same runs interleaved in one
+//   process): the longer each row's run, the faster, staged buffers in L2 or
+//   not. Up to 256 x 256, 256 lines: forward 15-25 % and backward 10-17 %
+//   faster than 64 lines (G = 1) or 16 (G = C); above, 128 (at 512 x 512
+//   backward 128 beat 256; at 1024 x 1024 128, 256 and 512 measured alike).
+//   On the Zen 4 the AVX2 build had gained only a few % from 16 lines.
+// Never more than the scan's lines: the task's buffers are sized by it.
 int64_t tile_lines(const LineGeometry& geo, int64_t channels) {
-  if (geo.pos_stride == 1) return 16;
-  if (geo.lines * geo.length > 512 * 512) return 128;
-  return channels <= 4 ? 16 : 64;
+  int64_t lines;
+  if (geo.pos_stride == 1) {
+    lines = 16;
+  } else {
+#if defined(__AVX512F__)
+    lines = geo.lines * geo.length > 512 * 512 ? 128 : (channels <= 4 ? 16 : 64);
+#else
+    (void)channels;
+    lines = geo.lines * geo.length > 256 * 256 ? 128 : 256;
+#endif
+  }
+  return std::max<int64_t>(1, std::min(lines, geo.lines));
 }
 
 // Column scans read and write kBlock lines x kBlock positions at a time when

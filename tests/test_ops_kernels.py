@@ -160,14 +160,16 @@ def test_fused_normalisation_matches_unfused(device, dtype, chunk):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize(
     "channels,groups,height,width",
-    [(16, 1, 37, 150), (16, 16, 37, 150), (2, 1, 600, 450)],
-    ids=["64-line tiles", "16-line tiles", "128-line tiles"],
+    [(16, 1, 37, 300), (16, 16, 37, 300), (2, 1, 600, 450)],
+    ids=["shared gates", "per-channel gates", "planes over 512x512"],
 )
 def test_column_tiles_of_every_width(device, dtype, channels, groups, height, width):
-    """Lines longer than one CPU column tile, for each tile width the kernel
-    picks (16 channels sharing gates: 64 lines; one channel per gate group: 16;
-    planes over 512x512: 128), with a ragged last tile and positions beyond the
-    last whole register block; forward and gradients against the reference."""
+    """More lines than one CPU column tile, for each tile width the kernel
+    picks (csrc tile_lines; AVX-512 builds: 16 channels sharing gates 64
+    lines, one channel per gate group 16, planes over 512x512 128; AVX2
+    builds: 256 lines up to 256x256 planes, 128 above), with a ragged last
+    tile and positions beyond the last whole register block; forward and
+    gradients against the reference."""
     key = ("tiles", channels, groups, height)
     x, _, lam = make_inputs(1, channels, groups, height, width, dtype, device, *key, dirs=4)
     logits = torch.randn(1, 4, groups, 3, height, width, generator=generator_for("logits", *key), dtype=torch.float64)
