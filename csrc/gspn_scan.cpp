@@ -354,6 +354,18 @@ constexpr int kPrefetchBands = 2;
 inline void prefetch_rows_ahead(const float* p, const LineGeometry& geo) {
   _mm_prefetch(reinterpret_cast<const char*>(p + kPrefetchBands * kBlock * geo.pos_stride), _MM_HINT_T0);
 }
+
+// One vector of a column tile's output row, which nothing here reads again:
+// streamed where that is a whole aligned cache line (no read-for-ownership),
+// else stored, its row prefetched two bands ahead like the reads.
+inline void store_column_output(float* row, vec_t v, const LineGeometry& geo) {
+  if (kStreamStores && reinterpret_cast<uintptr_t>(row) % sizeof(vec_t) == 0) {
+    vstream(row, v);
+  } else {
+    if (!kStreamStores) prefetch_rows_ahead(row, geo);
+    vstore(row, v);
+  }
+}
 #else
 constexpr bool kRegisterTranspose = false;
 #endif
@@ -482,16 +494,11 @@ void scatter_lines(const acc_t* src, int64_t pitch, const LineGeometry& geo, int
         transpose_block([&](int j) { return vload(src + line0 + j * step); },
                         [&](int i, vec_t v) {
                           float* row = plane + at + i * geo.pos_stride;
-                          // (not where streaming stores bypass the cache)
-                          if (Accumulate || !kStreamStores) prefetch_rows_ahead(row, geo);
                           if constexpr (Accumulate) {
+                            prefetch_rows_ahead(row, geo);
                             vstore(row, vadd(vload(row), v));
-                          } else if (kStreamStores && reinterpret_cast<uintptr_t>(row) % sizeof(vec_t) == 0) {
-                            // A whole cache line of output nothing reads again
-                            // here: a streaming store skips the read-for-ownership.
-                            vstream(row, v);
                           } else {
-                            vstore(row, v);
+                            store_column_output(row, v, geo);
                           }
                         });
       });
@@ -499,6 +506,57 @@ void scatter_lines(const acc_t* src, int64_t pitch, const LineGeometry& geo, int
   }
 #endif
   for_each_rest(geo, t0, n, done, [&](int64_t s, int64_t p, int64_t i) { put(plane[i], src[s * pitch + p]); });
+}
+
+// grad x = lam * a and grad lam = x * a along one row.
+template <typename scalar_t, typename acc_t>
+void input_gradients_row(const acc_t* __restrict__ a, const scalar_t* __restrict__ x,
+                         const scalar_t* __restrict__ lam, scalar_t* __restrict__ dx, scalar_t* __restrict__ dlam,
+                         int64_t L) {
+  for (int64_t p = 0; p < L; ++p) {
+    dx[p] = static_cast<scalar_t>(static_cast<acc_t>(lam[p]) * a[p]);
+    dlam[p] = static_cast<scalar_t>(static_cast<acc_t>(x[p]) * a[p]);
+  }
+}
+
+// grad x = lam * a and grad lam = x * a at lines [t0, t0+n), from the tile's
+// adjoint a (line-major, pitch L), x and lam read where they lie: column
+// tiles transpose a alone, block by block. Staging x and lam as well took two
+// more gathers (transposes for column tiles) and a pass over the buffers.
+template <typename scalar_t, typename acc_t>
+void scatter_input_gradients(const acc_t* adj, int64_t pitch, const LineGeometry& geo, int64_t t0, int64_t n,
+                             const scalar_t* x, const scalar_t* lam, scalar_t* dx, scalar_t* dlam) {
+  if (geo.pos_stride == 1) {
+    const int64_t base = geo.first + t0 * geo.line_stride;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t s = row_in_address_order(geo, i, n);
+      const int64_t o = base + s * geo.line_stride;
+      input_gradients_row<scalar_t, acc_t>(adj + s * pitch, x + o, lam + o, dx + o, dlam + o, geo.length);
+    }
+    return;
+  }
+  std::pair<int64_t, int64_t> done{0, 0};
+#if GSPN_SIMD_BLOCKS
+  if constexpr (fp32_blocks<scalar_t, acc_t>()) {
+    if (column_blocks(geo)) {
+      done = for_each_block(geo, t0, n, pitch, [&](int64_t at, int64_t line0, int64_t step) {
+        transpose_block([&](int j) { return vload(adj + line0 + j * step); },
+                        [&](int i, vec_t a) {
+                          const int64_t k = at + i * geo.pos_stride;
+                          prefetch_rows_ahead(x + k, geo);
+                          prefetch_rows_ahead(lam + k, geo);
+                          store_column_output(dx + k, vmul(vload(lam + k), a), geo);
+                          store_column_output(dlam + k, vmul(vload(x + k), a), geo);
+                        });
+      });
+    }
+  }
+#endif
+  for_each_rest(geo, t0, n, done, [&](int64_t s, int64_t p, int64_t i) {
+    const acc_t a = adj[s * pitch + p];
+    dx[i] = static_cast<scalar_t>(static_cast<acc_t>(lam[i]) * a);
+    dlam[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * a);
+  });
 }
 
 // normalize_taps over one staged line of L positions (logits in, gates out),
@@ -761,7 +819,7 @@ void backward_cpu(const ScanProblem& pb, const CpuTasks& plan, const scalar_t* g
     const int64_t tile = tile_lines(geo, channels);
     const int64_t TL = tile * L, pitch = L + 2;
     const int64_t decay_buffers = pb.decay ? 5 * TL : 0;
-    buf.assign(10 * TL + tile * pitch + 3 * (2 + channels) * pitch + 2 + decay_buffers, acc_t(0));
+    buf.assign(8 * TL + tile * pitch + 3 * (2 + channels) * pitch + 2 + decay_buffers, acc_t(0));
     acc_t* g0 = buf.data();   // gates
     acc_t* g1 = g0 + TL;
     acc_t* g2 = g1 + TL;
@@ -770,9 +828,7 @@ void backward_cpu(const ScanProblem& pb, const CpuTasks& plan, const scalar_t* g
     acc_t* d1 = d0 + TL;
     acc_t* d2 = d1 + TL;
     acc_t* adj = d2 + TL;     // grad_h, then the adjoint a
-    acc_t* xs = adj + TL;     // x, then grad lam
-    acc_t* ls = xs + TL;      // lam, then grad x
-    acc_t* hp = ls + TL + 1;  // padded rows: row s holds h of line t0 + s - 1
+    acc_t* hp = adj + TL + 1;  // padded rows: row s holds h of line t0 + s - 1
     // Three padded rows v_0, v_1, v_2 per block: two blocks alternate inside
     // a tile, one block per channel carries the tile's last line over.
     acc_t* vloc = hp + tile * pitch;
@@ -797,8 +853,6 @@ void backward_cpu(const ScanProblem& pb, const CpuTasks& plan, const scalar_t* g
       for (int64_t c = ti.c_begin; c < ti.c_end; ++c) {
         const int64_t plane_out = pb.out_plane(ti.b, ti.d, c);
         gather_lines(grad_h + plane_out, geo, t0, n, adj, L);
-        gather_lines(x + pb.x_plane(ti.b, ti.d, c), geo, t0, n, xs, L);
-        gather_lines(lam + pb.lam_plane(ti.b, ti.d, c), geo, t0, n, ls, L);
         if (t0 > 0) {
           gather_lines(h + plane_out, geo, t0 - 1, n, hp, pitch);
         } else {
@@ -834,13 +888,8 @@ void backward_cpu(const ScanProblem& pb, const CpuTasks& plan, const scalar_t* g
           vn = vc;
         }
         for (int k = 0; k < 3; ++k) std::copy(vn + k * pitch, vn + k * pitch + L, carry + k * pitch);
-        for (int64_t i = 0; i < n * L; ++i) {
-          const acc_t ai = adj[i];
-          xs[i] *= ai;  // grad lam = x * a
-          ls[i] *= ai;  // grad x = lam * a
-        }
-        scatter_lines<false>(ls, L, geo, t0, n, dx + plane_out);
-        scatter_lines<false>(xs, L, geo, t0, n, dlam + plane_out);
+        scatter_input_gradients(adj, L, geo, t0, n, x + pb.x_plane(ti.b, ti.d, c), lam + pb.lam_plane(ti.b, ti.d, c),
+                                dx + plane_out, dlam + plane_out);
       }
       if (pb.normalize) {
         if (pb.decay) logit_gradients<true>(n0, n1, n2, sums, sig, d0, d1, d2, da, n * L);
