@@ -599,7 +599,23 @@ void apply_decay(const scalar_t* decay, const LineGeometry& geo, int64_t t0, int
                  const acc_t* normalised1, const acc_t* normalised2, acc_t* g0, acc_t* g1, acc_t* g2,
                  acc_t* __restrict__ sig) {
   gather_lines(decay, geo, t0, n, sig, geo.length);
-  for (int64_t i = 0; i < n * geo.length; ++i) {
+  const int64_t count = n * geo.length;
+  int64_t i = 0;
+#if GSPN_SIMD_BLOCKS
+  // A vector at a time (vexp_of_negated, vreciprocal): the scalar sigmoid's
+  // exp and division took about a fifth of a per-channel-gates four-direction
+  // forward, as long as the four scans' own gate normalisation twice over.
+  if constexpr (std::is_same_v<acc_t, float>) {
+    for (; i + kBlock <= count; i += kBlock) {
+      const vec_t w = vreciprocal(1.f + vexp_of_negated(vload(sig + i)));
+      vstore(sig + i, w);
+      vstore(g0 + i, vload(normalised0 + i) * w);
+      vstore(g1 + i, vload(normalised1 + i) * w);
+      vstore(g2 + i, vload(normalised2 + i) * w);
+    }
+  }
+#endif
+  for (; i < count; ++i) {
     const acc_t w = sigmoid(sig[i]);
     sig[i] = w;
     g0[i] = normalised0[i] * w;
