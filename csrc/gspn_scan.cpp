@@ -172,7 +172,6 @@ inline vec_t vload(const float* p) { return _mm512_loadu_ps(p); }
 inline void vstore(float* p, vec_t v) { _mm512_storeu_ps(p, v); }
 inline void vstream(float* p, vec_t v) { _mm512_stream_ps(p, v); }
 inline vec_t vmul(vec_t a, vec_t b) { return _mm512_mul_ps(a, b); }
-inline vec_t vadd(vec_t a, vec_t b) { return _mm512_add_ps(a, b); }
 inline vec_t vset(float v) { return _mm512_set1_ps(v); }
 inline vec_t vmin(vec_t a, vec_t b) { return _mm512_min_ps(a, b); }
 inline vec_t vmax(vec_t a, vec_t b) { return _mm512_max_ps(a, b); }
@@ -219,7 +218,6 @@ inline vec_t vload(const float* p) { return _mm256_loadu_ps(p); }
 inline void vstore(float* p, vec_t v) { _mm256_storeu_ps(p, v); }
 inline void vstream(float* p, vec_t v) { _mm256_stream_ps(p, v); }
 inline vec_t vmul(vec_t a, vec_t b) { return _mm256_mul_ps(a, b); }
-inline vec_t vadd(vec_t a, vec_t b) { return _mm256_add_ps(a, b); }
 inline vec_t vset(float v) { return _mm256_set1_ps(v); }
 inline vec_t vmin(vec_t a, vec_t b) { return _mm256_min_ps(a, b); }
 inline vec_t vmax(vec_t a, vec_t b) { return _mm256_max_ps(a, b); }
@@ -467,21 +465,17 @@ void gather_product(const scalar_t* x, const scalar_t* lam, const LineGeometry& 
   });
 }
 
-// plane[line t0 + s, position p] = src[s * pitch + p] (or += when Accumulate).
-template <bool Accumulate, typename out_t, typename acc_t>
+// plane[line t0 + s, position p] = src[s * pitch + p].
+template <typename out_t, typename acc_t>
 void scatter_lines(const acc_t* src, int64_t pitch, const LineGeometry& geo, int64_t t0, int64_t n,
                    out_t* plane) {
   const int64_t L = geo.length;
-  const auto put = [](out_t& o, acc_t v) {
-    if constexpr (Accumulate) o = static_cast<out_t>(static_cast<acc_t>(o) + v);
-    else o = static_cast<out_t>(v);
-  };
   if (geo.pos_stride == 1) {
     out_t* base = plane + geo.first + t0 * geo.line_stride;
     for (int64_t i = 0; i < n; ++i) {
       const int64_t s = row_in_address_order(geo, i, n);
       out_t* dst = base + s * geo.line_stride;
-      for (int64_t p = 0; p < L; ++p) put(dst[p], src[s * pitch + p]);
+      for (int64_t p = 0; p < L; ++p) dst[p] = static_cast<out_t>(src[s * pitch + p]);
     }
     return;
   }
@@ -492,20 +486,13 @@ void scatter_lines(const acc_t* src, int64_t pitch, const LineGeometry& geo, int
       done = for_each_block(geo, t0, n, pitch, [&](int64_t at, int64_t line0, int64_t step) {
         // In: the block's lines in memory-column order; out: its memory rows.
         transpose_block([&](int j) { return vload(src + line0 + j * step); },
-                        [&](int i, vec_t v) {
-                          float* row = plane + at + i * geo.pos_stride;
-                          if constexpr (Accumulate) {
-                            prefetch_rows_ahead(row, geo);
-                            vstore(row, vadd(vload(row), v));
-                          } else {
-                            store_column_output(row, v, geo);
-                          }
-                        });
+                        [&](int i, vec_t v) { store_column_output(plane + at + i * geo.pos_stride, v, geo); });
       });
     }
   }
 #endif
-  for_each_rest(geo, t0, n, done, [&](int64_t s, int64_t p, int64_t i) { put(plane[i], src[s * pitch + p]); });
+  for_each_rest(geo, t0, n, done,
+                [&](int64_t s, int64_t p, int64_t i) { plane[i] = static_cast<out_t>(src[s * pitch + p]); });
 }
 
 // grad x = lam * a and grad lam = x * a along one row.
@@ -648,6 +635,13 @@ CpuTasks plan_tasks(const ScanProblem& pb) {
   return {slices, (Cg + slices - 1) / slices, groups * slices};
 }
 
+// Whether every slice has channels. Slices round their width up, so the last
+// may have none (5 channels in 4 slices: 2, 2, 1, 0); such a task never runs,
+// and its partial gate gradients must start at zero.
+bool every_slice_has_channels(const ScanProblem& pb, const CpuTasks& plan) {
+  return (plan.slices - 1) * plan.per_slice < pb.channels_per_group();
+}
+
 TaskIndex task_index(const ScanProblem& pb, const CpuTasks& plan, int64_t task) {
   TaskIndex ti{};
   ti.slice = task % plan.slices;
@@ -677,7 +671,7 @@ void for_each_task(const ScanProblem& pb, const CpuTasks& plan, Body&& body) {
       if (ti.c_end > ti.c_begin) body(ti, line_geometry(pb.dirs[ti.d], pb.H, pb.W), buf);
     }
 #if GSPN_SIMD_BLOCKS
-    _mm_sfence();  // streaming stores (scatter_lines) visible before the join
+    _mm_sfence();  // streaming stores (store_column_output) visible before the join
 #endif
   });
 }
@@ -760,7 +754,7 @@ void forward_cpu(const ScanProblem& pb, const scalar_t* x, const scalar_t* gates
           }
         }
         std::copy(hx + (n - 1) * pitch, hx + (n - 1) * pitch + L, carry);
-        if (!contiguous) scatter_lines<false>(hx, pitch, geo, t0, n, op);
+        if (!contiguous) scatter_lines(hx, pitch, geo, t0, n, op);
       }
     }
   });
@@ -911,8 +905,9 @@ void backward_cpu(const ScanProblem& pb, const CpuTasks& plan, const scalar_t* g
         if (pb.decay) logit_gradients<true>(n0, n1, n2, sums, sig, d0, d1, d2, da, n * L);
         else logit_gradients<false>(n0, n1, n2, sums, sig, d0, d1, d2, da, n * L);
       }
-      if (pb.decay) scatter_lines<true>(da, L, geo, t0, n, dd_partial + task_set * plane);
-      for (int k = 0; k < 3; ++k) scatter_lines<true>(d0 + k * TL, L, geo, t0, n, dgp + k * plane);
+      // Each position of the task's partial planes is written once, by its tile.
+      if (pb.decay) scatter_lines(da, L, geo, t0, n, dd_partial + task_set * plane);
+      for (int k = 0; k < 3; ++k) scatter_lines(d0 + k * TL, L, geo, t0, n, dgp + k * plane);
     }
   });
 }
@@ -1156,9 +1151,16 @@ void backward_into(const at::Tensor& grad_h, const at::Tensor& h, const at::Tens
     return;
   }
   const CpuTasks plan = plan_tasks(pb);
-  at::Tensor partial = at::zeros({pb.B, pb.D, pb.G, plan.slices, 3, pb.H, pb.W}, g.dgates.options());
+  // The tasks write every position of their partial planes (no zero fill,
+  // which at G = C was a pass over three gate planes per channel and direction)
+  // unless a slice has no channels to run.
+  const auto partial_of = [&](at::IntArrayRef sizes) {
+    return every_slice_has_channels(pb, plan) ? at::empty(sizes, g.dgates.options())
+                                              : at::zeros(sizes, g.dgates.options());
+  };
+  at::Tensor partial = partial_of({pb.B, pb.D, pb.G, plan.slices, 3, pb.H, pb.W});
   at::Tensor decay_partial;
-  if (pb.decay) decay_partial = at::zeros({pb.B, pb.D, pb.G, plan.slices, pb.H, pb.W}, g.dgates.options());
+  if (pb.decay) decay_partial = partial_of({pb.B, pb.D, pb.G, plan.slices, pb.H, pb.W});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_scan_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     backward_cpu<scalar_t>(pb, plan, grad_h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),

@@ -433,24 +433,26 @@ def test_fused_normalisation_passes_nan_on(device, dtype):
         assert_close_scaled(h.nan_to_num(), want.nan_to_num(), TOLERANCE[dtype], f"{direction} {dtype}")
 
 
+@pytest.mark.parametrize("channels", [8, 6], ids=["slices of 2", "an empty slice"])
 @pytest.mark.parametrize("gates_are", ["gates", "logits", "logits with decay"])
-def test_channel_slices_of_one_gate_group(gates_are):
+def test_channel_slices_of_one_gate_group(gates_are, channels):
     """With fewer gate groups than threads the CPU kernels split a group's
     channels into slices, each summing its channels' gate gradients (with
     fused normalisation already the logits', and the decay logits': the chain
     rule runs per slice) and the host adds the slices. Four threads over one
-    group of 6 channels (slices of 2), every direction: forward and gradients
-    against the reference to 1e-10. (The test workers otherwise run one
-    thread: one slice.)"""
-    gen = generator_for("slices", gates_are)
+    group of 8 channels (slices of 2) or 6 (2, 2, 2 and a slice with none,
+    whose partial sums must count as zero), every direction: forward and
+    gradients against the reference to 1e-10. (The test workers otherwise run
+    one thread: one slice.)"""
+    gen = generator_for("slices", gates_are, channels)
     normalize = gates_are != "gates"
-    x = torch.randn(1, 6, 9, 20, generator=gen, dtype=torch.float64)
-    lam = torch.rand(1, 6, 9, 20, generator=gen, dtype=torch.float64)
+    x = torch.randn(1, channels, 9, 20, generator=gen, dtype=torch.float64)
+    lam = torch.rand(1, channels, 9, 20, generator=gen, dtype=torch.float64)
     gates = torch.randn(1, 1, 3, 9, 20, generator=gen, dtype=torch.float64) * 3
     if not normalize:
         gates = gates.sigmoid() / 3
     decay = torch.randn(1, 1, 9, 20, generator=gen, dtype=torch.float64) * 2 if "decay" in gates_are else None
-    grad = torch.randn(1, 6, 9, 20, generator=gen, dtype=torch.float64)
+    grad = torch.randn(1, channels, 9, 20, generator=gen, dtype=torch.float64)
     names = ("x", "gates", "lam") + (("decay",) if decay is not None else ())
     threads = torch.get_num_threads()
     torch.set_num_threads(4)
