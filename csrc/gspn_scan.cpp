@@ -465,34 +465,52 @@ void gather_product(const scalar_t* x, const scalar_t* lam, const LineGeometry& 
   });
 }
 
-// plane[line t0 + s, position p] = src[s * pitch + p].
-template <typename out_t, typename acc_t>
-void scatter_lines(const acc_t* src, int64_t pitch, const LineGeometry& geo, int64_t t0, int64_t n,
-                   out_t* plane) {
-  const int64_t L = geo.length;
+// The walk of every scatter from a tile's line-major buffer src (pitch
+// floats per line) back to lines [t0, t0+n) of the plane: row(s, o) for each
+// line s of a row tile, o its plane offset, in address order; for column
+// tiles (with Blocks) vec(k, v) for each vector v of a block of src
+// transposed into memory row order, k its plane offset; then one(s, p, i)
+// for each position the blocks left, i its plane offset.
+template <bool Blocks, typename acc_t, typename Row, typename Vec, typename One>
+void scatter_tile(const acc_t* src, int64_t pitch, const LineGeometry& geo, int64_t t0, int64_t n, Row&& row,
+                  Vec&& vec, One&& one) {
   if (geo.pos_stride == 1) {
-    out_t* base = plane + geo.first + t0 * geo.line_stride;
+    const int64_t base = geo.first + t0 * geo.line_stride;
     for (int64_t i = 0; i < n; ++i) {
       const int64_t s = row_in_address_order(geo, i, n);
-      out_t* dst = base + s * geo.line_stride;
-      for (int64_t p = 0; p < L; ++p) dst[p] = static_cast<out_t>(src[s * pitch + p]);
+      row(s, base + s * geo.line_stride);
     }
     return;
   }
   std::pair<int64_t, int64_t> done{0, 0};
 #if GSPN_SIMD_BLOCKS
-  if constexpr (fp32_blocks<out_t, acc_t>()) {
+  if constexpr (Blocks) {
     if (column_blocks(geo)) {
       done = for_each_block(geo, t0, n, pitch, [&](int64_t at, int64_t line0, int64_t step) {
         // In: the block's lines in memory-column order; out: its memory rows.
         transpose_block([&](int j) { return vload(src + line0 + j * step); },
-                        [&](int i, vec_t v) { store_column_output(plane + at + i * geo.pos_stride, v, geo); });
+                        [&](int i, vec_t v) { vec(at + i * geo.pos_stride, v); });
       });
     }
   }
 #endif
-  for_each_rest(geo, t0, n, done,
-                [&](int64_t s, int64_t p, int64_t i) { plane[i] = static_cast<out_t>(src[s * pitch + p]); });
+  for_each_rest(geo, t0, n, done, one);
+}
+
+// plane[line t0 + s, position p] = src[s * pitch + p].
+template <typename out_t, typename acc_t>
+void scatter_lines(const acc_t* src, int64_t pitch, const LineGeometry& geo, int64_t t0, int64_t n,
+                   out_t* plane) {
+  const int64_t L = geo.length;
+  scatter_tile<fp32_blocks<out_t, acc_t>()>(
+      src, pitch, geo, t0, n,
+      [&](int64_t s, int64_t o) {
+        for (int64_t p = 0; p < L; ++p) plane[o + p] = static_cast<out_t>(src[s * pitch + p]);
+      },
+      [&](int64_t k, auto v) {
+        if constexpr (fp32_blocks<out_t, acc_t>()) store_column_output(plane + k, v, geo);  // (float planes only)
+      },
+      [&](int64_t s, int64_t p, int64_t i) { plane[i] = static_cast<out_t>(src[s * pitch + p]); });
 }
 
 // grad x = lam * a and grad lam = x * a along one row.
@@ -513,37 +531,24 @@ void input_gradients_row(const acc_t* __restrict__ a, const scalar_t* __restrict
 template <typename scalar_t, typename acc_t>
 void scatter_input_gradients(const acc_t* adj, int64_t pitch, const LineGeometry& geo, int64_t t0, int64_t n,
                              const scalar_t* x, const scalar_t* lam, scalar_t* dx, scalar_t* dlam) {
-  if (geo.pos_stride == 1) {
-    const int64_t base = geo.first + t0 * geo.line_stride;
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t s = row_in_address_order(geo, i, n);
-      const int64_t o = base + s * geo.line_stride;
-      input_gradients_row<scalar_t, acc_t>(adj + s * pitch, x + o, lam + o, dx + o, dlam + o, geo.length);
-    }
-    return;
-  }
-  std::pair<int64_t, int64_t> done{0, 0};
-#if GSPN_SIMD_BLOCKS
-  if constexpr (fp32_blocks<scalar_t, acc_t>()) {
-    if (column_blocks(geo)) {
-      done = for_each_block(geo, t0, n, pitch, [&](int64_t at, int64_t line0, int64_t step) {
-        transpose_block([&](int j) { return vload(adj + line0 + j * step); },
-                        [&](int i, vec_t a) {
-                          const int64_t k = at + i * geo.pos_stride;
-                          prefetch_rows_ahead(x + k, geo);
-                          prefetch_rows_ahead(lam + k, geo);
-                          store_column_output(dx + k, vmul(vload(lam + k), a), geo);
-                          store_column_output(dlam + k, vmul(vload(x + k), a), geo);
-                        });
+  scatter_tile<fp32_blocks<scalar_t, acc_t>()>(
+      adj, pitch, geo, t0, n,
+      [&](int64_t s, int64_t o) {
+        input_gradients_row<scalar_t, acc_t>(adj + s * pitch, x + o, lam + o, dx + o, dlam + o, geo.length);
+      },
+      [&](int64_t k, auto a) {
+        if constexpr (fp32_blocks<scalar_t, acc_t>()) {  // (only float planes come here)
+          prefetch_rows_ahead(x + k, geo);
+          prefetch_rows_ahead(lam + k, geo);
+          store_column_output(dx + k, vmul(vload(lam + k), a), geo);
+          store_column_output(dlam + k, vmul(vload(x + k), a), geo);
+        }
+      },
+      [&](int64_t s, int64_t p, int64_t i) {
+        const acc_t a = adj[s * pitch + p];
+        dx[i] = static_cast<scalar_t>(static_cast<acc_t>(lam[i]) * a);
+        dlam[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * a);
       });
-    }
-  }
-#endif
-  for_each_rest(geo, t0, n, done, [&](int64_t s, int64_t p, int64_t i) {
-    const acc_t a = adj[s * pitch + p];
-    dx[i] = static_cast<scalar_t>(static_cast<acc_t>(lam[i]) * a);
-    dlam[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * a);
-  });
 }
 
 // normalize_taps over one staged line of L positions (logits in, gates out),
@@ -627,19 +632,17 @@ struct TaskIndex {
   int64_t b, d, g, slice, c_begin, c_end;
 };
 
+// Slices round their width up, and as many are planned as that width needs
+// (6 channels for 4 threads: 3 slices of 2, not 2, 2, 2 and none), so every
+// slice has channels and writes all of its partial gate gradients.
 CpuTasks plan_tasks(const ScanProblem& pb) {
   const int64_t groups = pb.B * pb.D * pb.G;
   const int64_t Cg = pb.channels_per_group();
-  const int64_t slices =
+  const int64_t wanted =
       std::max<int64_t>(1, std::min<int64_t>(Cg, (at::get_num_threads() + groups - 1) / groups));
-  return {slices, (Cg + slices - 1) / slices, groups * slices};
-}
-
-// Whether every slice has channels. Slices round their width up, so the last
-// may have none (5 channels in 4 slices: 2, 2, 1, 0); such a task never runs,
-// and its partial gate gradients must start at zero.
-bool every_slice_has_channels(const ScanProblem& pb, const CpuTasks& plan) {
-  return (plan.slices - 1) * plan.per_slice < pb.channels_per_group();
+  const int64_t per_slice = std::max<int64_t>(1, (Cg + wanted - 1) / wanted);
+  const int64_t slices = std::max<int64_t>(1, (Cg + per_slice - 1) / per_slice);
+  return {slices, per_slice, groups * slices};
 }
 
 TaskIndex task_index(const ScanProblem& pb, const CpuTasks& plan, int64_t task) {
@@ -1151,16 +1154,11 @@ void backward_into(const at::Tensor& grad_h, const at::Tensor& h, const at::Tens
     return;
   }
   const CpuTasks plan = plan_tasks(pb);
-  // The tasks write every position of their partial planes (no zero fill,
-  // which at G = C was a pass over three gate planes per channel and direction)
-  // unless a slice has no channels to run.
-  const auto partial_of = [&](at::IntArrayRef sizes) {
-    return every_slice_has_channels(pb, plan) ? at::empty(sizes, g.dgates.options())
-                                              : at::zeros(sizes, g.dgates.options());
-  };
-  at::Tensor partial = partial_of({pb.B, pb.D, pb.G, plan.slices, 3, pb.H, pb.W});
+  // Every task writes every position of its partial planes: no zero fill
+  // (at G = C a pass over three gate planes per channel and direction).
+  at::Tensor partial = at::empty({pb.B, pb.D, pb.G, plan.slices, 3, pb.H, pb.W}, g.dgates.options());
   at::Tensor decay_partial;
-  if (pb.decay) decay_partial = partial_of({pb.B, pb.D, pb.G, plan.slices, pb.H, pb.W});
+  if (pb.decay) decay_partial = at::empty({pb.B, pb.D, pb.G, plan.slices, pb.H, pb.W}, g.dgates.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "gspn_scan_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     backward_cpu<scalar_t>(pb, plan, grad_h.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),

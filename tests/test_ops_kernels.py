@@ -433,15 +433,15 @@ def test_fused_normalisation_passes_nan_on(device, dtype):
         assert_close_scaled(h.nan_to_num(), want.nan_to_num(), TOLERANCE[dtype], f"{direction} {dtype}")
 
 
-@pytest.mark.parametrize("channels", [8, 6], ids=["slices of 2", "an empty slice"])
+@pytest.mark.parametrize("channels", [8, 6], ids=["slices of 2", "fewer slices than threads"])
 @pytest.mark.parametrize("gates_are", ["gates", "logits", "logits with decay"])
 def test_channel_slices_of_one_gate_group(gates_are, channels):
     """With fewer gate groups than threads the CPU kernels split a group's
     channels into slices, each summing its channels' gate gradients (with
     fused normalisation already the logits', and the decay logits': the chain
     rule runs per slice) and the host adds the slices. Four threads over one
-    group of 8 channels (slices of 2) or 6 (2, 2, 2 and a slice with none,
-    whose partial sums must count as zero), every direction: forward and
+    group of 8 channels (4 slices of 2) or 6 (3 slices of 2: a fourth would
+    have no channels and write none of its partial sums), every direction: forward and
     gradients against the reference to 1e-10. (The test workers otherwise run
     one thread: one slice.)"""
     gen = generator_for("slices", gates_are, channels)
